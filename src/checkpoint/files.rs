@@ -1,0 +1,91 @@
+//! Safetensors files as checkpoints use them: written with fsync and a CRC-32 recorded in the
+//! manifest; read back with size and checksum verified before any tensor is built.
+
+use crate::error::{Error, Result, TensorContext};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+/// Size and checksum of one file in a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Length in bytes.
+    pub bytes: u64,
+    /// CRC-32 (IEEE) of the whole file.
+    pub crc32: u32,
+}
+
+/// Writes `bytes` to `path` and flushes it to disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<FileInfo> {
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))?;
+    Ok(FileInfo {
+        bytes: bytes.len() as u64,
+        crc32: crc32fast::hash(bytes),
+    })
+}
+
+/// Serialises named tensors (moved to the CPU) as safetensors with `{"format": "pt"}` metadata.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut cpu = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t
+            .to_device(&Device::Cpu)
+            .and_then(|t| t.contiguous())
+            .with_ctx(|| format!("preparing {name} for saving"))?;
+        cpu.push((name.clone(), t));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| Error::Data(format!("serialising tensors: {e}")))
+}
+
+/// Writes named tensors to `path` as safetensors, synced.
+pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<FileInfo> {
+    write_synced(path, &safetensors_bytes(tensors)?)
+}
+
+/// Reads a checkpoint file, checking its length and checksum against the manifest.
+pub fn read_verified(path: &Path, expect: &FileInfo) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 != expect.bytes {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "is {} bytes, the manifest says {} (truncated or replaced)",
+                bytes.len(),
+                expect.bytes
+            ),
+        ));
+    }
+    let crc = crc32fast::hash(&bytes);
+    if crc != expect.crc32 {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "checksum {crc:08x} differs from the manifest's {:08x} (corrupt)",
+                expect.crc32
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Parses safetensors bytes into tensors on `device`; a malformed file is a checkpoint error.
+pub fn parse_tensors(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(bytes, device)
+        .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))
+}
+
+/// Takes a tensor out of a loaded file, or names what is missing.
+pub fn take(map: &mut HashMap<String, Tensor>, name: &str, file: &Path) -> Result<Tensor> {
+    map.remove(name)
+        .ok_or_else(|| Error::checkpoint(file, format!("tensor {name} is missing")))
+}

@@ -1,0 +1,545 @@
+//! Model and training configuration: the Hugging Face `LlamaConfig` fields, the paper's presets,
+//! and every training option, with validation that names the offending field.
+
+use crate::error::{Error, Result};
+use crate::optim::reset::ResetMode;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A LLaMA decoder's shape, with the field names of Hugging Face's `config.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Number of token ids.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention when below the query heads).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Longest sequence the model is meant for.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// Rotary base frequency.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Whether lm_head shares the token embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Standard deviation of the normal initialisation of matrices.
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+}
+
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+
+/// The named model sizes: a tiny one for tests and the paper's sizes.
+pub const PRESETS: &[&str] = &["tiny", "small", "60m", "130m", "250m", "350m", "1b"];
+
+impl ModelConfig {
+    /// A preset by name (see [`PRESETS`]). `vocab_size` is a placeholder (32000, the paper's T5
+    /// vocabulary) that the trainer replaces with the tokenizer's vocabulary size.
+    pub fn preset(name: &str) -> Result<Self> {
+        // (hidden, intermediate, heads, kv heads, layers, max positions)
+        let (h, i, nh, kv, l, pos) = match name.to_ascii_lowercase().as_str() {
+            // Grouped-query attention in the tiny model so the tests exercise it.
+            "tiny" => (64, 172, 4, 2, 2, 256),
+            // A model a 2-core machine trains in minutes; used by the default run.
+            "small" => (256, 688, 8, 8, 4, 512),
+            "60m" => (512, 1376, 8, 8, 8, 1024),
+            "130m" => (768, 2048, 12, 12, 12, 1024),
+            "250m" => (768, 2560, 16, 16, 24, 1024),
+            "350m" => (1024, 2736, 16, 16, 24, 1024),
+            "1b" | "1.3b" => (2048, 5461, 32, 32, 24, 1024),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown preset '{other}' (known: {})",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        Ok(ModelConfig {
+            vocab_size: 32000,
+            hidden_size: h,
+            intermediate_size: i,
+            num_hidden_layers: l,
+            num_attention_heads: nh,
+            num_key_value_heads: Some(kv),
+            max_position_embeddings: pos,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            initializer_range: 0.02,
+        })
+    }
+
+    /// Reads a Hugging Face style `config.json`; unknown fields are ignored.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: ModelConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Key/value heads, defaulting to the query heads as Hugging Face does.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Checks that the shape is buildable; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.vocab_size == 0 {
+            return bad("vocab_size must be positive".into());
+        }
+        if self.hidden_size == 0 || self.intermediate_size == 0 || self.num_hidden_layers == 0 {
+            return bad(
+                "hidden_size, intermediate_size and num_hidden_layers must be positive".into(),
+            );
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} must be a positive multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim()
+            ));
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return bad(format!(
+                "num_attention_heads {} must be a multiple of num_key_value_heads {kv}",
+                self.num_attention_heads
+            ));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return bad(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return bad(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        if !(self.initializer_range > 0.0 && self.initializer_range.is_finite()) {
+            return bad(format!(
+                "initializer_range {} must be positive",
+                self.initializer_range
+            ));
+        }
+        Ok(())
+    }
+
+    /// Total parameter count (without adapters).
+    pub fn num_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let kvd = self.kv_heads() * self.head_dim();
+        let per_layer = h * h * 2 + h * kvd * 2 + 3 * h * self.intermediate_size + 2 * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
+        self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
+    }
+}
+
+/// Which of the paper's arms the trainer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Ordinary full-rank training of every weight.
+    Full,
+    /// LoRA adapters on the target projections, never merged (after an optional warm start).
+    Lora,
+    /// Full-rank warm start, then LoRA adapters merged and re-initialised every `reset_every` steps.
+    Relora,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Ok(Mode::Full),
+            "lora" => Ok(Mode::Lora),
+            "relora" => Ok(Mode::Relora),
+            other => Err(Error::Config(format!(
+                "unknown mode '{other}' (full, lora, relora)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Full => "full",
+            Mode::Lora => "lora",
+            Mode::Relora => "relora",
+        })
+    }
+}
+
+/// The projections that can carry adapters, by their Hugging Face module names.
+pub const ALL_TARGETS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Every training option. Defaults follow the paper's recipes scaled to a small CPU run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Which arm to run.
+    pub mode: Mode,
+    /// Total optimizer steps the schedule is laid out for.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches accumulated per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Floor of the cosine envelope, as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// Linear warm-up steps at the start of the run.
+    pub warmup_steps: u64,
+    /// Decoupled weight decay, applied to 2-D weights only.
+    pub weight_decay: f64,
+    /// Adam's first-moment decay.
+    pub beta1: f64,
+    /// Adam's second-moment decay.
+    pub beta2: f64,
+    /// Adam's denominator epsilon.
+    pub eps: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub grad_clip: f64,
+    /// Full-rank steps before adapters are attached (`lora` and `relora`).
+    pub warmup_full_steps: u64,
+    /// Steps between merges in `relora` mode.
+    pub reset_every: u64,
+    /// Linear re-warm-up steps after every reset (and after the switch from full rank).
+    pub restart_warmup_steps: u64,
+    /// Adapter rank r.
+    pub lora_rank: usize,
+    /// Adapter alpha; the scale is alpha / r.
+    pub lora_alpha: f64,
+    /// Dropout on the adapter input (0 disables; the reference uses 0.1 for fine-tuning).
+    pub lora_dropout: f64,
+    /// Projection names that get adapters (subset of q,k,v,o,gate,up,down _proj).
+    pub target_modules: Vec<String>,
+    /// How the adapters' optimizer state is reset at each merge.
+    pub reset_mode: ResetMode,
+    /// Seed for initialisation, data order, adapter re-init, pruning and dropout.
+    pub seed: u64,
+    /// Consecutive non-finite steps tolerated before training stops with an error.
+    pub max_nonfinite_steps: u32,
+    /// Floating-point type of the parameters: "f32" or "f64" (f64 for gradient checks).
+    pub dtype: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            mode: Mode::Relora,
+            steps: 600,
+            batch_size: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            lr: 2e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 30,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            warmup_full_steps: 200,
+            reset_every: 100,
+            restart_warmup_steps: 10,
+            lora_rank: 32,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
+            reset_mode: ResetMode::Magnitude(0.99),
+            seed: 42,
+            max_nonfinite_steps: 10,
+            dtype: "f32".into(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Adapter scale s = alpha / r.
+    pub fn lora_scale(&self) -> f64 {
+        self.lora_alpha / self.lora_rank as f64
+    }
+
+    /// Whether adapters are ever attached in this mode.
+    pub fn uses_adapters(&self) -> bool {
+        self.mode != Mode::Full
+    }
+
+    /// The parameter dtype.
+    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
+        match self.dtype.as_str() {
+            "f32" => Ok(candle_core::DType::F32),
+            "f64" => Ok(candle_core::DType::F64),
+            other => Err(Error::Config(format!(
+                "dtype '{other}' (expected f32 or f64)"
+            ))),
+        }
+    }
+
+    /// Reads a JSON training configuration; missing fields take their defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: TrainConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    /// Sets one option from text, as the CLI and the C API's `set(key, value)` do. The key is the
+    /// field name; the value is parsed as that field's type.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
+            v.trim()
+                .parse()
+                .map_err(|_| Error::Config(format!("{key}: cannot parse '{v}'")))
+        }
+        match key {
+            "mode" => self.mode = value.parse()?,
+            "steps" => self.steps = num(key, value)?,
+            "batch_size" => self.batch_size = num(key, value)?,
+            "seq_len" => self.seq_len = num(key, value)?,
+            "grad_accum" => self.grad_accum = num(key, value)?,
+            "lr" => self.lr = num(key, value)?,
+            "min_lr_ratio" => self.min_lr_ratio = num(key, value)?,
+            "warmup_steps" => self.warmup_steps = num(key, value)?,
+            "weight_decay" => self.weight_decay = num(key, value)?,
+            "beta1" => self.beta1 = num(key, value)?,
+            "beta2" => self.beta2 = num(key, value)?,
+            "eps" => self.eps = num(key, value)?,
+            "grad_clip" => self.grad_clip = num(key, value)?,
+            "warmup_full_steps" => self.warmup_full_steps = num(key, value)?,
+            "reset_every" => self.reset_every = num(key, value)?,
+            "restart_warmup_steps" => self.restart_warmup_steps = num(key, value)?,
+            "lora_rank" => self.lora_rank = num(key, value)?,
+            "lora_alpha" => self.lora_alpha = num(key, value)?,
+            "lora_dropout" => self.lora_dropout = num(key, value)?,
+            "target_modules" => {
+                self.target_modules = value
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }
+            "reset_mode" => self.reset_mode = value.parse()?,
+            "seed" => self.seed = num(key, value)?,
+            "max_nonfinite_steps" => self.max_nonfinite_steps = num(key, value)?,
+            "dtype" => self.dtype = value.trim().to_string(),
+            other => return Err(Error::Config(format!("unknown option '{other}'"))),
+        }
+        Ok(())
+    }
+
+    /// Checks every option and their consistency; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.steps == 0 {
+            return bad("steps must be positive".into());
+        }
+        if self.batch_size == 0 || self.seq_len == 0 || self.grad_accum == 0 {
+            return bad("batch_size, seq_len and grad_accum must be positive".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("lr {} must be positive", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "min_lr_ratio {} must be in [0, 1]",
+                self.min_lr_ratio
+            ));
+        }
+        if self.warmup_steps >= self.steps {
+            return bad(format!(
+                "warmup_steps {} must be below steps {}",
+                self.warmup_steps, self.steps
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad(format!("weight_decay {} must be >= 0", self.weight_decay));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(format!("{name} {b} must be in [0, 1)"));
+            }
+        }
+        if !(self.eps > 0.0) {
+            return bad(format!("eps {} must be positive", self.eps));
+        }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return bad(format!("grad_clip {} must be >= 0", self.grad_clip));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(format!(
+                "lora_dropout {} must be in [0, 1)",
+                self.lora_dropout
+            ));
+        }
+        if self.max_nonfinite_steps == 0 {
+            return bad("max_nonfinite_steps must be at least 1".into());
+        }
+        self.candle_dtype()?;
+        if self.uses_adapters() {
+            if self.lora_rank == 0 {
+                return bad("lora_rank must be positive".into());
+            }
+            if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
+                return bad(format!("lora_alpha {} must be positive", self.lora_alpha));
+            }
+            if self.target_modules.is_empty() {
+                return bad("target_modules is empty".into());
+            }
+            for t in &self.target_modules {
+                if !ALL_TARGETS.contains(&t.as_str()) {
+                    return bad(format!(
+                        "target module '{t}' (known: {})",
+                        ALL_TARGETS.join(", ")
+                    ));
+                }
+            }
+            if self.warmup_full_steps >= self.steps {
+                return bad(format!(
+                    "warmup_full_steps {} must be below steps {}",
+                    self.warmup_full_steps, self.steps
+                ));
+            }
+        }
+        if self.uses_adapters()
+            && self.warmup_full_steps > 0
+            && self.warmup_full_steps < self.warmup_steps
+        {
+            return bad(format!(
+                "warmup_full_steps {} must not end inside the learning-rate warm-up ({} steps)",
+                self.warmup_full_steps, self.warmup_steps
+            ));
+        }
+        if self.mode == Mode::Relora {
+            if self.reset_every == 0 {
+                return bad("reset_every must be positive".into());
+            }
+            if self.restart_warmup_steps >= self.reset_every {
+                return bad(format!(
+                    "restart_warmup_steps {} must be below reset_every {}",
+                    self.restart_warmup_steps, self.reset_every
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_match_the_paper_and_validate() {
+        let m = ModelConfig::preset("130m").unwrap();
+        assert_eq!(
+            (
+                m.hidden_size,
+                m.intermediate_size,
+                m.num_attention_heads,
+                m.num_hidden_layers
+            ),
+            (768, 2048, 12, 12)
+        );
+        for p in PRESETS {
+            ModelConfig::preset(p).unwrap().validate().unwrap();
+        }
+        assert!(ModelConfig::preset("7b").is_err());
+    }
+
+    #[test]
+    fn hf_config_parses_with_defaults_and_bad_values_are_named() {
+        let json = r#"{"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "model_type": "llama"}"#;
+        let c: ModelConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(c.kv_heads(), 4);
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.num_key_value_heads = Some(3);
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("num_key_value_heads"));
+        let mut bad = c;
+        bad.hidden_size = 30;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("hidden_size"));
+    }
+
+    #[test]
+    fn text_setter_covers_fields_and_rejects_garbage() {
+        let mut t = TrainConfig::default();
+        t.set("lr", "0.01").unwrap();
+        t.set("reset_mode", "random:0.5").unwrap();
+        t.set("target_modules", "q_proj, v_proj").unwrap();
+        assert_eq!(t.lr, 0.01);
+        assert_eq!(t.target_modules, vec!["q_proj", "v_proj"]);
+        assert!(t.set("lr", "fast").is_err());
+        assert!(t.set("nope", "1").is_err());
+        t.set("reset_every", "5").unwrap();
+        t.set("restart_warmup_steps", "5").unwrap();
+        assert!(t
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("restart_warmup_steps"));
+    }
+}

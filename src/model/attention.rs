@@ -1,0 +1,109 @@
+//! Causal multi-head self-attention with optional grouped-query heads, composed from
+//! differentiable candle ops (candle-nn's fused softmax has no backward).
+
+use super::rope::Rope;
+use crate::error::{Result, TensorContext};
+use crate::relora::linear::reborrow;
+use crate::relora::AdaptableLinear;
+use crate::rng::Rng;
+use candle_core::{Tensor, D};
+
+/// The four attention projections of one layer.
+pub struct Attention {
+    /// `[heads * head_dim, hidden]`
+    pub q_proj: AdaptableLinear,
+    /// `[kv_heads * head_dim, hidden]`
+    pub k_proj: AdaptableLinear,
+    /// `[kv_heads * head_dim, hidden]`
+    pub v_proj: AdaptableLinear,
+    /// `[hidden, heads * head_dim]`
+    pub o_proj: AdaptableLinear,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// Softmax over the last dimension. Subtracting the (detached) row maximum changes nothing
+/// mathematically and keeps `exp` finite; masked entries are -inf and become exactly 0.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// `[t, t]` additive mask: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(t: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, t), &candle_core::Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
+}
+
+impl Attention {
+    /// `x [b, t, hidden] -> [b, t, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        mut dropout: Option<(&mut Rng, f64)>,
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.dims3().ctx("attention input")?;
+        let flat = x.reshape((b * t, h)).ctx("attention input")?;
+        let q = self.q_proj.forward(&flat, reborrow(&mut dropout))?;
+        let k = self.k_proj.forward(&flat, reborrow(&mut dropout))?;
+        let v = self.v_proj.forward(&flat, reborrow(&mut dropout))?;
+        let ctx = "attention";
+        // [b*t, heads*d] -> [b, heads, t, d]
+        let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = rope
+            .apply(&split(q, self.heads).ctx(ctx)?)
+            .ctx("rotary q")?;
+        let k = rope
+            .apply(&split(k, self.kv_heads).ctx(ctx)?)
+            .ctx("rotary k")?;
+        let v = split(v, self.kv_heads).ctx(ctx)?;
+        let (k, v) = (self.repeat_kv(k).ctx(ctx)?, self.repeat_kv(v).ctx(ctx)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // [b, heads, t, d] x [b, heads, d, t] -> [b, heads, t, t]
+        let scores = (q.matmul(&k.t().ctx(ctx)?).ctx(ctx)? * scale).ctx(ctx)?;
+        let probs = softmax_last_dim(&scores.broadcast_add(mask).ctx(ctx)?).ctx(ctx)?;
+        // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, hidden]
+        let out = probs
+            .matmul(&v)
+            .and_then(|o| o.transpose(1, 2))
+            .and_then(|o| o.reshape((b * t, self.heads * self.head_dim)))
+            .ctx(ctx)?;
+        let y = self.o_proj.forward(&out, reborrow(&mut dropout))?;
+        y.reshape((b, t, h)).ctx(ctx)
+    }
+
+    /// `[b, kv_heads, t, d] -> [b, heads, t, d]`, each key/value head shared by a group of queries.
+    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        let rep = self.heads / self.kv_heads;
+        if rep == 1 {
+            return Ok(x);
+        }
+        let (b, kv, t, d) = x.dims4()?;
+        x.unsqueeze(2)?
+            .broadcast_as((b, kv, rep, t, d))?
+            .contiguous()?
+            .reshape((b, kv * rep, t, d))
+    }
+}

@@ -1,0 +1,11 @@
+//! RMSNorm composed from differentiable candle ops (candle-nn's fused rms_norm has no backward).
+
+use candle_core::{Tensor, D};
+
+/// `x [.., h] * rsqrt(mean(x^2) + eps) * weight [h]`, as Hugging Face's `LlamaRMSNorm` computes it
+/// (in the parameter dtype, which is f32 or f64 here).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
+}

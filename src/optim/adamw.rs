@@ -1,0 +1,197 @@
+//! AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization") with state that callers
+//! can read, prune and reset by parameter name — ReLoRA resets the adapters' moments at every merge.
+//!
+//! The update follows PyTorch's `torch.optim.AdamW` exactly: `p *= 1 - lr * wd` (2-D weights only),
+//! `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
+//! `p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+
+use super::reset::{prune_pair, ResetMode};
+use crate::error::{Result, TensorContext};
+use crate::rng::Rng;
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
+
+/// Adam's moments for one parameter.
+#[derive(Clone, Debug)]
+pub struct ParamState {
+    /// First moment, same shape as the parameter.
+    pub exp_avg: Tensor,
+    /// Second moment, same shape as the parameter.
+    pub exp_avg_sq: Tensor,
+    /// Updates applied so far; kept across resets so bias correction continues.
+    pub step: u64,
+}
+
+/// Hyper-parameters of the update (the learning rate is passed per step).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay for 2-D parameters.
+    pub weight_decay: f64,
+}
+
+/// What an optimizer-state reset did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetReport {
+    /// Parameters whose state was pruned.
+    pub params: usize,
+    /// State positions considered (per parameter: its element count).
+    pub positions: usize,
+    /// Positions set to zero in both moments.
+    pub zeroed: usize,
+}
+
+/// The optimizer: hyper-parameters and per-parameter state keyed by parameter name.
+pub struct AdamW {
+    /// Hyper-parameters.
+    pub config: AdamWConfig,
+    states: BTreeMap<String, ParamState>,
+}
+
+impl AdamW {
+    /// An optimizer with no state yet; state appears on a parameter's first update.
+    pub fn new(config: AdamWConfig) -> Self {
+        AdamW {
+            config,
+            states: BTreeMap::new(),
+        }
+    }
+
+    /// The state of one parameter, if it has been updated.
+    pub fn state(&self, name: &str) -> Option<&ParamState> {
+        self.states.get(name)
+    }
+
+    /// All states, ordered by name.
+    pub fn states(&self) -> &BTreeMap<String, ParamState> {
+        &self.states
+    }
+
+    /// Replaces (or inserts) the state of one parameter, e.g. when resuming.
+    pub fn set_state(&mut self, name: &str, state: ParamState) {
+        self.states.insert(name.to_string(), state);
+    }
+
+    /// Drops a parameter's state (a weight that became frozen), freeing its memory.
+    pub fn remove(&mut self, name: &str) {
+        self.states.remove(name);
+    }
+
+    /// Bytes held by the moments.
+    pub fn state_bytes(&self) -> usize {
+        self.states
+            .values()
+            .map(|s| 2 * s.exp_avg.elem_count() * s.exp_avg.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Applies one update to each `(name, var)` with its gradient, at learning rate `lr`.
+    /// `decay[i]` says whether parameter i gets weight decay.
+    pub fn step(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        decay: &[bool],
+        lr: f64,
+    ) -> Result<()> {
+        let c = self.config;
+        for (((name, var), g), &wd) in params.iter().zip(grads).zip(decay) {
+            let ctx = || format!("AdamW update of {name}");
+            let st = match self.states.get_mut(name) {
+                Some(s) => s,
+                None => {
+                    let z = var.zeros_like().with_ctx(ctx)?;
+                    self.states.insert(
+                        name.clone(),
+                        ParamState {
+                            exp_avg: z.clone(),
+                            exp_avg_sq: z,
+                            step: 0,
+                        },
+                    );
+                    self.states.get_mut(name).expect("just inserted")
+                }
+            };
+            st.step += 1;
+            let t = st.step as i32;
+            let bc1 = 1.0 - c.beta1.powi(t);
+            let bc2 = 1.0 - c.beta2.powi(t);
+            st.exp_avg = (st.exp_avg.affine(c.beta1, 0.0).with_ctx(ctx)?
+                + g.affine(1.0 - c.beta1, 0.0).with_ctx(ctx)?)
+            .with_ctx(ctx)?;
+            st.exp_avg_sq = (st.exp_avg_sq.affine(c.beta2, 0.0).with_ctx(ctx)?
+                + g.sqr()
+                    .and_then(|g2| g2.affine(1.0 - c.beta2, 0.0))
+                    .with_ctx(ctx)?)
+            .with_ctx(ctx)?;
+            let denom = st
+                .exp_avg_sq
+                .sqrt()
+                .and_then(|d| d.affine(1.0 / bc2.sqrt(), c.eps))
+                .with_ctx(ctx)?;
+            let update = (&st.exp_avg / denom)
+                .and_then(|u| u.affine(lr / bc1, 0.0))
+                .with_ctx(ctx)?;
+            let p = var.as_tensor();
+            let decayed = if wd && c.weight_decay != 0.0 {
+                p.affine(1.0 - lr * c.weight_decay, 0.0).with_ctx(ctx)?
+            } else {
+                p.clone()
+            };
+            var.set(&(decayed - update).with_ctx(ctx)?).with_ctx(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Prunes the moments of every parameter whose name satisfies `select` (ReLoRA: the adapters),
+    /// leaving all other state untouched. Step counters are kept.
+    pub fn reset(
+        &mut self,
+        select: impl Fn(&str) -> bool,
+        mode: ResetMode,
+        rng: &mut Rng,
+    ) -> Result<ResetReport> {
+        let mut report = ResetReport::default();
+        for (name, st) in self.states.iter_mut().filter(|(n, _)| select(n)) {
+            let ctx = || format!("optimizer reset of {name}");
+            let shape = st.exp_avg.shape().clone();
+            let (dtype, device) = (st.exp_avg.dtype(), st.exp_avg.device().clone());
+            let mut m: Vec<f32> = st
+                .exp_avg
+                .flatten_all()
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_vec1())
+                .with_ctx(ctx)?;
+            let mut v: Vec<f32> = st
+                .exp_avg_sq
+                .flatten_all()
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_vec1())
+                .with_ctx(ctx)?;
+            let zeroed = prune_pair(&mut m, &mut v, mode, rng);
+            // A keep-mask rather than the pruned f32 copies, so f64 state keeps its precision.
+            // Positions where both pruned values are zero are either selected or were already
+            // zero in both moments, so multiplying them by 0 is exact either way.
+            let keep: Vec<f32> = m
+                .iter()
+                .zip(&v)
+                .map(|(a, b)| if *a == 0.0 && *b == 0.0 { 0.0 } else { 1.0 })
+                .collect();
+            let keep = Tensor::from_vec(keep, shape, &Device::Cpu)
+                .and_then(|k| k.to_dtype(dtype))
+                .and_then(|k| k.to_device(&device))
+                .with_ctx(ctx)?;
+            st.exp_avg = (&st.exp_avg * &keep).with_ctx(ctx)?;
+            st.exp_avg_sq = (&st.exp_avg_sq * &keep).with_ctx(ctx)?;
+            report.params += 1;
+            report.positions += m.len();
+            report.zeroed += zeroed;
+        }
+        Ok(report)
+    }
+}

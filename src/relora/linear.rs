@@ -1,0 +1,118 @@
+//! The projection that ReLoRA adapts: `y = W x` while full-rank, `y = W x + s B (A x)` with W
+//! frozen while an adapter is attached.
+
+use crate::error::{Result, TensorContext};
+use crate::model::init;
+use crate::ops::frozen_matmul;
+use crate::rng::Rng;
+use candle_core::{Tensor, Var};
+
+/// One low-rank adapter: `A [r, in]`, `B [out, r]`, scale `s = alpha / r`.
+pub struct Adapter {
+    /// Down projection `[r, in]`, Kaiming-uniform at (re-)initialisation.
+    pub a: Var,
+    /// Up projection `[out, r]`, zero at (re-)initialisation so the function is unchanged.
+    pub b: Var,
+    /// The adapter's scale `alpha / r`.
+    pub scale: f64,
+}
+
+/// A bias-free linear layer named with its Hugging Face module path, optionally carrying an adapter.
+pub struct AdaptableLinear {
+    /// Module path, e.g. `model.layers.3.self_attn.q_proj`; the weight is `{name}.weight`.
+    pub name: String,
+    /// `[out, in]`; trainable while no adapter is attached, frozen otherwise.
+    pub weight: Var,
+    /// The current adapter, if any.
+    pub adapter: Option<Adapter>,
+}
+
+impl AdaptableLinear {
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x [n, in] -> [n, out]`. `dropout` is `(rng, p)` for adapter-input dropout in training.
+    pub fn forward(&self, x: &Tensor, dropout: Option<(&mut Rng, f64)>) -> Result<Tensor> {
+        let ctx = || format!("{} forward", self.name);
+        match &self.adapter {
+            None => x
+                .matmul(&self.weight.as_tensor().t().with_ctx(ctx)?)
+                .with_ctx(ctx),
+            Some(ad) => {
+                let base = frozen_matmul(x, self.weight.as_tensor()).with_ctx(ctx)?;
+                let x_in = match dropout {
+                    Some((rng, p)) if p > 0.0 => apply_dropout(x, rng, p).with_ctx(ctx)?,
+                    _ => x.clone(),
+                };
+                // [n, in] x [in, r] -> [n, r] x [r, out] -> [n, out]
+                let low = x_in
+                    .matmul(&ad.a.as_tensor().t().with_ctx(ctx)?)
+                    .with_ctx(ctx)?;
+                let up = low
+                    .matmul(&ad.b.as_tensor().t().with_ctx(ctx)?)
+                    .with_ctx(ctx)?;
+                (base + up.affine(ad.scale, 0.0).with_ctx(ctx)?).with_ctx(ctx)
+            }
+        }
+    }
+
+    /// Attaches a freshly initialised adapter of rank `r` (A Kaiming-uniform, B zero).
+    pub fn attach_adapter(&mut self, rank: usize, scale: f64, rng: &mut Rng) -> Result<()> {
+        let (dtype, dev) = (self.weight.dtype(), self.weight.device().clone());
+        let a = init::kaiming_uniform(&[rank, self.in_dim()], dtype, &dev, rng)?;
+        let b = init::zeros(&[self.out_dim(), rank], dtype, &dev)?;
+        self.adapter = Some(Adapter {
+            a: Var::from_tensor(&a).ctx("adapter A")?,
+            b: Var::from_tensor(&b).ctx("adapter B")?,
+            scale,
+        });
+        Ok(())
+    }
+
+    /// Re-initialises the attached adapter in place (A Kaiming-uniform, B zero); the `Var`s keep
+    /// their identity so optimizer state stays addressable by name.
+    pub fn reinit_adapter(&mut self, rng: &mut Rng) -> Result<()> {
+        let in_dim = self.in_dim();
+        let Some(ad) = &self.adapter else {
+            return Ok(());
+        };
+        let (dtype, dev) = (ad.a.dtype(), ad.a.device().clone());
+        let rank = ad.a.dims()[0];
+        let a = init::kaiming_uniform(&[rank, in_dim], dtype, &dev, rng)?;
+        ad.a.set(&a)
+            .with_ctx(|| format!("{} re-init A", self.name))?;
+        ad.b.set(&ad.b.zeros_like().ctx("zeros")?)
+            .with_ctx(|| format!("{} re-init B", self.name))?;
+        Ok(())
+    }
+}
+
+/// Inverted dropout with a mask drawn from the crate's generator (deterministic per seed).
+fn apply_dropout(x: &Tensor, rng: &mut Rng, p: f64) -> candle_core::Result<Tensor> {
+    let keep = 1.0 - p;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.next_f64() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())?;
+    x * mask
+}
+
+/// Re-borrows an optional dropout source so it can be passed to several projections in turn.
+pub fn reborrow<'a>(d: &'a mut Option<(&mut Rng, f64)>) -> Option<(&'a mut Rng, f64)> {
+    d.as_mut().map(|(r, p)| (&mut **r, *p))
+}

@@ -1,0 +1,591 @@
+//! The trainer: one object that runs all four arms of the paper's comparison (full, LoRA, LoRA
+//! after a warm start, ReLoRA). A step is readable top to bottom in [`Trainer::accumulate`] and
+//! [`Trainer::apply`]; [`Trainer::step`] does both for callers that don't reduce gradients
+//! themselves.
+
+use crate::config::{Mode, ModelConfig, TrainConfig};
+use crate::data::batcher::Batch;
+use crate::error::{Error, Result, TensorContext};
+use crate::export::Phase;
+use crate::model::llama::is_decayed;
+use crate::model::loss::{cross_entropy, cross_entropy_sum};
+use crate::model::Llama;
+use crate::optim::{clip, AdamW, AdamWConfig, ResetReport};
+use crate::relora::cycle::{attach_adapters, merge_and_reinit};
+use crate::rng::Rng;
+use crate::schedule::{RestartCycle, Schedule};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Optimizer steps completed after this one (skipped steps don't count).
+    pub step: u64,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Completed ReLoRA merges so far (0 while full-rank or in plain LoRA).
+    pub phase: usize,
+    /// Whether adapters are attached.
+    pub adapters: bool,
+    /// Whether this step was skipped for a non-finite loss or gradient.
+    pub skipped: bool,
+    /// Steps skipped in the whole run.
+    pub skipped_total: u64,
+    /// Tokens processed by this step (all micro-batches).
+    pub tokens: usize,
+    /// Set when a merge and optimizer reset happened right before this step.
+    pub reset: Option<ResetSummary>,
+    /// Set when the model switched from full rank to adapters right before this step.
+    pub switched: bool,
+}
+
+/// What a merge + optimizer reset did, for the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetSummary {
+    /// The phase that was completed (1-based).
+    pub phase: usize,
+    /// Optimizer state positions considered.
+    pub positions: usize,
+    /// Positions zeroed in both moments.
+    pub zeroed: usize,
+}
+
+/// Result of evaluating held-out data.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Mean next-token cross-entropy (nats).
+    pub loss: f64,
+    /// exp(loss).
+    pub perplexity: f64,
+    /// Tokens scored.
+    pub tokens: usize,
+}
+
+/// Receives each trainable gradient before the optimizer step, e.g. to all-reduce it across
+/// data-parallel ranks. The buffer holds the gradient as f32, row-major.
+pub trait GradientReducer {
+    /// Reduces `grad` (of parameter `name`) in place.
+    fn reduce(&mut self, name: &str, grad: &mut [f32]) -> Result<()>;
+}
+
+/// The random streams the trainer draws from; part of the checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerRngs {
+    /// Adapter (re-)initialisation.
+    pub adapters: Rng,
+    /// Random pruning of optimizer state.
+    pub reset: Rng,
+    /// Adapter-input dropout masks.
+    pub dropout: Rng,
+}
+
+impl TrainerRngs {
+    /// The streams for `seed`.
+    pub fn new(seed: u64) -> Self {
+        TrainerRngs {
+            adapters: Rng::derived(seed, "adapters"),
+            reset: Rng::derived(seed, "optimizer-reset"),
+            dropout: Rng::derived(seed, "dropout"),
+        }
+    }
+}
+
+/// Counters that a resumed run must continue from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerCounters {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Steps skipped for non-finite values, in the whole run.
+    pub skipped_total: u64,
+    /// Non-finite steps in a row right now.
+    pub nonfinite_streak: u32,
+}
+
+/// The whole training state.
+pub struct Trainer {
+    /// The model.
+    pub model: Llama,
+    /// The training options (validated).
+    pub config: TrainConfig,
+    optimizer: AdamW,
+    schedule: Schedule,
+    counters: TrainerCounters,
+    rngs: TrainerRngs,
+    /// Target projection weights at the switch to adapters (`{module}.weight`), deep copies.
+    base: Option<Vec<(String, Tensor)>>,
+    phases: Vec<Phase>,
+    /// Gradients summed over the micro-batches of the step being built, in trainable order.
+    pending: Option<Pending>,
+    /// The step whose switch/reset has been performed, so a retried step doesn't repeat it.
+    prepared_step: Option<u64>,
+    prepared_events: (bool, Option<ResetSummary>),
+}
+
+struct Pending {
+    grads: Vec<Tensor>,
+    loss_sum: f64,
+    micro_batches: usize,
+    tokens: usize,
+    non_finite: bool,
+}
+
+/// The learning-rate schedule implied by a training configuration.
+pub fn schedule_for(cfg: &TrainConfig) -> Schedule {
+    let cycle = match cfg.mode {
+        Mode::Full => None,
+        // The switch to adapters gets a re-warm-up (fresh adapter moments), and so does every merge.
+        Mode::Relora => Some(RestartCycle {
+            first_reset: if cfg.warmup_full_steps > 0 {
+                cfg.warmup_full_steps
+            } else {
+                cfg.reset_every
+            },
+            reset_every: cfg.reset_every,
+            restart_warmup_steps: cfg.restart_warmup_steps,
+        }),
+        Mode::Lora if cfg.warmup_full_steps > 0 => Some(RestartCycle {
+            first_reset: cfg.warmup_full_steps,
+            reset_every: cfg.steps + 1,
+            restart_warmup_steps: cfg.restart_warmup_steps,
+        }),
+        Mode::Lora => None,
+    };
+    Schedule {
+        total_steps: cfg.steps,
+        warmup_steps: cfg.warmup_steps,
+        min_lr_ratio: cfg.min_lr_ratio,
+        cycle,
+    }
+}
+
+impl Trainer {
+    /// A new trainer with a freshly initialised model (seeded by `config.seed`).
+    pub fn new(model_config: &ModelConfig, config: &TrainConfig, device: &Device) -> Result<Self> {
+        config.validate()?;
+        model_config.validate()?;
+        if config.seq_len > model_config.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "seq_len {} exceeds max_position_embeddings {}",
+                config.seq_len, model_config.max_position_embeddings
+            )));
+        }
+        let mut init_rng = Rng::derived(config.seed, "init");
+        let model = Llama::new(model_config, config.candle_dtype()?, device, &mut init_rng)?;
+        Self::from_parts(
+            model,
+            config.clone(),
+            TrainerCounters::default(),
+            TrainerRngs::new(config.seed),
+        )
+    }
+
+    /// Assembles a trainer from restored parts (used by checkpoint loading).
+    pub fn from_parts(
+        model: Llama,
+        config: TrainConfig,
+        counters: TrainerCounters,
+        rngs: TrainerRngs,
+    ) -> Result<Self> {
+        config.validate()?;
+        let schedule = schedule_for(&config);
+        schedule.validate()?;
+        let optimizer = AdamW::new(AdamWConfig {
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            weight_decay: config.weight_decay,
+        });
+        Ok(Trainer {
+            model,
+            config,
+            optimizer,
+            schedule,
+            counters,
+            rngs,
+            base: None,
+            phases: Vec::new(),
+            pending: None,
+            prepared_step: None,
+            prepared_events: (false, None),
+        })
+    }
+
+    /// Optimizer steps completed.
+    pub fn step_count(&self) -> u64 {
+        self.counters.step
+    }
+
+    /// Counters (step, skipped steps, non-finite streak).
+    pub fn counters(&self) -> &TrainerCounters {
+        &self.counters
+    }
+
+    /// The random streams.
+    pub fn rngs(&self) -> &TrainerRngs {
+        &self.rngs
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// Mutable optimizer access (restoring state, inspection tools).
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Completed ReLoRA phases, in merge order.
+    pub fn phases(&self) -> &[Phase] {
+        &self.phases
+    }
+
+    /// Target weights as of the switch to adapters, if it has happened.
+    pub fn base_weights(&self) -> Option<&[(String, Tensor)]> {
+        self.base.as_deref()
+    }
+
+    /// Whether adapters are attached.
+    pub fn has_adapters(&self) -> bool {
+        self.model.projections().iter().any(|p| p.adapter.is_some())
+    }
+
+    /// Restores the ReLoRA history (checkpoint loading): the base weights and completed phases.
+    pub fn restore_history(&mut self, base: Option<Vec<(String, Tensor)>>, phases: Vec<Phase>) {
+        self.base = base;
+        self.phases = phases;
+    }
+
+    /// The learning rate for the step about to be taken.
+    pub fn current_lr(&self) -> f64 {
+        self.config.lr * self.schedule.multiplier(self.counters.step)
+    }
+
+    /// Whether a gradient accumulation is in progress (a save must wait for `apply`).
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Performs the structural events due before step `t`: the switch from full rank to adapters
+    /// and, in ReLoRA, the merge + re-init + optimizer reset. Idempotent per step.
+    fn prepare_step(&mut self) -> Result<()> {
+        let t = self.counters.step;
+        if self.prepared_step == Some(t) {
+            return Ok(());
+        }
+        let mut switched = false;
+        let mut reset = None;
+        if self.config.uses_adapters() && !self.has_adapters() && t >= self.config.warmup_full_steps
+        {
+            self.switch_to_adapters()?;
+            switched = true;
+        } else if self.config.mode == Mode::Relora
+            && self.has_adapters()
+            && t > self.config.warmup_full_steps
+            && (t - self.config.warmup_full_steps) % self.config.reset_every == 0
+        {
+            reset = Some(self.merge_and_reset()?);
+        }
+        self.prepared_step = Some(t);
+        self.prepared_events = (switched, reset);
+        Ok(())
+    }
+
+    /// Freezes the target projections, keeps a copy of their weights as the base, attaches fresh
+    /// adapters and drops the frozen weights' optimizer state.
+    fn switch_to_adapters(&mut self) -> Result<()> {
+        let cfg = self.config.clone();
+        let modules = attach_adapters(
+            &mut self.model,
+            &cfg.target_modules,
+            cfg.lora_rank,
+            cfg.lora_scale(),
+            &mut self.rngs.adapters,
+        )?;
+        let mut base = Vec::with_capacity(modules.len());
+        for p in self.model.projections() {
+            if p.adapter.is_some() {
+                let name = format!("{}.weight", p.name);
+                base.push((
+                    name.clone(),
+                    p.weight.as_tensor().copy().with_ctx(|| name.clone())?,
+                ));
+                self.optimizer.remove(&name);
+            }
+        }
+        self.base = Some(base);
+        Ok(())
+    }
+
+    /// Merges the adapters into the frozen weights (fp32), re-initialises them and prunes their
+    /// optimizer state. Public so hosts can merge on demand ("merge now").
+    pub fn merge_and_reset(&mut self) -> Result<ResetSummary> {
+        if !self.has_adapters() {
+            return Err(Error::Config(
+                "merge requested but no adapters are attached".into(),
+            ));
+        }
+        let index = self.phases.len() + 1;
+        let phase = merge_and_reinit(
+            &mut self.model,
+            index,
+            self.counters.step,
+            &mut self.rngs.adapters,
+        )?;
+        self.phases.push(phase);
+        let report: ResetReport = self.optimizer.reset(
+            |name| name.ends_with(".lora_A") || name.ends_with(".lora_B"),
+            self.config.reset_mode,
+            &mut self.rngs.reset,
+        )?;
+        Ok(ResetSummary {
+            phase: index,
+            positions: report.positions,
+            zeroed: report.zeroed,
+        })
+    }
+
+    /// Checks a batch's shape and token ids against the model.
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let n = batch.batch * batch.seq_len;
+        if n == 0 || batch.inputs.len() != n || batch.targets.len() != n {
+            return Err(Error::Data(format!(
+                "batch of {} x {} needs {n} inputs and targets, got {} and {}",
+                batch.batch,
+                batch.seq_len,
+                batch.inputs.len(),
+                batch.targets.len()
+            )));
+        }
+        if batch.seq_len > self.model.config.max_position_embeddings {
+            return Err(Error::Data(format!(
+                "sequence length {} exceeds max_position_embeddings {}",
+                batch.seq_len, self.model.config.max_position_embeddings
+            )));
+        }
+        let vocab = self.model.config.vocab_size;
+        for (what, ids) in [("input", &batch.inputs), ("target", &batch.targets)] {
+            if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+                return Err(Error::Data(format!(
+                    "{what} token id {id} at position {pos} (row {}, column {}) is >= vocab_size {vocab}",
+                    pos / batch.seq_len,
+                    pos % batch.seq_len
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn batch_tensors(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let dev = self.model.device();
+        let ids =
+            Tensor::from_slice(&batch.inputs, (batch.batch, batch.seq_len), dev).ctx("inputs")?;
+        let targets =
+            Tensor::from_slice(&batch.targets, batch.batch * batch.seq_len, dev).ctx("targets")?;
+        Ok((ids, targets))
+    }
+
+    /// Forward + backward of one micro-batch, adding its gradients to the step being built.
+    /// Returns the micro-batch's loss. Non-finite losses mark the step for skipping.
+    pub fn accumulate(&mut self, batch: &Batch) -> Result<f32> {
+        self.check_batch(batch)?;
+        self.prepare_step()?;
+        let (ids, targets) = self.batch_tensors(batch)?;
+        let params = self.model.trainable_params();
+        let p = self.config.lora_dropout;
+        let dropout = (p > 0.0).then_some((&mut self.rngs.dropout, p));
+        let logits = self.model.forward(&ids, dropout)?;
+        let v = self.model.config.vocab_size;
+        let logits = logits
+            .reshape((batch.batch * batch.seq_len, v))
+            .ctx("logits")?;
+        let loss = cross_entropy(&logits, &targets).ctx("cross-entropy")?;
+        let loss_value = loss
+            .to_dtype(DType::F64)
+            .and_then(|l| l.to_scalar::<f64>())
+            .ctx("loss")?;
+        // Average over micro-batches so the step's gradient is the mean over all of them.
+        let scaled = loss
+            .affine(1.0 / self.config.grad_accum as f64, 0.0)
+            .ctx("loss scale")?;
+        let grads = scaled.backward().ctx("backward")?;
+        let mut step_grads = Vec::with_capacity(params.len());
+        for (name, var) in &params {
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => var
+                    .zeros_like()
+                    .with_ctx(|| format!("zero gradient for {name}"))?,
+            };
+            step_grads.push(g);
+        }
+        let pending = self.pending.get_or_insert_with(|| Pending {
+            grads: Vec::new(),
+            loss_sum: 0.0,
+            micro_batches: 0,
+            tokens: 0,
+            non_finite: false,
+        });
+        if pending.grads.is_empty() {
+            pending.grads = step_grads;
+        } else {
+            for (acc, g) in pending.grads.iter_mut().zip(step_grads) {
+                *acc = (&*acc + g).ctx("gradient accumulation")?;
+            }
+        }
+        pending.loss_sum += loss_value;
+        pending.micro_batches += 1;
+        pending.tokens += batch.batch * batch.seq_len;
+        pending.non_finite |= !loss_value.is_finite();
+        Ok(loss_value as f32)
+    }
+
+    /// Finishes the step: optional gradient reduction, clipping, and the AdamW update at the
+    /// scheduled learning rate. A non-finite loss or gradient skips the update (nothing applied,
+    /// nothing merged) and is counted; too many in a row is an error.
+    pub fn apply(&mut self, reducer: Option<&mut dyn GradientReducer>) -> Result<StepStats> {
+        let Some(mut pending) = self.pending.take() else {
+            return Err(Error::Config(
+                "apply called without any accumulated micro-batch".into(),
+            ));
+        };
+        let params = self.model.trainable_params();
+        if let Some(r) = reducer {
+            for ((name, _), g) in params.iter().zip(pending.grads.iter_mut()) {
+                let ctx = || format!("reducing gradient of {name}");
+                let mut buf: Vec<f32> = g
+                    .flatten_all()
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .and_then(|t| t.to_vec1())
+                    .with_ctx(ctx)?;
+                r.reduce(name, &mut buf)?;
+                *g = Tensor::from_vec(buf, g.shape(), g.device())
+                    .and_then(|t| t.to_dtype(g.dtype()))
+                    .with_ctx(ctx)?;
+            }
+        }
+        let loss = (pending.loss_sum / pending.micro_batches as f64) as f32;
+        let grad_norm = clip::global_norm(&pending.grads)?;
+        let lr = self.current_lr();
+        let (switched, reset) = self.prepared_events;
+        let mut stats = StepStats {
+            step: self.counters.step,
+            loss,
+            lr,
+            grad_norm,
+            phase: self.phases.len(),
+            adapters: self.has_adapters(),
+            skipped: false,
+            skipped_total: self.counters.skipped_total,
+            tokens: pending.tokens,
+            reset,
+            switched,
+        };
+        if pending.non_finite || !grad_norm.is_finite() {
+            self.counters.skipped_total += 1;
+            self.counters.nonfinite_streak += 1;
+            stats.skipped = true;
+            stats.skipped_total = self.counters.skipped_total;
+            if self.counters.nonfinite_streak >= self.config.max_nonfinite_steps {
+                return Err(Error::NonFinite {
+                    step: self.counters.step,
+                    count: self.counters.nonfinite_streak,
+                    loss,
+                });
+            }
+            return Ok(stats);
+        }
+        clip::clip(&mut pending.grads, grad_norm, self.config.grad_clip)?;
+        let decay: Vec<bool> = params
+            .iter()
+            .map(|(n, v)| is_decayed(n, v.dims()))
+            .collect();
+        self.optimizer.step(&params, &pending.grads, &decay, lr)?;
+        self.counters.step += 1;
+        self.counters.nonfinite_streak = 0;
+        self.prepared_events = (false, None);
+        stats.step = self.counters.step;
+        Ok(stats)
+    }
+
+    /// One optimizer step over `micro_batches` (normally `grad_accum` of them).
+    pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
+        if micro_batches.is_empty() {
+            return Err(Error::Data("a step needs at least one micro-batch".into()));
+        }
+        for b in micro_batches {
+            if let Err(e) = self.accumulate(b) {
+                self.pending = None;
+                return Err(e);
+            }
+        }
+        self.apply(None)
+    }
+
+    /// Mean loss and perplexity over `batches`, without touching any state.
+    pub fn eval(&self, batches: &[Batch]) -> Result<EvalResult> {
+        let mut sum = 0.0f64;
+        let mut tokens = 0usize;
+        for b in batches {
+            self.check_batch(b)?;
+            let (ids, targets) = self.batch_tensors(b)?;
+            let logits = self.model.forward(&ids, None)?.detach();
+            let v = self.model.config.vocab_size;
+            let logits = logits.reshape((b.batch * b.seq_len, v)).ctx("logits")?;
+            sum += cross_entropy_sum(&logits, &targets)
+                .and_then(|l| l.to_dtype(DType::F64))
+                .and_then(|l| l.to_scalar::<f64>())
+                .ctx("eval loss")?;
+            tokens += b.batch * b.seq_len;
+        }
+        if tokens == 0 {
+            return Err(Error::Data("evaluation needs at least one token".into()));
+        }
+        let loss = sum / tokens as f64;
+        Ok(EvalResult {
+            loss,
+            perplexity: loss.exp(),
+            tokens,
+        })
+    }
+
+    /// The weights a plain LLaMA would have now: every projection with its current adapter merged
+    /// in (fp32), under Hugging Face names. The trainer's state is not changed.
+    pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out: HashMap<String, Tensor> = self.model.weights().into_iter().collect();
+        for p in self.model.projections() {
+            if let Some(ad) = &p.adapter {
+                let merged = crate::export::merge_delta(
+                    &p.name,
+                    p.weight.as_tensor(),
+                    ad.a.as_tensor(),
+                    ad.b.as_tensor(),
+                    ad.scale,
+                )?;
+                out.insert(format!("{}.weight", p.name), merged);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores counters (checkpoint loading).
+    pub fn set_counters(&mut self, counters: TrainerCounters) {
+        self.counters = counters;
+    }
+
+    /// Restores the random streams (checkpoint loading).
+    pub fn set_rngs(&mut self, rngs: TrainerRngs) {
+        self.rngs = rngs;
+    }
+}

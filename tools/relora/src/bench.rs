@@ -1,0 +1,263 @@
+//! `relora bench`: tokens/s and peak memory of full-rank, LoRA and ReLoRA-phase training steps
+//! for one model size, each mode in its own child process so peak RSS is per mode.
+
+use crate::inputs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use relora::config::{Mode, ModelConfig, TrainConfig};
+use relora::data::batcher::Batcher;
+use relora::device::parse_device;
+use relora::Trainer;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Options of `relora bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model preset.
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    /// Steps between merges, to amortise the merge + reset cost over a cycle.
+    #[arg(long, default_value_t = 100)]
+    reset_every: u64,
+    /// Timed steps per mode (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed warm-up steps per mode.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Modes to run, comma-separated.
+    #[arg(long, default_value = "full,lora,relora")]
+    modes: String,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: run one mode in this process and print its JSON.
+    #[arg(long, hide = true)]
+    single: Option<Mode>,
+}
+
+/// One mode's measurements.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ModeResult {
+    mode: String,
+    tokens_per_step: usize,
+    median_step_ms: f64,
+    min_step_ms: f64,
+    tokens_per_s: f64,
+    merge_reset_ms: Option<f64>,
+    tokens_per_s_amortised: f64,
+    trainable_params: usize,
+    optimizer_state_bytes: usize,
+    peak_rss_mib: f64,
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
+    let device = parse_device(&a.device)?;
+    let mut model = ModelConfig::preset(&a.preset)?;
+    let tok = inputs::tokenizer("bytes")?;
+    model.vocab_size = tok.vocab_size();
+    model.max_position_embeddings = model.max_position_embeddings.max(a.seq_len);
+    let cfg = TrainConfig {
+        mode,
+        steps: 1_000_000,
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        warmup_steps: 10,
+        // Measure the adapter phase itself: no warm start.
+        warmup_full_steps: 0,
+        reset_every: a.reset_every.max(2),
+        restart_warmup_steps: 1,
+        lora_rank: a.rank,
+        lora_alpha: a.rank as f64,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&model, &cfg, &device)?;
+    let tokens = inputs::tokens("builtin", &tok)?;
+    let mut batcher = Batcher::new(tokens, a.batch_size, a.seq_len, 1)?;
+    let mut times = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let b = batcher.next_batch();
+        let t0 = Instant::now();
+        trainer.step(std::slice::from_ref(&b))?;
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let merge_reset_ms = if mode == Mode::Relora {
+        let t0 = Instant::now();
+        trainer.merge_and_reset()?;
+        Some(t0.elapsed().as_secs_f64() * 1e3)
+    } else {
+        None
+    };
+    let tokens_per_step = a.batch_size * a.seq_len;
+    let med = median(&mut times);
+    let tokens_per_s = tokens_per_step as f64 / (med / 1e3);
+    let cycle = a.reset_every.max(2) as f64;
+    let amortised = match merge_reset_ms {
+        Some(m) => tokens_per_step as f64 * cycle / ((med * cycle + m) / 1e3),
+        None => tokens_per_s,
+    };
+    Ok(ModeResult {
+        mode: mode.to_string(),
+        tokens_per_step,
+        median_step_ms: med,
+        min_step_ms: times.iter().cloned().fold(f64::INFINITY, f64::min),
+        tokens_per_s,
+        merge_reset_ms,
+        tokens_per_s_amortised: amortised,
+        trainable_params: trainer
+            .model
+            .trainable_params()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum(),
+        optimizer_state_bytes: trainer.optimizer().state_bytes(),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1).map(|v| v.trim().to_string()))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs `relora bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    inputs::set_threads(a.threads);
+    if let Some(mode) = a.single {
+        let r = run_single(&a, mode)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating the relora binary")?;
+    let mut results: Vec<ModeResult> = Vec::new();
+    for mode in a.modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args([
+            "bench", "--single", mode, "--preset", &a.preset, "--device", &a.device,
+        ])
+        .args([
+            "--seq-len",
+            &a.seq_len.to_string(),
+            "--batch-size",
+            &a.batch_size.to_string(),
+        ])
+        .args([
+            "--rank",
+            &a.rank.to_string(),
+            "--reset-every",
+            &a.reset_every.to_string(),
+        ])
+        .args([
+            "--steps",
+            &a.steps.to_string(),
+            "--warmup",
+            &a.warmup.to_string(),
+        ]);
+        if let Some(t) = a.threads {
+            cmd.args(["--threads", &t.to_string()]);
+        }
+        let out = cmd
+            .output()
+            .with_context(|| format!("running the {mode} benchmark"))?;
+        if !out.status.success() {
+            bail!(
+                "{mode} benchmark failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        let r: ModeResult = serde_json::from_str(line.trim())
+            .with_context(|| format!("parsing the {mode} benchmark output: {line}"))?;
+        results.push(r);
+    }
+    let full = results
+        .iter()
+        .find(|r| r.mode == "full")
+        .map(|r| r.tokens_per_s);
+    println!(
+        "preset {} | seq {} x batch {} | rank {} | threads {} | {} | {}",
+        a.preset,
+        a.seq_len,
+        a.batch_size,
+        a.rank,
+        a.threads
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "all".into()),
+        a.device,
+        cpu_model()
+    );
+    println!(
+        "{:<8} {:>12} {:>10} {:>14} {:>10} {:>12} {:>12} {:>10}",
+        "mode", "step ms", "tok/s", "tok/s (amort.)", "vs full", "trainable", "opt MiB", "peak MiB"
+    );
+    for r in &results {
+        let ratio = full
+            .map(|f| r.tokens_per_s_amortised / f)
+            .unwrap_or(f64::NAN);
+        println!(
+            "{:<8} {:>12.1} {:>10.0} {:>14.0} {:>9.2}x {:>12} {:>12.1} {:>10.1}",
+            r.mode,
+            r.median_step_ms,
+            r.tokens_per_s,
+            r.tokens_per_s_amortised,
+            ratio,
+            r.trainable_params,
+            r.optimizer_state_bytes as f64 / (1 << 20) as f64,
+            r.peak_rss_mib
+        );
+    }
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({
+            "preset": a.preset, "seq_len": a.seq_len, "batch_size": a.batch_size,
+            "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
+            "device": a.device, "cpu": cpu_model(), "results": results,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! `relora train`.
+
+use crate::inputs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use relora::checkpoint::run_dir;
+use relora::config::{Mode, ModelConfig, TrainConfig};
+use relora::device::parse_device;
+use relora::run::{RunOptions, TrainRun};
+use relora::Trainer;
+use std::path::PathBuf;
+
+/// Options of `relora train`. Precedence: defaults < `--train-config` file < flags < `--set`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Model preset (tiny, small, 60m, 130m, 250m, 350m, 1b).
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// A Hugging Face style config.json for the model (overrides --preset).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A JSON file of training options (field names as in `--set`).
+    #[arg(long)]
+    train_config: Option<PathBuf>,
+    /// Training arm: full, lora or relora.
+    #[arg(long)]
+    mode: Option<Mode>,
+    /// Training data: "builtin", a text file, or a .u16/.u32 token file.
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Held-out data for evaluation ("builtin-eval" with the built-in corpus; "none" disables).
+    #[arg(long)]
+    eval_data: Option<String>,
+    /// Tokenizer: bytes, gpt2, or a tokenizer.json path.
+    #[arg(long, default_value = "bytes")]
+    tokenizer: String,
+    /// Total optimizer steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Adapter rank.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Steps between ReLoRA merges.
+    #[arg(long)]
+    reset_every: Option<u64>,
+    /// Full-rank warm-start steps.
+    #[arg(long)]
+    warmup_full_steps: Option<u64>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed for initialisation, data order and resets.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Device: cpu, or cuda:N in CUDA builds.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Run directory (metrics.jsonl, checkpoints/).
+    #[arg(long, default_value = "runs/default")]
+    out: PathBuf,
+    /// Resume from a checkpoint directory or a run directory (its newest checkpoint).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    keep_last: usize,
+    /// Evaluate every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Held-out batches per evaluation.
+    #[arg(long, default_value_t = 16)]
+    eval_batches: usize,
+    /// Any training option as key=value (repeatable), e.g. --set reset_mode=random:0.9.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Stop after this many steps in this invocation (the schedule still spans --steps).
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// No progress bar; print one line per evaluation instead.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = match &a.train_config {
+        Some(p) => TrainConfig::from_file(p)?,
+        None => TrainConfig::default(),
+    };
+    if let Some(m) = a.mode {
+        c.mode = m;
+    }
+    macro_rules! apply {
+        ($field:ident, $cfg:ident) => {
+            if let Some(v) = a.$field {
+                c.$cfg = v;
+            }
+        };
+    }
+    apply!(steps, steps);
+    apply!(lr, lr);
+    apply!(batch_size, batch_size);
+    apply!(seq_len, seq_len);
+    apply!(rank, lora_rank);
+    apply!(reset_every, reset_every);
+    apply!(warmup_full_steps, warmup_full_steps);
+    apply!(seed, seed);
+    for kv in &a.set {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--set expects KEY=VALUE, got '{kv}'");
+        };
+        c.set(k.trim(), v)?;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+/// Runs `relora train`.
+pub fn run(a: TrainArgs) -> Result<()> {
+    inputs::set_threads(a.threads);
+    let device = parse_device(&a.device)?;
+    let opts = RunOptions {
+        out_dir: a.out.clone(),
+        save_every: a.save_every,
+        keep_last: a.keep_last,
+        eval_every: a.eval_every,
+        eval_batches: a.eval_batches,
+    };
+    let eval_spec = match (&a.eval_data, a.data.as_str()) {
+        (Some(s), _) if s == "none" => None,
+        (Some(s), _) => Some(s.clone()),
+        (None, "builtin") => Some("builtin-eval".to_string()),
+        (None, _) => None,
+    };
+
+    let mut run = if let Some(resume) = &a.resume {
+        let dir = run_dir::resolve(resume)?;
+        let manifest = relora::checkpoint::Manifest::read(&dir)?;
+        let tok_spec = manifest
+            .tokenizer
+            .clone()
+            .unwrap_or_else(|| a.tokenizer.clone());
+        let tok = inputs::tokenizer(&tok_spec)?;
+        let train = inputs::tokens(&a.data, &tok)?;
+        let eval = eval_spec.map(|s| inputs::tokens(&s, &tok)).transpose()?;
+        eprintln!(
+            "resuming {} at step {} (phase {})",
+            dir.display(),
+            manifest.counters.step,
+            manifest.phase_index
+        );
+        TrainRun::resume(&dir, &device, train, eval, opts)?
+    } else {
+        let config = build_config(&a)?;
+        let tok = inputs::tokenizer(&a.tokenizer)?;
+        let mut model = match &a.config {
+            Some(p) => ModelConfig::from_file(p)?,
+            None => ModelConfig::preset(&a.preset)?,
+        };
+        if a.config.is_none() {
+            model.vocab_size = tok.vocab_size();
+        } else if model.vocab_size < tok.vocab_size() {
+            bail!(
+                "config vocab_size {} is smaller than the tokenizer's {}",
+                model.vocab_size,
+                tok.vocab_size()
+            );
+        }
+        let train = inputs::tokens(&a.data, &tok)?;
+        let eval = eval_spec.map(|s| inputs::tokens(&s, &tok)).transpose()?;
+        let trainer = Trainer::new(&model, &config, &device).context("creating the trainer")?;
+        eprintln!(
+            "model: {} parameters ({} layers, hidden {}, vocab {}); mode {}; {} steps of {} x {} x {} tokens",
+            model.num_parameters(),
+            model.num_hidden_layers,
+            model.hidden_size,
+            model.vocab_size,
+            config.mode,
+            config.steps,
+            config.grad_accum,
+            config.batch_size,
+            config.seq_len
+        );
+        TrainRun::new(trainer, train, eval, Some(tok.spec()), None, opts)?
+    };
+
+    let total = run.trainer.config.steps;
+    let until = a
+        .stop_after
+        .map(|n| run.trainer.step_count() + n)
+        .unwrap_or(total);
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(run.trainer.step_count());
+    let quiet = a.quiet;
+    run.train_until(until, |r| {
+        let s = r.stats;
+        let phase = if !s.adapters {
+            "full".to_string()
+        } else {
+            format!("adapters/phase {}", s.phase)
+        };
+        bar.set_position(s.step);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s {phase}{}",
+            s.loss,
+            s.lr,
+            r.tokens_per_s,
+            if s.skipped { " SKIPPED" } else { "" }
+        ));
+        if let Some(rs) = s.reset {
+            bar.println(format!(
+                "step {}: merged phase {}; optimizer reset zeroed {} of {} adapter state entries",
+                s.step, rs.phase, rs.zeroed, rs.positions
+            ));
+        }
+        if s.switched {
+            bar.println(format!("step {}: switched to low-rank adapters", s.step));
+        }
+        if let Some(e) = r.eval {
+            let line = format!(
+                "step {}: train loss {:.4}, eval loss {:.4}, perplexity {:.2}",
+                s.step, s.loss, e.loss, e.perplexity
+            );
+            if quiet {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+        true
+    })?;
+    bar.finish();
+    let last = run_dir::list(&run.options().out_dir)?
+        .pop()
+        .map(|(_, p)| p.display().to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "done at step {}; checkpoint {last}",
+        run.trainer.step_count()
+    );
+    Ok(())
+}
