@@ -17,6 +17,7 @@ use crate::schedule::{RestartCycle, Schedule};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::time::Instant;
 
 /// What one optimizer step did.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -43,6 +44,21 @@ pub struct StepStats {
     pub reset: Option<ResetSummary>,
     /// Set when the model switched from full rank to adapters right before this step.
     pub switched: bool,
+    /// Wall-clock time spent in each part of the step.
+    pub timings: StepTimings,
+}
+
+/// Where a step's wall-clock time went, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTimings {
+    /// Forward passes and the loss, all micro-batches.
+    pub forward_ms: f64,
+    /// Backward passes and gradient accumulation, all micro-batches.
+    pub backward_ms: f64,
+    /// Reduction, clipping and the AdamW update.
+    pub optimizer_ms: f64,
+    /// The merge, re-init and optimizer reset (or the switch) before this step.
+    pub merge_reset_ms: f64,
 }
 
 /// What a merge + optimizer reset did, for the log.
@@ -125,10 +141,12 @@ pub struct Trainer {
     /// The step whose switch/reset has been performed, so a retried step doesn't repeat it.
     prepared_step: Option<u64>,
     prepared_events: (bool, Option<ResetSummary>),
+    prepare_ms: f64,
 }
 
 struct Pending {
     grads: Vec<Tensor>,
+    timings: StepTimings,
     loss_sum: f64,
     micro_batches: usize,
     tokens: usize,
@@ -213,6 +231,7 @@ impl Trainer {
             pending: None,
             prepared_step: None,
             prepared_events: (false, None),
+            prepare_ms: 0.0,
         })
     }
 
@@ -284,6 +303,7 @@ impl Trainer {
         if self.prepared_step == Some(t) {
             return Ok(());
         }
+        let started = Instant::now();
         let mut switched = false;
         let mut reset = None;
         if self.config.uses_adapters() && !self.has_adapters() && t >= self.config.warmup_full_steps
@@ -299,6 +319,7 @@ impl Trainer {
         }
         self.prepared_step = Some(t);
         self.prepared_events = (switched, reset);
+        self.prepare_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(())
     }
 
@@ -401,6 +422,7 @@ impl Trainer {
     pub fn accumulate(&mut self, batch: &Batch) -> Result<f32> {
         self.check_batch(batch)?;
         self.prepare_step()?;
+        let started = Instant::now();
         let (ids, targets) = self.batch_tensors(batch)?;
         let params = self.model.trainable_params();
         let p = self.config.lora_dropout;
@@ -419,6 +441,8 @@ impl Trainer {
         let scaled = loss
             .affine(1.0 / self.config.grad_accum as f64, 0.0)
             .ctx("loss scale")?;
+        let forward_ms = started.elapsed().as_secs_f64() * 1e3;
+        let started = Instant::now();
         let grads = scaled.backward().ctx("backward")?;
         let mut step_grads = Vec::with_capacity(params.len());
         for (name, var) in &params {
@@ -430,8 +454,10 @@ impl Trainer {
             };
             step_grads.push(g);
         }
+        drop(grads);
         let pending = self.pending.get_or_insert_with(|| Pending {
             grads: Vec::new(),
+            timings: StepTimings::default(),
             loss_sum: 0.0,
             micro_batches: 0,
             tokens: 0,
@@ -448,6 +474,8 @@ impl Trainer {
         pending.micro_batches += 1;
         pending.tokens += batch.batch * batch.seq_len;
         pending.non_finite |= !loss_value.is_finite();
+        pending.timings.forward_ms += forward_ms;
+        pending.timings.backward_ms += started.elapsed().as_secs_f64() * 1e3;
         Ok(loss_value as f32)
     }
 
@@ -460,6 +488,7 @@ impl Trainer {
                 "apply called without any accumulated micro-batch".into(),
             ));
         };
+        let started = Instant::now();
         let params = self.model.trainable_params();
         if let Some(r) = reducer {
             for ((name, _), g) in params.iter().zip(pending.grads.iter_mut()) {
@@ -491,6 +520,10 @@ impl Trainer {
             tokens: pending.tokens,
             reset,
             switched,
+            timings: StepTimings {
+                merge_reset_ms: if switched || reset.is_some() { self.prepare_ms } else { 0.0 },
+                ..pending.timings
+            },
         };
         if pending.non_finite || !grad_norm.is_finite() {
             self.counters.skipped_total += 1;
@@ -516,6 +549,7 @@ impl Trainer {
         self.counters.nonfinite_streak = 0;
         self.prepared_events = (false, None);
         stats.step = self.counters.step;
+        stats.timings.optimizer_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(stats)
     }
 

@@ -35,15 +35,16 @@ pub fn builtin_eval_text() -> String {
 /// sentence; only when `bytes` is smaller than the first sentence is that sentence cut.
 /// Paragraphs are separated by a blank line.
 pub fn builtin_corpus(seed: u64, bytes: usize) -> String {
-    let mut gen = ProseGenerator::new(seed);
-    let mut text = String::with_capacity(bytes + 512);
+    let mut generator = ProseGenerator::new(seed);
+    // Capped: a huge `bytes` should grow the string as text arrives, not reserve it all up front.
+    let mut text = String::with_capacity(bytes.min(1 << 24));
     // Where the text could be cut cleanly: after each sentence's final punctuation.
     let mut last_clean_end = 0usize;
     while text.len() < bytes {
         if !text.is_empty() {
             text.push_str("\n\n");
         }
-        let sentences = gen.paragraph();
+        let sentences = generator.paragraph();
         for (i, sentence) in sentences.iter().enumerate() {
             if i > 0 {
                 text.push(' ');

@@ -3,8 +3,8 @@
 //!
 //! Three tokenizers are supported:
 //! - `bytes`: every byte is its own token (ids 0..=255), plus [`BYTE_BOS_ID`] = 256 and
-//!   [`BYTE_EOS_ID`] = 257, for a vocabulary of [`BYTE_VOCAB_SIZE`] = 258. Needs nothing on disk and
-//!   keeps the embedding tiny, which is what CPU-sized experiments want.
+//!   [`BYTE_EOS_ID`] = 257, for a vocabulary of [`BYTE_VOCAB_SIZE`] = 258. Needs nothing on disk
+//!   and keeps the embedding tiny, which is what CPU-sized experiments want.
 //! - `gpt2`: the GPT-2 byte-level BPE (`r50k_base`, [`GPT2_VOCAB_SIZE`] = 50257 ids) with
 //!   `<|endoftext|>` = [`GPT2_EOT_ID`] serving as both BOS and EOS. The ranks ship inside
 //!   `tiktoken-rs`, so this works offline too.

@@ -2,5 +2,7 @@
 //! composed operations would compute work we do not want.
 
 pub mod frozen_matmul;
+pub mod lora_linear;
 
 pub use frozen_matmul::frozen_matmul;
+pub use lora_linear::lora_linear;

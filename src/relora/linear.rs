@@ -3,7 +3,7 @@
 
 use crate::error::{Result, TensorContext};
 use crate::model::init;
-use crate::ops::frozen_matmul;
+use crate::ops::{frozen_matmul, lora_linear};
 use crate::rng::Rng;
 use candle_core::{Tensor, Var};
 
@@ -46,19 +46,31 @@ impl AdaptableLinear {
                 .matmul(&self.weight.as_tensor().t().with_ctx(ctx)?)
                 .with_ctx(ctx),
             Some(ad) => {
+                let drop = dropout.filter(|(_, p)| *p > 0.0);
+                if drop.is_none() && x.device().is_cpu() {
+                    return lora_linear(
+                        x,
+                        self.weight.as_tensor(),
+                        ad.a.as_tensor(),
+                        ad.b.as_tensor(),
+                        ad.scale,
+                    )
+                    .with_ctx(ctx);
+                }
+                // Composed form: adapter-input dropout, or devices without the fused op.
                 let base = frozen_matmul(x, self.weight.as_tensor()).with_ctx(ctx)?;
-                let x_in = match dropout {
-                    Some((rng, p)) if p > 0.0 => apply_dropout(x, rng, p).with_ctx(ctx)?,
-                    _ => x.clone(),
+                let x_in = match drop {
+                    Some((rng, p)) => apply_dropout(x, rng, p).with_ctx(ctx)?,
+                    None => x.clone(),
                 };
-                // [n, in] x [in, r] -> [n, r] x [r, out] -> [n, out]
+                // [n, in] x [in, r] -> scaled [n, r] x [r, out] -> [n, out]; scaling the rank-r
+                // intermediate is cheaper than scaling the output.
                 let low = x_in
                     .matmul(&ad.a.as_tensor().t().with_ctx(ctx)?)
+                    .and_then(|l| l.affine(ad.scale, 0.0))
                     .with_ctx(ctx)?;
-                let up = low
-                    .matmul(&ad.b.as_tensor().t().with_ctx(ctx)?)
-                    .with_ctx(ctx)?;
-                (base + up.affine(ad.scale, 0.0).with_ctx(ctx)?).with_ctx(ctx)
+                let up = low.matmul(&ad.b.as_tensor().t().with_ctx(ctx)?).with_ctx(ctx)?;
+                (base + up).with_ctx(ctx)
             }
         }
     }

@@ -62,6 +62,9 @@ pub struct ModeResult {
     min_step_ms: f64,
     tokens_per_s: f64,
     merge_reset_ms: Option<f64>,
+    forward_ms: f64,
+    backward_ms: f64,
+    optimizer_ms: f64,
     tokens_per_s_amortised: f64,
     trainable_params: usize,
     optimizer_state_bytes: usize,
@@ -111,12 +114,16 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     let tokens = inputs::tokens("builtin", &tok)?;
     let mut batcher = Batcher::new(tokens, a.batch_size, a.seq_len, 1)?;
     let mut times = Vec::new();
+    let (mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.warmup + a.steps {
         let b = batcher.next_batch();
         let t0 = Instant::now();
-        trainer.step(std::slice::from_ref(&b))?;
+        let stats = trainer.step(std::slice::from_ref(&b))?;
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
+            fwd.push(stats.timings.forward_ms);
+            bwd.push(stats.timings.backward_ms);
+            opt.push(stats.timings.optimizer_ms);
         }
     }
     let merge_reset_ms = if mode == Mode::Relora {
@@ -141,6 +148,9 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
         min_step_ms: times.iter().cloned().fold(f64::INFINITY, f64::min),
         tokens_per_s,
         merge_reset_ms,
+        forward_ms: median(&mut fwd),
+        backward_ms: median(&mut bwd),
+        optimizer_ms: median(&mut opt),
         tokens_per_s_amortised: amortised,
         trainable_params: trainer
             .model
@@ -231,17 +241,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
         cpu_model()
     );
     println!(
-        "{:<8} {:>12} {:>10} {:>14} {:>10} {:>12} {:>12} {:>10}",
-        "mode", "step ms", "tok/s", "tok/s (amort.)", "vs full", "trainable", "opt MiB", "peak MiB"
+        "{:<8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>15} {:>8} {:>11} {:>8} {:>9}",
+        "mode", "step ms", "fwd ms", "bwd ms", "opt ms", "tok/s", "tok/s (amort.)", "vs full", "trainable", "opt MiB", "peak MiB"
     );
     for r in &results {
         let ratio = full
             .map(|f| r.tokens_per_s_amortised / f)
             .unwrap_or(f64::NAN);
         println!(
-            "{:<8} {:>12.1} {:>10.0} {:>14.0} {:>9.2}x {:>12} {:>12.1} {:>10.1}",
+            "{:<8} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>15.0} {:>7.2}x {:>11} {:>8.1} {:>9.1}",
             r.mode,
             r.median_step_ms,
+            r.forward_ms,
+            r.backward_ms,
+            r.optimizer_ms,
             r.tokens_per_s,
             r.tokens_per_s_amortised,
             ratio,
