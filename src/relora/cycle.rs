@@ -63,3 +63,23 @@ pub fn merge_and_reinit(
         adapters,
     })
 }
+
+/// Folds every attached adapter into its weight (fp32 merge) and detaches it, leaving a plain
+/// LLaMA for inference or export. Unlike [`merge_and_reinit`], no phase is recorded.
+pub fn fold_adapters(model: &mut Llama) -> Result<()> {
+    for p in model.projections_mut() {
+        if let Some(ad) = p.adapter.take() {
+            let merged = merge_delta(
+                &p.name,
+                p.weight.as_tensor(),
+                ad.a.as_tensor(),
+                ad.b.as_tensor(),
+                ad.scale,
+            )?;
+            p.weight
+                .set(&merged)
+                .with_ctx(|| format!("{} fold adapter", p.name))?;
+        }
+    }
+    Ok(())
+}

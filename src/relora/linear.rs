@@ -69,7 +69,9 @@ impl AdaptableLinear {
                     .matmul(&ad.a.as_tensor().t().with_ctx(ctx)?)
                     .and_then(|l| l.affine(ad.scale, 0.0))
                     .with_ctx(ctx)?;
-                let up = low.matmul(&ad.b.as_tensor().t().with_ctx(ctx)?).with_ctx(ctx)?;
+                let up = low
+                    .matmul(&ad.b.as_tensor().t().with_ctx(ctx)?)
+                    .with_ctx(ctx)?;
                 (base + up).with_ctx(ctx)
             }
         }

@@ -242,7 +242,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     println!(
         "{:<8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>15} {:>8} {:>11} {:>8} {:>9}",
-        "mode", "step ms", "fwd ms", "bwd ms", "opt ms", "tok/s", "tok/s (amort.)", "vs full", "trainable", "opt MiB", "peak MiB"
+        "mode",
+        "step ms",
+        "fwd ms",
+        "bwd ms",
+        "opt ms",
+        "tok/s",
+        "tok/s (amort.)",
+        "vs full",
+        "trainable",
+        "opt MiB",
+        "peak MiB"
     );
     for r in &results {
         let ratio = full

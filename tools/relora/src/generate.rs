@@ -50,12 +50,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let tok = inputs::tokenizer(&spec)?;
     let prompt = tok.encode(&a.prompt)?;
     // Generation uses the model as a plain LLaMA would: current adapters merged in.
-    let merged = trainer.merged_weights()?;
     let mut model = trainer.model;
-    for p in model.projections_mut() {
-        p.adapter = None;
-    }
-    model.load_weights(&merged, true)?;
+    relora::relora::cycle::fold_adapters(&mut model)?;
     let opts = SampleOptions {
         max_new_tokens: a.max_tokens,
         temperature: a.temperature,

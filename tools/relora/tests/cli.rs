@@ -1,0 +1,212 @@
+//! The `relora` program as a user runs it: a resume in a new process continues bit for bit, eval
+//! and generate read checkpoints, bench reports, and bad input exits non-zero with a message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn relora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_relora"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("running relora")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = relora(args);
+    assert!(
+        out.status.success(),
+        "relora {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "14",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--warmup-full-steps",
+        "4",
+        "--reset-every",
+        "4",
+        "--rank",
+        "4",
+        "--save-every",
+        "0",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "2",
+        "--quiet",
+        "--out",
+        out,
+        "--set",
+        "reset_mode=random:0.9",
+        "--set",
+        "warmup_steps=2",
+        "--set",
+        "restart_warmup_steps=2",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn resume_in_a_new_process_is_bit_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    ok(&train_args(a, &[]));
+    ok(&train_args(b, &["--stop-after", "7"]));
+    assert!(Path::new(b)
+        .join("checkpoints/step-00000007/manifest.json")
+        .exists());
+    ok(&train_args(b, &["--resume", b]));
+    let ca = Path::new(a).join("checkpoints/step-00000014");
+    let cb = Path::new(b).join("checkpoints/step-00000014");
+    let (fa, fb) = (files(&ca), files(&cb));
+    assert_eq!(fa.len(), fb.len());
+    assert!(
+        fa.iter()
+            .any(|p| p.to_string_lossy().contains("phase-0002")),
+        "expected merges: {fa:?}"
+    );
+    for (x, y) in fa.iter().zip(&fb) {
+        assert_eq!(x.strip_prefix(&ca).unwrap(), y.strip_prefix(&cb).unwrap());
+        assert!(
+            std::fs::read(x).unwrap() == std::fs::read(y).unwrap(),
+            "{} differs",
+            x.display()
+        );
+    }
+}
+
+#[test]
+fn eval_generate_and_bench_work_on_a_trained_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("r");
+    let run = run.to_str().unwrap();
+    ok(&train_args(run, &["--stop-after", "6"]));
+    let json = ok(&[
+        "eval",
+        "--checkpoint",
+        run,
+        "--data",
+        "builtin-eval",
+        "--max-batches",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!(loss > 0.0 && loss < 6.0, "{v}");
+    assert_eq!(v["step"], 6);
+    assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
+    let text = ok(&[
+        "generate",
+        "--checkpoint",
+        run,
+        "--prompt",
+        "The ",
+        "--max-tokens",
+        "20",
+        "--seed",
+        "1",
+    ]);
+    assert!(text.starts_with("The ") && text.len() > 4, "{text}");
+
+    let out = tmp.path().join("bench.json");
+    ok(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let modes: Vec<&str> = doc["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["full", "lora", "relora"]);
+    for r in doc["results"].as_array().unwrap() {
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    }
+    let full = &doc["results"][0];
+    let relora = &doc["results"][2];
+    assert!(relora["trainable_params"].as_u64() < full["trainable_params"].as_u64());
+}
+
+#[test]
+fn bad_input_exits_nonzero_with_a_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("r");
+    let run = run.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["train", "--data", "/nonexistent/file.txt", "--out", run],
+            "/nonexistent/file.txt",
+        ),
+        (vec!["train", "--set", "lr=fast", "--out", run], "lr"),
+        (
+            vec!["train", "--set", "nonsense", "--out", run],
+            "KEY=VALUE",
+        ),
+        (vec!["train", "--mode", "fullish", "--out", run], "fullish"),
+        (vec!["train", "--device", "cuda:0", "--out", run], "CUDA"),
+        (vec!["train", "--preset", "7b", "--out", run], "7b"),
+        (
+            vec![
+                "eval",
+                "--checkpoint",
+                "/nonexistent",
+                "--data",
+                "builtin-eval",
+            ],
+            "/nonexistent",
+        ),
+    ] {
+        let out = relora(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected '{needle}' in:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    }
+}
