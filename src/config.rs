@@ -414,7 +414,7 @@ impl TrainConfig {
                 return bad(format!("{name} {b} must be in [0, 1)"));
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return bad(format!("eps {} must be positive", self.eps));
         }
         if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {

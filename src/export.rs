@@ -105,12 +105,10 @@ mod tests {
         let a = Tensor::randn(0f32, 1.0, (2, 4), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (5, 2), &dev).unwrap();
         let m = merge_delta("p", &w, &a, &b, 0.25).unwrap();
-        let (wv, av, bv, mv): (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>) = (
-            w.to_vec2().unwrap(),
-            a.to_vec2().unwrap(),
-            b.to_vec2().unwrap(),
-            m.to_vec2().unwrap(),
-        );
+        let wv: Vec<Vec<f32>> = w.to_vec2().unwrap();
+        let av: Vec<Vec<f32>> = a.to_vec2().unwrap();
+        let bv: Vec<Vec<f32>> = b.to_vec2().unwrap();
+        let mv: Vec<Vec<f32>> = m.to_vec2().unwrap();
         for i in 0..5 {
             for j in 0..4 {
                 let mut d = 0f64;

@@ -521,7 +521,11 @@ impl Trainer {
             reset,
             switched,
             timings: StepTimings {
-                merge_reset_ms: if switched || reset.is_some() { self.prepare_ms } else { 0.0 },
+                merge_reset_ms: if switched || reset.is_some() {
+                    self.prepare_ms
+                } else {
+                    0.0
+                },
                 ..pending.timings
             },
         };

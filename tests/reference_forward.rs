@@ -2,6 +2,9 @@
 //! no code with the library (Hugging Face `LlamaForCausalLM` semantics: half-rotation rotary,
 //! RMSNorm, SwiGLU, grouped-query causal attention, no biases).
 
+// Plain index loops on purpose: the reference mirrors the formulas, not idiomatic iterators.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use candle_core::{DType, Device, Tensor};

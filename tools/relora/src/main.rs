@@ -37,7 +37,7 @@ struct Cli {
 enum Command {
     /// Train a model (full, lora or relora); with no arguments, the default small model on the
     /// built-in corpus.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Evaluate a checkpoint: mean loss, perplexity and token count on a data file.
     Eval(eval::EvalArgs),
     /// Sample text from a checkpoint.
@@ -50,7 +50,7 @@ fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
