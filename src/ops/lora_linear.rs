@@ -148,8 +148,18 @@ mod tests {
         assert!(max_diff(&fused, &composed) < 1e-12);
         // A non-uniform upstream gradient, so every term of the backward is exercised.
         let probe = Tensor::randn(0f64, 1.0, (n, out), &dev).unwrap();
-        let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for v in [&x, &a, &b] {
             let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
             assert!(d < 1e-10, "gradient differs by {d}");
@@ -166,11 +176,23 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, (5, 2), &dev).unwrap();
         let fused = lora_linear(&x, &w, &a, &b, 2.0).unwrap();
         let composed = (x.matmul(&w.t().unwrap()).unwrap()
-            + x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap().affine(2.0, 0.0).unwrap())
+            + x.matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap()
+                .affine(2.0, 0.0)
+                .unwrap())
         .unwrap();
-        assert!(max_diff(&fused.to_dtype(candle_core::DType::F64).unwrap(), &composed.to_dtype(candle_core::DType::F64).unwrap()) < 1e-4);
+        assert!(
+            max_diff(
+                &fused.to_dtype(candle_core::DType::F64).unwrap(),
+                &composed.to_dtype(candle_core::DType::F64).unwrap()
+            ) < 1e-4
+        );
         let bad_b = Tensor::zeros((4, 2), candle_core::DType::F32, &dev).unwrap();
-        let err = lora_linear(&x, &w, &a, &bad_b, 1.0).unwrap_err().to_string();
+        let err = lora_linear(&x, &w, &a, &bad_b, 1.0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("do not fit"), "{err}");
     }
 }
