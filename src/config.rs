@@ -275,6 +275,9 @@ pub struct TrainConfig {
     pub max_nonfinite_steps: u32,
     /// Floating-point type of the parameters: "f32" or "f64" (f64 for gradient checks).
     pub dtype: String,
+    /// Matmul type: "" (same as `dtype`) or "bf16" (mixed precision with fp32 master weights and
+    /// optimizer state; meant for GPUs).
+    pub compute_dtype: String,
 }
 
 impl Default for TrainConfig {
@@ -304,6 +307,7 @@ impl Default for TrainConfig {
             seed: 42,
             max_nonfinite_steps: 10,
             dtype: "f32".into(),
+            compute_dtype: String::new(),
         }
     }
 }
@@ -326,6 +330,19 @@ impl TrainConfig {
             "f64" => Ok(candle_core::DType::F64),
             other => Err(Error::Config(format!(
                 "dtype '{other}' (expected f32 or f64)"
+            ))),
+        }
+    }
+
+    /// The matmul dtype under mixed precision (`None`: the parameter dtype).
+    pub fn candle_compute_dtype(&self) -> Result<Option<candle_core::DType>> {
+        match self.compute_dtype.as_str() {
+            "" => Ok(None),
+            "f32" | "f64" if self.compute_dtype == self.dtype => Ok(None),
+            "bf16" if self.dtype == "f32" => Ok(Some(candle_core::DType::BF16)),
+            other => Err(Error::Config(format!(
+                "compute_dtype '{other}' with dtype '{}' (expected bf16 with f32 parameters, or empty)",
+                self.dtype
             ))),
         }
     }
@@ -377,6 +394,7 @@ impl TrainConfig {
             "seed" => self.seed = num(key, value)?,
             "max_nonfinite_steps" => self.max_nonfinite_steps = num(key, value)?,
             "dtype" => self.dtype = value.trim().to_string(),
+            "compute_dtype" => self.compute_dtype = value.trim().to_string(),
             other => return Err(Error::Config(format!("unknown option '{other}'"))),
         }
         Ok(())
@@ -430,6 +448,7 @@ impl TrainConfig {
             return bad("max_nonfinite_steps must be at least 1".into());
         }
         self.candle_dtype()?;
+        self.candle_compute_dtype()?;
         if self.uses_adapters() {
             if self.lora_rank == 0 {
                 return bad("lora_rank must be positive".into());

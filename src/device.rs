@@ -36,3 +36,9 @@ pub fn device_string(device: &Device) -> String {
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
+
+/// Lets CUDA f32 matmuls use TF32 tensor cores (about 10 mantissa bits per product, f32
+/// accumulation). No effect on the CPU or in builds without CUDA.
+pub fn set_tf32(enabled: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(enabled);
+}

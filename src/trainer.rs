@@ -205,12 +205,13 @@ impl Trainer {
 
     /// Assembles a trainer from restored parts (used by checkpoint loading).
     pub fn from_parts(
-        model: Llama,
+        mut model: Llama,
         config: TrainConfig,
         counters: TrainerCounters,
         rngs: TrainerRngs,
     ) -> Result<Self> {
         config.validate()?;
+        model.set_compute_dtype(config.candle_compute_dtype()?);
         let schedule = schedule_for(&config);
         schedule.validate()?;
         let optimizer = AdamW::new(AdamWConfig {

@@ -206,3 +206,43 @@ fn relora_merges_on_schedule_and_lora_never_merges() {
     assert!(t.has_adapters());
     assert!(t.phases().is_empty());
 }
+
+#[test]
+fn gradient_accumulation_equals_one_combined_batch() {
+    let mut cfg = train_cfg(Mode::Relora, "f64");
+    cfg.warmup_full_steps = 2;
+    cfg.reset_every = 2;
+    cfg.restart_warmup_steps = 1;
+    cfg.grad_accum = 2;
+    let mut split = Trainer::new(&tiny(40), &cfg, &Device::Cpu).unwrap();
+    cfg.grad_accum = 1;
+    let mut whole = Trainer::new(&tiny(40), &cfg, &Device::Cpu).unwrap();
+    // Spans the switch at step 2 and merges at 4 and 6.
+    for s in 0..7 {
+        let (a, b) = (
+            random_batch(2, 8, 40, 10 * s),
+            random_batch(2, 8, 40, 10 * s + 1),
+        );
+        let mut both = a.clone();
+        both.inputs.extend(&b.inputs);
+        both.targets.extend(&b.targets);
+        both.batch = 4;
+        let st1 = split.step(&[a, b]).unwrap();
+        let st2 = whole.step(&[both]).unwrap();
+        assert!((st1.loss - st2.loss).abs() < 1e-6);
+        assert!((st1.grad_norm - st2.grad_norm).abs() < 1e-9 * st2.grad_norm.max(1.0));
+    }
+    for ((n, x), (_, y)) in split
+        .model
+        .trainable_params()
+        .iter()
+        .zip(whole.model.trainable_params())
+    {
+        let d = values(x.as_tensor())
+            .iter()
+            .zip(values(y.as_tensor()))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(d < 1e-9, "{n} differs by {d}");
+    }
+}

@@ -6,7 +6,7 @@ use crate::error::{Result, TensorContext};
 use crate::relora::linear::reborrow;
 use crate::relora::AdaptableLinear;
 use crate::rng::Rng;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 /// The four attention projections of one layer.
 pub struct Attention {
@@ -24,6 +24,8 @@ pub struct Attention {
     pub kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// Matmul dtype for mixed precision (`None`: the parameter dtype).
+    pub compute: Option<DType>,
 }
 
 /// Softmax over the last dimension. Subtracting the (detached) row maximum changes nothing
@@ -62,9 +64,15 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3().ctx("attention input")?;
         let flat = x.reshape((b * t, h)).ctx("attention input")?;
-        let q = self.q_proj.forward(&flat, reborrow(&mut dropout))?;
-        let k = self.k_proj.forward(&flat, reborrow(&mut dropout))?;
-        let v = self.v_proj.forward(&flat, reborrow(&mut dropout))?;
+        let q = self
+            .q_proj
+            .forward(&flat, reborrow(&mut dropout), self.compute)?;
+        let k = self
+            .k_proj
+            .forward(&flat, reborrow(&mut dropout), self.compute)?;
+        let v = self
+            .v_proj
+            .forward(&flat, reborrow(&mut dropout), self.compute)?;
         let ctx = "attention";
         // [b*t, heads*d] -> [b, heads, t, d]
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
@@ -82,15 +90,32 @@ impl Attention {
         let (k, v) = (self.repeat_kv(k).ctx(ctx)?, self.repeat_kv(v).ctx(ctx)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // [b, heads, t, d] x [b, heads, d, t] -> [b, heads, t, t]
-        let scores = (q.matmul(&k.t().ctx(ctx)?).ctx(ctx)? * scale).ctx(ctx)?;
+        let dtype = q.dtype();
+        let cast = |t: &Tensor| match self.compute {
+            Some(dt) if dt != t.dtype() => t.to_dtype(dt),
+            _ => Ok(t.clone()),
+        };
+        // The two attention matmuls run in the compute dtype; scores and softmax in the
+        // parameter dtype.
+        let (qc, kc, vc) = (cast(&q).ctx(ctx)?, cast(&k).ctx(ctx)?, cast(&v).ctx(ctx)?);
+        let scores = (qc
+            .matmul(&kc.t().ctx(ctx)?)
+            .and_then(|s| s.to_dtype(dtype))
+            .ctx(ctx)?
+            * scale)
+            .ctx(ctx)?;
         let probs = softmax_last_dim(&scores.broadcast_add(mask).ctx(ctx)?).ctx(ctx)?;
+        let probs = cast(&probs).ctx(ctx)?;
         // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, hidden]
         let out = probs
-            .matmul(&v)
+            .matmul(&vc)
+            .and_then(|o| o.to_dtype(dtype))
             .and_then(|o| o.transpose(1, 2))
             .and_then(|o| o.reshape((b * t, self.heads * self.head_dim)))
             .ctx(ctx)?;
-        let y = self.o_proj.forward(&out, reborrow(&mut dropout))?;
+        let y = self
+            .o_proj
+            .forward(&out, reborrow(&mut dropout), self.compute)?;
         y.reshape((b, t, h)).ctx(ctx)
     }
 

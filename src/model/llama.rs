@@ -40,6 +40,7 @@ pub struct Llama {
     pub lm_head: Option<Var>,
     rope: Rope,
     dtype: DType,
+    compute: Option<DType>,
     device: Device,
 }
 
@@ -87,11 +88,13 @@ impl Llama {
                 heads: c.num_attention_heads,
                 kv_heads: c.kv_heads(),
                 head_dim: d,
+                compute: None,
             };
             let mlp = Mlp {
                 gate_proj: mat(format!("{p}.mlp.gate_proj"), c.intermediate_size, h, rng)?,
                 up_proj: mat(format!("{p}.mlp.up_proj"), c.intermediate_size, h, rng)?,
                 down_proj: mat(format!("{p}.mlp.down_proj"), h, c.intermediate_size, rng)?,
+                compute: None,
             };
             layers.push(Layer {
                 input_layernorm: Var::from_tensor(&init::ones(&[h], dtype, device)?).ctx("norm")?,
@@ -117,6 +120,7 @@ impl Llama {
             lm_head,
             rope,
             dtype,
+            compute: None,
             device: device.clone(),
         })
     }
@@ -124,6 +128,23 @@ impl Llama {
     /// The parameter dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Runs the matmuls in `compute` (e.g. bf16) on copies of the parameters, keeping the
+    /// parameters, norms, softmax, residual stream and loss in the parameter dtype. `None` or the
+    /// parameter dtype itself turns mixed precision off.
+    pub fn set_compute_dtype(&mut self, compute: Option<DType>) {
+        let compute = compute.filter(|c| *c != self.dtype);
+        self.compute = compute;
+        for l in &mut self.layers {
+            l.self_attn.compute = compute;
+            l.mlp.compute = compute;
+        }
+    }
+
+    /// The matmul dtype under mixed precision, if any.
+    pub fn compute_dtype(&self) -> Option<DType> {
+        self.compute
     }
 
     /// The device holding the parameters.
@@ -168,7 +189,14 @@ impl Llama {
         let x = rms_norm(&x, self.norm.as_tensor(), eps).ctx("final norm")?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         // [b*t, hidden] x [hidden, vocab] -> [b, t, vocab]
-        x.matmul(&head.as_tensor().t().ctx("lm_head")?)
+        let logits = match self.compute {
+            Some(dt) => x
+                .to_dtype(dt)
+                .and_then(|x| x.matmul(&head.as_tensor().to_dtype(dt)?.t()?))
+                .and_then(|l| l.to_dtype(self.dtype)),
+            None => x.matmul(&head.as_tensor().t().ctx("lm_head")?),
+        };
+        logits
             .and_then(|l| l.reshape((b, t, self.config.vocab_size)))
             .ctx("lm_head")
     }

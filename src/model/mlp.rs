@@ -4,7 +4,7 @@ use crate::error::{Result, TensorContext};
 use crate::relora::linear::reborrow;
 use crate::relora::AdaptableLinear;
 use crate::rng::Rng;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// The three MLP projections of one layer.
 pub struct Mlp {
@@ -14,14 +14,21 @@ pub struct Mlp {
     pub up_proj: AdaptableLinear,
     /// `[hidden, intermediate]`
     pub down_proj: AdaptableLinear,
+    /// Matmul dtype for mixed precision (`None`: the parameter dtype).
+    pub compute: Option<DType>,
 }
 
 impl Mlp {
     /// `x [n, hidden] -> [n, hidden]`.
     pub fn forward(&self, x: &Tensor, mut dropout: Option<(&mut Rng, f64)>) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, reborrow(&mut dropout))?;
-        let up = self.up_proj.forward(x, reborrow(&mut dropout))?;
+        let gate = self
+            .gate_proj
+            .forward(x, reborrow(&mut dropout), self.compute)?;
+        let up = self
+            .up_proj
+            .forward(x, reborrow(&mut dropout), self.compute)?;
         let act = (gate.silu().ctx("mlp silu")? * up).ctx("mlp gate*up")?;
-        self.down_proj.forward(&act, reborrow(&mut dropout))
+        self.down_proj
+            .forward(&act, reborrow(&mut dropout), self.compute)
     }
 }

@@ -195,3 +195,67 @@ impl AdamW {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PyTorch's AdamW written out in f64 for one scalar.
+    fn reference(p0: f64, grads: &[f64], lr: f64, c: AdamWConfig, decay: bool) -> f64 {
+        let (mut p, mut m, mut v) = (p0, 0.0, 0.0);
+        for (t, g) in grads.iter().enumerate() {
+            let t = (t + 1) as i32;
+            if decay {
+                p *= 1.0 - lr * c.weight_decay;
+            }
+            m = c.beta1 * m + (1.0 - c.beta1) * g;
+            v = c.beta2 * v + (1.0 - c.beta2) * g * g;
+            let denom = (v / (1.0 - c.beta2.powi(t))).sqrt() + c.eps;
+            p -= lr / (1.0 - c.beta1.powi(t)) * m / denom;
+        }
+        p
+    }
+
+    #[test]
+    fn updates_match_the_reference_and_decay_only_matrices() {
+        let dev = Device::Cpu;
+        let c = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let init = [0.5f64, -1.5, 2.0, 0.25];
+        let matrix = Var::from_vec(init.to_vec(), (2, 2), &dev).unwrap();
+        let vector = Var::from_vec(init.to_vec(), 4, &dev).unwrap();
+        let params = vec![
+            ("m".to_string(), matrix.clone()),
+            ("v".to_string(), vector.clone()),
+        ];
+        let steps: Vec<[f64; 4]> = vec![
+            [0.1, -0.2, 0.3, 0.0],
+            [0.05, 0.4, -0.1, 1.0],
+            [-0.3, 0.1, 0.2, -0.5],
+        ];
+        let mut opt = AdamW::new(c);
+        for g in &steps {
+            let grads = vec![
+                Tensor::from_vec(g.to_vec(), (2, 2), &dev).unwrap(),
+                Tensor::from_vec(g.to_vec(), 4, &dev).unwrap(),
+            ];
+            opt.step(&params, &grads, &[true, false], 0.01).unwrap();
+        }
+        let got_m: Vec<f64> = matrix.flatten_all().unwrap().to_vec1().unwrap();
+        let got_v: Vec<f64> = vector.to_vec1().unwrap();
+        for i in 0..4 {
+            let gs: Vec<f64> = steps.iter().map(|g| g[i]).collect();
+            let want_decayed = reference(init[i], &gs, 0.01, c, true);
+            let want_plain = reference(init[i], &gs, 0.01, c, false);
+            assert!((got_m[i] - want_decayed).abs() < 1e-12, "matrix[{i}]");
+            assert!((got_v[i] - want_plain).abs() < 1e-12, "vector[{i}]");
+            assert!(want_decayed != want_plain);
+        }
+        assert_eq!(opt.state("m").unwrap().step, 3);
+        assert_eq!(opt.state_bytes(), 2 * 2 * 4 * 8);
+    }
+}

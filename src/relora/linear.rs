@@ -5,7 +5,7 @@ use crate::error::{Result, TensorContext};
 use crate::model::init;
 use crate::ops::{frozen_matmul, lora_linear};
 use crate::rng::Rng;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// One low-rank adapter: `A [r, in]`, `B [out, r]`, scale `s = alpha / r`.
 pub struct Adapter {
@@ -39,15 +39,31 @@ impl AdaptableLinear {
     }
 
     /// `x [n, in] -> [n, out]`. `dropout` is `(rng, p)` for adapter-input dropout in training.
-    pub fn forward(&self, x: &Tensor, dropout: Option<(&mut Rng, f64)>) -> Result<Tensor> {
+    /// With `compute` set (bf16 mixed precision) the matmuls run in that dtype on copies of the
+    /// fp32 master weights and the result comes back in the parameter dtype; gradients flow to
+    /// the fp32 masters through the casts.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        dropout: Option<(&mut Rng, f64)>,
+        compute: Option<DType>,
+    ) -> Result<Tensor> {
         let ctx = || format!("{} forward", self.name);
-        match &self.adapter {
-            None => x
-                .matmul(&self.weight.as_tensor().t().with_ctx(ctx)?)
-                .with_ctx(ctx),
+        let out_dtype = x.dtype();
+        let cast = |t: &Tensor| -> candle_core::Result<Tensor> {
+            match compute {
+                Some(dt) if dt != t.dtype() => t.to_dtype(dt),
+                _ => Ok(t.clone()),
+            }
+        };
+        let y = match &self.adapter {
+            None => {
+                let w = cast(self.weight.as_tensor()).with_ctx(ctx)?;
+                cast(x).and_then(|x| x.matmul(&w.t()?)).with_ctx(ctx)?
+            }
             Some(ad) => {
                 let drop = dropout.filter(|(_, p)| *p > 0.0);
-                if drop.is_none() && x.device().is_cpu() {
+                if drop.is_none() && compute.is_none() && x.device().is_cpu() {
                     return lora_linear(
                         x,
                         self.weight.as_tensor(),
@@ -57,23 +73,31 @@ impl AdaptableLinear {
                     )
                     .with_ctx(ctx);
                 }
-                // Composed form: adapter-input dropout, or devices without the fused op.
-                let base = frozen_matmul(x, self.weight.as_tensor()).with_ctx(ctx)?;
+                // Composed form: adapter-input dropout, mixed precision, or devices without the
+                // fused op.
+                let xc = cast(x).with_ctx(ctx)?;
+                let w = cast(self.weight.as_tensor()).with_ctx(ctx)?;
+                let base = frozen_matmul(&xc, &w).with_ctx(ctx)?;
                 let x_in = match drop {
-                    Some((rng, p)) => apply_dropout(x, rng, p).with_ctx(ctx)?,
-                    None => x.clone(),
+                    Some((rng, p)) => apply_dropout(&xc, rng, p).with_ctx(ctx)?,
+                    None => xc,
                 };
+                let a = cast(ad.a.as_tensor()).with_ctx(ctx)?;
+                let b = cast(ad.b.as_tensor()).with_ctx(ctx)?;
                 // [n, in] x [in, r] -> scaled [n, r] x [r, out] -> [n, out]; scaling the rank-r
                 // intermediate is cheaper than scaling the output.
                 let low = x_in
-                    .matmul(&ad.a.as_tensor().t().with_ctx(ctx)?)
+                    .matmul(&a.t().with_ctx(ctx)?)
                     .and_then(|l| l.affine(ad.scale, 0.0))
                     .with_ctx(ctx)?;
-                let up = low
-                    .matmul(&ad.b.as_tensor().t().with_ctx(ctx)?)
-                    .with_ctx(ctx)?;
-                (base + up).with_ctx(ctx)
+                let up = low.matmul(&b.t().with_ctx(ctx)?).with_ctx(ctx)?;
+                (base + up).with_ctx(ctx)?
             }
+        };
+        if y.dtype() == out_dtype {
+            Ok(y)
+        } else {
+            y.to_dtype(out_dtype).with_ctx(ctx)
         }
     }
 

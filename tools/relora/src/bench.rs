@@ -42,6 +42,12 @@ pub struct BenchArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Let CUDA f32 matmuls use TF32 tensor cores.
+    #[arg(long)]
+    tf32: bool,
+    /// Mixed precision: run matmuls in this dtype ("bf16") with fp32 masters.
+    #[arg(long, default_value = "")]
+    compute_dtype: String,
     /// Modes to run, comma-separated.
     #[arg(long, default_value = "full,lora,relora")]
     modes: String,
@@ -92,6 +98,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     let device = parse_device(&a.device)?;
+    relora::device::set_tf32(a.tf32);
     let mut model = ModelConfig::preset(&a.preset)?;
     let tok = inputs::tokenizer("bytes")?;
     model.vocab_size = tok.vocab_size();
@@ -108,6 +115,7 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
         restart_warmup_steps: 1,
         lora_rank: a.rank,
         lora_alpha: a.rank as f64,
+        compute_dtype: a.compute_dtype.clone(),
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(&model, &cfg, &device)?;
@@ -210,6 +218,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(t) = a.threads {
             cmd.args(["--threads", &t.to_string()]);
         }
+        if a.tf32 {
+            cmd.arg("--tf32");
+        }
+        if !a.compute_dtype.is_empty() {
+            cmd.args(["--compute-dtype", &a.compute_dtype]);
+        }
         let out = cmd
             .output()
             .with_context(|| format!("running the {mode} benchmark"))?;
@@ -277,7 +291,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let doc = serde_json::json!({
             "preset": a.preset, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
-            "device": a.device, "cpu": cpu_model(), "results": results,
+            "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
+            "compute_dtype": a.compute_dtype, "results": results,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
