@@ -3,6 +3,7 @@
 
 use super::rope::Rope;
 use crate::error::{Result, TensorContext};
+use crate::ops::causal_softmax;
 use crate::relora::linear::reborrow;
 use crate::relora::AdaptableLinear;
 use crate::rng::Rng;
@@ -98,13 +99,16 @@ impl Attention {
         // The two attention matmuls run in the compute dtype; scores and softmax in the
         // parameter dtype.
         let (qc, kc, vc) = (cast(&q).ctx(ctx)?, cast(&k).ctx(ctx)?, cast(&v).ctx(ctx)?);
-        let scores = (qc
+        let raw = qc
             .matmul(&kc.t().ctx(ctx)?)
             .and_then(|s| s.to_dtype(dtype))
-            .ctx(ctx)?
-            * scale)
             .ctx(ctx)?;
-        let probs = softmax_last_dim(&scores.broadcast_add(mask).ctx(ctx)?).ctx(ctx)?;
+        let probs = if raw.device().is_cpu() {
+            causal_softmax(&raw, scale).ctx(ctx)?
+        } else {
+            let scores = (raw * scale).ctx(ctx)?;
+            softmax_last_dim(&scores.broadcast_add(mask).ctx(ctx)?).ctx(ctx)?
+        };
         let probs = cast(&probs).ctx(ctx)?;
         // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, hidden]
         let out = probs

@@ -1,6 +1,7 @@
 //! The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 
 use crate::error::{Result, TensorContext};
+use crate::ops::swiglu;
 use crate::relora::linear::reborrow;
 use crate::relora::AdaptableLinear;
 use crate::rng::Rng;
@@ -27,7 +28,11 @@ impl Mlp {
         let up = self
             .up_proj
             .forward(x, reborrow(&mut dropout), self.compute)?;
-        let act = (gate.silu().ctx("mlp silu")? * up).ctx("mlp gate*up")?;
+        let act = if gate.device().is_cpu() && gate.dtype() == up.dtype() {
+            swiglu(&gate, &up).ctx("mlp swiglu")?
+        } else {
+            (gate.silu().ctx("mlp silu")? * up).ctx("mlp gate*up")?
+        };
         self.down_proj
             .forward(&act, reborrow(&mut dropout), self.compute)
     }

@@ -1,0 +1,218 @@
+//! Scaled, causally masked softmax over the last dimension as one autograd node:
+//! `y[i, j] = softmax_j(scale * s[i, j])` over `j <= i`, and 0 above the diagonal.
+//!
+//! Composed (scale, add a -inf mask, subtract the row max, exp, sum, divide) this is six nodes
+//! on the largest activation of the model, `[batch, heads, t, t]`, each of whose backward passes
+//! allocates and accumulates full-size buffers. Fused: one pass forward, one pass backward,
+//! `ds = scale * y * (dy - sum_j(y dy))`.
+
+use super::float::{contiguous, rows_per_task, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+struct CausalSoftmax {
+    scale: f64,
+}
+
+fn forward<T: Float>(x: &[T], t: usize, scale: T) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    y.par_chunks_mut(t * rows_per_task(t))
+        .zip(x.par_chunks(t * rows_per_task(t)))
+        .enumerate()
+        .for_each(|(chunk, (yc, xc))| {
+            let first_row = chunk * rows_per_task(t);
+            for (r, (yr, xr)) in yc.chunks_mut(t).zip(xc.chunks(t)).enumerate() {
+                // Query position within its [t, t] block; keys 0..=i are visible.
+                let i = (first_row + r) % t;
+                let mut max = T::NEG_INF;
+                for &v in &xr[..=i] {
+                    let v = v * scale;
+                    if v > max {
+                        max = v;
+                    }
+                }
+                let mut sum = T::ZERO;
+                for (yv, &xv) in yr[..=i].iter_mut().zip(&xr[..=i]) {
+                    let e = (xv * scale - max).exp();
+                    *yv = e;
+                    sum += e;
+                }
+                let inv = T::ONE / sum;
+                for yv in &mut yr[..=i] {
+                    *yv = *yv * inv;
+                }
+            }
+        });
+    y
+}
+
+fn backward<T: Float>(y: &[T], dy: &[T], t: usize, scale: T) -> Vec<T> {
+    let mut dx = vec![T::ZERO; y.len()];
+    let step = t * rows_per_task(t);
+    dx.par_chunks_mut(step)
+        .zip(y.par_chunks(step).zip(dy.par_chunks(step)))
+        .for_each(|(dxc, (yc, dyc))| {
+            for ((dxr, yr), dyr) in dxc.chunks_mut(t).zip(yc.chunks(t)).zip(dyc.chunks(t)) {
+                let mut dot = T::ZERO;
+                for (&a, &b) in yr.iter().zip(dyr) {
+                    dot += a * b;
+                }
+                for ((d, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
+                    *d = scale * a * (b - dot);
+                }
+            }
+        });
+    dx
+}
+
+fn square_last_dims(l: &Layout) -> candle_core::Result<usize> {
+    let dims = l.shape().dims();
+    let n = dims.len();
+    if n < 2 || dims[n - 1] != dims[n - 2] {
+        candle_core::bail!("causal softmax: expected [.., t, t], got {:?}", dims);
+    }
+    Ok(dims[n - 1])
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = square_last_dims(l)?;
+        let out = match s {
+            CpuStorage::F32(_) => {
+                let x = contiguous::<f32>(self.name(), s, l)?;
+                f32::storage(forward(x, t, f32::from_f64(self.scale)))
+            }
+            CpuStorage::F64(_) => {
+                let x = contiguous::<f64>(self.name(), s, l)?;
+                f64::storage(forward(x, t, self.scale))
+            }
+            other => candle_core::bail!("causal softmax: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        Ok(Some(y.detach().apply_op2_no_bwd(
+            &dy,
+            &CausalSoftmaxBwd { scale: self.scale },
+        )?))
+    }
+}
+
+struct CausalSoftmaxBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for CausalSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "causal-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = square_last_dims(yl)?;
+        let out = match ys {
+            CpuStorage::F32(_) => f32::storage(backward(
+                contiguous::<f32>(self.name(), ys, yl)?,
+                contiguous::<f32>(self.name(), ds, dl)?,
+                t,
+                f32::from_f64(self.scale),
+            )),
+            CpuStorage::F64(_) => f64::storage(backward(
+                contiguous::<f64>(self.name(), ys, yl)?,
+                contiguous::<f64>(self.name(), ds, dl)?,
+                t,
+                self.scale,
+            )),
+            other => candle_core::bail!("causal softmax: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, yl.shape().clone()))
+    }
+}
+
+/// `scores [.., t, t] -> softmax(scale * scores)` with keys after the query masked out. CPU
+/// only; callers use the composed ops elsewhere.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax { scale })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::attention::{causal_mask, softmax_last_dim};
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn values_and_gradients_equal_the_composed_ops_on_odd_shapes() {
+        for (b, h, t) in [(1, 1, 1), (2, 3, 5), (1, 2, 17)] {
+            let x = Var::randn(0f64, 2.0, (b, h, t, t), &Device::Cpu).unwrap();
+            let scale = 0.37;
+            let fused = causal_softmax(&x, scale).unwrap();
+            let mask = causal_mask(t, &x).unwrap();
+            let composed =
+                softmax_last_dim(&(x.affine(scale, 0.0).unwrap().broadcast_add(&mask).unwrap()))
+                    .unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-14, "values ({b},{h},{t})");
+            let probe = Tensor::randn(0f64, 1.0, (b, h, t, t), &Device::Cpu).unwrap();
+            let gf = (&fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (&composed * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let d = max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap());
+            assert!(d < 1e-12, "gradient ({b},{h},{t}) differs by {d}");
+        }
+    }
+
+    #[test]
+    fn f32_matches_and_non_square_input_is_an_error() {
+        let x = Tensor::randn(0f32, 1.0, (2, 2, 9, 9), &Device::Cpu).unwrap();
+        let fused = causal_softmax(&x, 0.5).unwrap();
+        let composed = softmax_last_dim(
+            &(x.affine(0.5, 0.0)
+                .unwrap()
+                .broadcast_add(&causal_mask(9, &x).unwrap())
+                .unwrap()),
+        )
+        .unwrap();
+        assert!(
+            max_diff(
+                &fused.to_dtype(candle_core::DType::F64).unwrap(),
+                &composed.to_dtype(candle_core::DType::F64).unwrap()
+            ) < 1e-6
+        );
+        let bad = Tensor::zeros((2, 3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(causal_softmax(&bad, 1.0).is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! The element types the fused CPU kernels support (f32, f64), and access to contiguous CPU
+//! buffers through a layout.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout};
+
+/// Arithmetic the fused kernels need, for f32 and f64.
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::Neg<Output = Self>
+    + 'static
+{
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// Negative infinity.
+    const NEG_INF: Self;
+    /// Conversion from f64 (rounding for f32).
+    fn from_f64(v: f64) -> Self;
+    /// e^x.
+    fn exp(self) -> Self;
+    /// Square root.
+    fn sqrt(self) -> Self;
+    /// The buffer of this type inside a CPU storage, if it holds this type.
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// Wraps a vector as a CPU storage.
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// The elements a contiguous layout covers, or an error naming the op.
+pub fn contiguous<'a, T: Float>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input is not contiguous");
+    };
+    let Some(v) = T::slice(s) else {
+        candle_core::bail!("{op}: unsupported dtype {:?}", s.dtype());
+    };
+    Ok(&v[start..end])
+}
+
+/// Rows handed to each rayon task: enough work per task to amortise scheduling.
+pub fn rows_per_task(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).max(1)
+}

@@ -1,0 +1,236 @@
+//! RMSNorm as one autograd node: `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
+//!
+//! Composed, it is seven nodes (square, mean, add, sqrt, reciprocal, two broadcast products),
+//! each allocating and accumulating full-size gradients. Fused: one pass forward; one pass
+//! backward computing `dx = r (g - x r^2 mean(g x))` with `g = dy w`, and `dw = sum_rows(dy x r)`.
+
+use super::float::{contiguous, rows_per_task, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+struct RmsNorm {
+    eps: f64,
+}
+
+fn inv_rms<T: Float>(row: &[T], eps: T) -> T {
+    let mut ss = T::ZERO;
+    for &v in row {
+        ss += v * v;
+    }
+    T::ONE / (ss / T::from_f64(row.len() as f64) + eps).sqrt()
+}
+
+fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
+    let h = w.len();
+    let step = h * rows_per_task(h);
+    let mut y = vec![T::ZERO; x.len()];
+    y.par_chunks_mut(step)
+        .zip(x.par_chunks(step))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
+                let r = inv_rms(xr, eps);
+                for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+                    *yv = xv * r * wv;
+                }
+            }
+        });
+    y
+}
+
+/// `[n + 1, h]`: rows `0..n` are dx, row `n` is dw.
+fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: T) -> Vec<T> {
+    let h = w.len();
+    let n = x.len() / h;
+    let rows = rows_per_task(h);
+    let mut out = vec![T::ZERO; (n + 1) * h];
+    let (dx, _) = out.split_at_mut(n * h);
+    let partial_dw: Vec<Vec<T>> = dx
+        .par_chunks_mut(h * rows)
+        .zip(x.par_chunks(h * rows).zip(dy.par_chunks(h * rows)))
+        .map(|(dxc, (xc, dyc))| {
+            let mut dw = vec![T::ZERO; h];
+            for ((dxr, xr), dyr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(dyc.chunks(h)) {
+                let r = inv_rms(xr, eps);
+                let mut dot = T::ZERO;
+                for ((&xv, &dv), &wv) in xr.iter().zip(dyr).zip(w) {
+                    dot += dv * wv * xv;
+                }
+                let c = r * r * r * dot / T::from_f64(h as f64);
+                for (((d, &xv), &dv), (&wv, acc)) in dxr
+                    .iter_mut()
+                    .zip(xr)
+                    .zip(dyr)
+                    .zip(w.iter().zip(dw.iter_mut()))
+                {
+                    *d = r * dv * wv - xv * c;
+                    *acc += dv * xv * r;
+                }
+            }
+            dw
+        })
+        .collect();
+    let dw = &mut out[n * h..];
+    for part in partial_dw {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    out
+}
+
+fn dims(xl: &Layout, wl: &Layout) -> candle_core::Result<(usize, usize)> {
+    let (n, h) = xl.shape().dims2()?;
+    if wl.shape().dims() != [h] {
+        candle_core::bail!(
+            "rms norm: x is [{n}, {h}] but the weight is {:?}",
+            wl.shape().dims()
+        );
+    }
+    Ok((n, h))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dims(xl, wl)?;
+        let out = match xs {
+            CpuStorage::F32(_) => f32::storage(forward(
+                contiguous::<f32>(self.name(), xs, xl)?,
+                contiguous::<f32>(self.name(), ws, wl)?,
+                f32::from_f64(self.eps),
+            )),
+            CpuStorage::F64(_) => f64::storage(forward(
+                contiguous::<f64>(self.name(), xs, xl)?,
+                contiguous::<f64>(self.name(), ws, wl)?,
+                self.eps,
+            )),
+            other => candle_core::bail!("rms norm: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, _) = x.dims2()?;
+        let both = x.detach().apply_op3_no_bwd(
+            &w.detach(),
+            &dy.contiguous()?,
+            &RmsNormBwd { eps: self.eps },
+        )?;
+        Ok((Some(both.narrow(0, 0, n)?), Some(both.get(n)?)))
+    }
+}
+
+struct RmsNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, h) = dims(xl, wl)?;
+        let out = match xs {
+            CpuStorage::F32(_) => f32::storage(backward(
+                contiguous::<f32>(self.name(), xs, xl)?,
+                contiguous::<f32>(self.name(), ws, wl)?,
+                contiguous::<f32>(self.name(), ds, dl)?,
+                f32::from_f64(self.eps),
+            )),
+            CpuStorage::F64(_) => f64::storage(backward(
+                contiguous::<f64>(self.name(), xs, xl)?,
+                contiguous::<f64>(self.name(), ws, wl)?,
+                contiguous::<f64>(self.name(), ds, dl)?,
+                self.eps,
+            )),
+            other => candle_core::bail!("rms norm: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((n + 1, h))))
+    }
+}
+
+/// `x [n, h] -> x / rms(x) * weight [h]`. CPU only; callers use the composed ops elsewhere.
+pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::norm::rms_norm_composed;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn values_and_gradients_equal_the_composed_ops_on_odd_shapes() {
+        for (n, h) in [(1, 1), (3, 7), (37, 5), (130, 64)] {
+            let x = Var::randn(0f64, 1.5, (n, h), &Device::Cpu).unwrap();
+            let w = Var::randn(1f64, 0.3, h, &Device::Cpu).unwrap();
+            let fused = rms_norm_fused(&x, &w, 1e-5).unwrap();
+            let composed = rms_norm_composed(&x, &w, 1e-5).unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-13, "values ({n},{h})");
+            let probe = Tensor::randn(0f64, 1.0, (n, h), &Device::Cpu).unwrap();
+            let gf = (&fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (&composed * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (v, what) in [(&x, "dx"), (&w, "dw")] {
+                let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-11, "{what} ({n},{h}) differs by {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_weight_is_an_error() {
+        let x = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(rms_norm_fused(&x, &w, 1e-6).is_err());
+    }
+}
