@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 SKIP_CHECKS=0 $RUN "$BUNDLE/relora" --version 2>&1 | tail -n 20 | tee -a "$OUT/log.txt"
 
 log "CUDA tests"
-$RUN "$BUNDLE/cuda-tests" --test-threads=1 2>&1 | tee "$OUT/cuda-tests.txt" | tail -n 8
+timeout 120 $RUN "$BUNDLE/cuda-tests" --test-threads=1 2>&1 | tee "$OUT/cuda-tests.txt" | tail -n 8
 tests_rc=${PIPESTATUS[0]}
 
 log "bf16 matmul peak (torch, 8192^3)"
@@ -49,7 +49,7 @@ for preset in 130m 350m; do
       # Peak GPU memory of this process, sampled by nvidia-smi every 100 ms.
       nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem-$preset-$prec-$mode.txt" &
       sampler=$!
-      timeout 200 $RUN "$BUNDLE/relora" bench --device cuda:0 --preset "$preset" --seq-len "$SEQ" \
+      timeout 100 $RUN "$BUNDLE/relora" bench --device cuda:0 --preset "$preset" --seq-len "$SEQ" \
         --batch-size "$BATCH" --rank 128 --modes "$mode" --steps 6 --warmup 2 "${extra[@]}" \
         --json "$OUT/relora-$preset-$prec-$mode.json" 2>&1 | tail -n 2
       kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
@@ -57,7 +57,7 @@ for preset in 130m 350m; do
   done
   for mode in full relora; do
     log "torch $preset $mode (bf16 autocast)"
-    timeout 180 "$PY" bench/torch_reference.py --device cuda --preset "$preset" --mode "$mode" \
+    timeout 100 "$PY" bench/torch_reference.py --device cuda --preset "$preset" --mode "$mode" \
       --seq-len "$SEQ" --batch-size "$BATCH" --rank 128 --steps 6 --warmup 2 --dtype bf16 \
       > "$OUT/torch-$preset-$mode.json" 2> "$OUT/torch-$preset-$mode.err" || tail -n 3 "$OUT/torch-$preset-$mode.err"
     cat "$OUT/torch-$preset-$mode.json"

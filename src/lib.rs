@@ -17,6 +17,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod export;
+pub mod ffi;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -292,6 +292,12 @@ impl Trainer {
         self.config.lr * self.schedule.multiplier(self.counters.step)
     }
 
+    /// Drops a half-built step (after `accumulate`, before `apply`): nothing is applied; a switch
+    /// or merge already performed for this step stays done and is not repeated.
+    pub fn discard_pending(&mut self) {
+        self.pending = None;
+    }
+
     /// Whether a gradient accumulation is in progress (a save must wait for `apply`).
     pub fn has_pending(&self) -> bool {
         self.pending.is_some()
@@ -565,7 +571,7 @@ impl Trainer {
         }
         for b in micro_batches {
             if let Err(e) = self.accumulate(b) {
-                self.pending = None;
+                self.discard_pending();
                 return Err(e);
             }
         }

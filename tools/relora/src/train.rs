@@ -9,7 +9,7 @@ use relora::config::{Mode, ModelConfig, TrainConfig};
 use relora::device::parse_device;
 use relora::run::{RunOptions, TrainRun};
 use relora::Trainer;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Options of `relora train`. Precedence: defaults < `--train-config` file < flags < `--set`.
 #[derive(Args, Debug)]
@@ -92,6 +92,14 @@ pub struct TrainArgs {
     /// No progress bar; print one line per evaluation instead.
     #[arg(long)]
     quiet: bool,
+    /// At the end, export the final checkpoint (all phases and the current adapter merged, fp32)
+    /// as a Hugging Face model directory here (what `relora-convert merge` writes).
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// Start afresh in an --out directory that already holds a run (its checkpoints and metrics
+    /// are deleted), and replace an existing --export directory.
+    #[arg(long)]
+    force: bool,
 }
 
 fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
@@ -163,6 +171,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
         TrainRun::resume(&dir, &device, train, eval, opts)?
     } else {
+        let existing = run_dir::list(&a.out)?;
+        if !existing.is_empty() {
+            if !a.force {
+                bail!(
+                    "{} already holds a run ({} checkpoints); continue it with --resume {}, or start afresh with --force",
+                    a.out.display(),
+                    existing.len(),
+                    a.out.display()
+                );
+            }
+            for (_, dir) in existing {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            }
+            let metrics = a.out.join("metrics.jsonl");
+            if metrics.exists() {
+                std::fs::remove_file(&metrics)
+                    .with_context(|| format!("removing {}", metrics.display()))?;
+            }
+        }
         let config = build_config(&a)?;
         let tok = inputs::tokenizer(&a.tokenizer)?;
         let mut model = match &a.config {
@@ -260,5 +288,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "done at step {}; checkpoint {last}",
         run.trainer.step_count()
     );
+    if let Some(out) = &a.export {
+        let opts = relora::export::hf::HfExportOptions {
+            force: a.force || a.resume.is_some(),
+            ..Default::default()
+        };
+        relora::export::hf::merge_checkpoint(Path::new(&last), out, None, &opts)
+            .with_context(|| format!("exporting to {}", out.display()))?;
+        eprintln!(
+            "exported a Hugging Face model directory to {}",
+            out.display()
+        );
+    }
     Ok(())
 }

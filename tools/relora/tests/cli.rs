@@ -210,3 +210,32 @@ fn bad_input_exits_nonzero_with_a_message() {
         assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
     }
 }
+
+#[test]
+fn train_exports_a_model_directory_and_refuses_to_clobber_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("r");
+    let hf = tmp.path().join("hf");
+    let (run, hf) = (run.to_str().unwrap(), hf.to_str().unwrap());
+    ok(&train_args(run, &["--export", hf]));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
+        assert!(
+            Path::new(hf).join(f).exists(),
+            "{f} missing from the export"
+        );
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(hf).join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["hidden_size"], 64);
+    // The same command again must not silently overwrite the run.
+    let out = relora(&train_args(run, &["--export", hf]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    ok(&train_args(run, &["--export", hf, "--force"]));
+}

@@ -1,0 +1,208 @@
+//! A small raster canvas with a built-in 5x7 pixel font, saved as PNG (8-bit RGB, stored deflate
+//! blocks: larger files than a compressing encoder, no dependencies). Enough for the spectrum
+//! histograms; not a plotting library.
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// An RGB colour.
+pub type Rgb = [u8; 3];
+
+/// A white canvas of `width x height` pixels.
+pub struct Canvas {
+    width: usize,
+    height: usize,
+    pixels: Vec<u8>,
+}
+
+/// Rows of a 5x7 glyph, most significant of the low 5 bits = leftmost column.
+fn glyph(c: char) -> [u8; 7] {
+    match c.to_ascii_uppercase() {
+        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
+        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
+        'D' => [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E],
+        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
+        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
+        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
+        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
+        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
+        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
+        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
+        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
+        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
+        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
+        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
+        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
+        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
+        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
+        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
+        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
+        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
+        'Y' => [0x11, 0x11, 0x0A, 0x04, 0x04, 0x04, 0x04],
+        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
+        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
+        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
+        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
+        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
+        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
+        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
+        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
+        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
+        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
+        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
+        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
+        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
+        ' ' => [0; 7],
+        _ => [0x0E, 0x11, 0x01, 0x02, 0x04, 0, 0x04],
+    }
+}
+
+/// Pixel scale of text.
+pub const TEXT_SCALE: usize = 2;
+/// Horizontal advance of one character at [`TEXT_SCALE`].
+pub const CHAR_W: usize = 6 * TEXT_SCALE;
+/// Height of a line of text at [`TEXT_SCALE`].
+pub const CHAR_H: usize = 7 * TEXT_SCALE;
+
+impl Canvas {
+    /// A white canvas.
+    pub fn new(width: usize, height: usize) -> Canvas {
+        Canvas {
+            width,
+            height,
+            pixels: vec![255; width * height * 3],
+        }
+    }
+
+    /// Fills the rectangle `[x0, x1) x [y0, y1)`, clipped to the canvas.
+    pub fn fill(&mut self, x0: usize, y0: usize, x1: usize, y1: usize, c: Rgb) {
+        for y in y0.min(self.height)..y1.min(self.height) {
+            for x in x0.min(self.width)..x1.min(self.width) {
+                let i = (y * self.width + x) * 3;
+                self.pixels[i..i + 3].copy_from_slice(&c);
+            }
+        }
+    }
+
+    /// Draws `text` with its top-left corner at `(x, y)`.
+    pub fn text(&mut self, x: usize, y: usize, text: &str, c: Rgb) {
+        for (k, ch) in text.chars().enumerate() {
+            let rows = glyph(ch);
+            let gx = x + k * CHAR_W;
+            for (r, bits) in rows.iter().enumerate() {
+                for col in 0..5 {
+                    if bits & (0x10 >> col) != 0 {
+                        let px = gx + col * TEXT_SCALE;
+                        let py = y + r * TEXT_SCALE;
+                        self.fill(px, py, px + TEXT_SCALE, py + TEXT_SCALE, c);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Encodes the canvas as PNG bytes.
+    pub fn png_bytes(&self) -> Vec<u8> {
+        // Scanlines, each prefixed with filter type 0 (none).
+        let stride = self.width * 3;
+        let mut raw = Vec::with_capacity((stride + 1) * self.height);
+        for row in self.pixels.chunks(stride.max(1)).take(self.height) {
+            raw.push(0);
+            raw.extend_from_slice(row);
+        }
+        // zlib stream of stored (uncompressed) deflate blocks.
+        let mut z = vec![0x78, 0x01];
+        let blocks: Vec<&[u8]> = if raw.is_empty() {
+            vec![&[]]
+        } else {
+            raw.chunks(65535).collect()
+        };
+        for (i, b) in blocks.iter().enumerate() {
+            z.push(u8::from(i + 1 == blocks.len()));
+            let len = b.len() as u16;
+            z.extend_from_slice(&len.to_le_bytes());
+            z.extend_from_slice(&(!len).to_le_bytes());
+            z.extend_from_slice(b);
+        }
+        z.extend_from_slice(&adler32(&raw).to_be_bytes());
+
+        let mut out = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+        let mut ihdr = Vec::with_capacity(13);
+        ihdr.extend_from_slice(&(self.width as u32).to_be_bytes());
+        ihdr.extend_from_slice(&(self.height as u32).to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, no filter, no interlace
+        chunk(&mut out, b"IHDR", &ihdr);
+        chunk(&mut out, b"IDAT", &z);
+        chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    /// Writes the canvas to `path` as PNG.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.png_bytes()).map_err(|e| Error::io(path, e))
+    }
+}
+
+fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(kind);
+    h.update(data);
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    out.extend_from_slice(&h.finalize().to_be_bytes());
+}
+
+fn adler32(data: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for chunk in data.chunks(5552) {
+        for &x in chunk {
+            a += x as u32;
+            b += a;
+        }
+        a %= 65521;
+        b %= 65521;
+    }
+    (b << 16) | a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_structure_is_valid() {
+        let mut c = Canvas::new(70_000 / 3 / 2, 3);
+        c.fill(0, 0, 10, 2, [255, 0, 0]);
+        c.text(0, 0, "Ab1.", [0, 0, 0]);
+        let png = c.png_bytes();
+        assert_eq!(&png[..8], &[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A]);
+        assert_eq!(&png[12..16], b"IHDR");
+        // Walk the chunks and check each CRC.
+        let mut at = 8;
+        let mut kinds = Vec::new();
+        while at < png.len() {
+            let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+            let body = &png[at + 4..at + 8 + len];
+            let crc = u32::from_be_bytes(png[at + 8 + len..at + 12 + len].try_into().unwrap());
+            assert_eq!(crc32fast::hash(body), crc);
+            kinds.push(String::from_utf8_lossy(&body[..4]).to_string());
+            at += 12 + len;
+        }
+        assert_eq!(kinds, vec!["IHDR", "IDAT", "IEND"]);
+        assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
+    }
+}
