@@ -151,20 +151,8 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor
 mod tests {
     use super::*;
     use crate::model::attention::{causal_mask, softmax_last_dim};
+    use crate::ops::float::max_abs_diff as max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn values_and_gradients_equal_the_composed_ops_on_odd_shapes() {

@@ -103,3 +103,15 @@ pub fn contiguous<'a, T: Float>(
 pub fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
 }
+
+/// Largest absolute elementwise difference of two same-shape tensors, for the ops' tests.
+#[cfg(test)]
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_dtype(candle_core::DType::F64))
+        .and_then(|d| d.to_scalar::<f64>())
+        .expect("max_abs_diff")
+}

@@ -114,18 +114,8 @@ pub fn lora_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::float::max_abs_diff as max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn values_and_gradients_equal_the_composed_ops() {
