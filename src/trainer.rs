@@ -610,14 +610,7 @@ impl Trainer {
     pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut out: HashMap<String, Tensor> = self.model.weights().into_iter().collect();
         for p in self.model.projections() {
-            if let Some(ad) = &p.adapter {
-                let merged = crate::export::merge_delta(
-                    &p.name,
-                    p.weight.as_tensor(),
-                    ad.a.as_tensor(),
-                    ad.b.as_tensor(),
-                    ad.scale,
-                )?;
+            if let Some(merged) = p.merged_weight()? {
                 out.insert(format!("{}.weight", p.name), merged);
             }
         }

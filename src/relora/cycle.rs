@@ -68,17 +68,11 @@ pub fn merge_and_reinit(
 /// LLaMA for inference or export. Unlike [`merge_and_reinit`], no phase is recorded.
 pub fn fold_adapters(model: &mut Llama) -> Result<()> {
     for p in model.projections_mut() {
-        if let Some(ad) = p.adapter.take() {
-            let merged = merge_delta(
-                &p.name,
-                p.weight.as_tensor(),
-                ad.a.as_tensor(),
-                ad.b.as_tensor(),
-                ad.scale,
-            )?;
+        if let Some(merged) = p.merged_weight()? {
             p.weight
                 .set(&merged)
                 .with_ctx(|| format!("{} fold adapter", p.name))?;
+            p.adapter = None;
         }
     }
     Ok(())

@@ -101,6 +101,22 @@ impl AdaptableLinear {
         }
     }
 
+    /// The weight with the current adapter merged in (fp32, via [`crate::export::merge_delta`]),
+    /// or `None` without an adapter. Nothing is changed.
+    pub fn merged_weight(&self) -> Result<Option<Tensor>> {
+        let Some(ad) = &self.adapter else {
+            return Ok(None);
+        };
+        crate::export::merge_delta(
+            &self.name,
+            self.weight.as_tensor(),
+            ad.a.as_tensor(),
+            ad.b.as_tensor(),
+            ad.scale,
+        )
+        .map(Some)
+    }
+
     /// Attaches a freshly initialised adapter of rank `r` (A Kaiming-uniform, B zero).
     pub fn attach_adapter(&mut self, rank: usize, scale: f64, rng: &mut Rng) -> Result<()> {
         let (dtype, dev) = (self.weight.dtype(), self.weight.device().clone());
