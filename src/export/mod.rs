@@ -12,6 +12,7 @@
 //! - [`import`]: a Hugging Face Llama directory as a checkpoint that training resumes from;
 //! - [`spectrum`]: singular values of the update `W_final - W_base` per projection;
 //! - [`inspect`]: what a checkpoint, model directory or safetensors file holds;
+//! - [`curves`]: training curves of several runs as a PNG line chart;
 //! - [`safetensors`]: the memory-mapped reader and streaming writer the others are built on,
 //!   [`source`] the validated, streaming view of a checkpoint, [`tokenizer`] the tokenizer files
 //!   of an export.
@@ -21,6 +22,7 @@ use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 
 mod atomic;
+pub mod curves;
 pub mod dtype;
 pub mod hf;
 pub mod import;

@@ -8,7 +8,7 @@
 //! f64), so values below about 1e-8 of the largest are at the level of rounding and mean zero.
 
 use super::linalg::symmetric_eigenvalues;
-use super::png::{Canvas, Rgb, CHAR_H, CHAR_W};
+use super::png::{tick_label, Canvas, CHAR_H, CHAR_W, PALETTE};
 use super::source::{is_projection, CheckpointSource};
 use crate::error::{Error, Result, TensorContext};
 use candle_core::{DType, Tensor};
@@ -260,21 +260,6 @@ pub fn table(runs: &[Spectrum]) -> String {
     out
 }
 
-const COLOURS: [Rgb; 2] = [[31, 119, 180], [255, 127, 14]];
-
-/// Formats an axis value compactly (at most 6 characters).
-fn tick(v: f64) -> String {
-    if v == 0.0 {
-        "0".into()
-    } else if v.abs() >= 1e4 || v.abs() < 1e-2 {
-        format!("{v:.0e}")
-    } else if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
 /// A short name for a checkpoint: its run directory's name for `RUN/checkpoints/step-N`,
 /// otherwise its own.
 fn run_name(p: &Path) -> String {
@@ -298,9 +283,10 @@ fn run_name(p: &Path) -> String {
 /// Draws a histogram of every singular value of each run (bars side by side per bin) and saves
 /// it as PNG.
 pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize) -> Result<()> {
-    if runs.is_empty() || runs.len() > COLOURS.len() {
+    if runs.is_empty() || runs.len() > PALETTE.len() {
         return Err(Error::Config(format!(
-            "a histogram takes one or two runs, not {}",
+            "a histogram takes 1 to {} runs, not {}",
+            PALETTE.len(),
             runs.len()
         )));
     }
@@ -366,7 +352,7 @@ pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize) -> Result<()> 
                 py1 - hgt as usize,
                 (x1 as usize).max(x0 as usize + 1),
                 py1,
-                COLOURS[r],
+                PALETTE[r],
             );
         }
     }
@@ -376,7 +362,7 @@ pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize) -> Result<()> 
     for k in 0..=4 {
         let x = px0 + (px1 - px0) * k / 4;
         c.fill(x, py1, x + 1, py1 + 6, black);
-        let label = tick(top * k as f64 / 4.0);
+        let label = tick_label(top * k as f64 / 4.0);
         c.text(
             x.saturating_sub(label.len() * CHAR_W / 2),
             py1 + 10,
@@ -395,7 +381,7 @@ pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize) -> Result<()> 
     for (r, s) in runs.iter().enumerate() {
         let y = topm + 10 + r * (CHAR_H + 8);
         let x = px1.saturating_sub(44 * CHAR_W);
-        c.fill(x, y, x + CHAR_H, y + CHAR_H, COLOURS[r]);
+        c.fill(x, y, x + CHAR_H, y + CHAR_H, PALETTE[r]);
         let name = run_name(Path::new(&s.checkpoint));
         let mut label = format!("{} STEP {} {}", s.mode, s.step, name);
         label.truncate(40);

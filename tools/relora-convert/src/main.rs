@@ -157,16 +157,18 @@ struct ImportArgs {
 struct SpectrumArgs {
     /// Checkpoint (or run) directory to analyse.
     ckpt: PathBuf,
-    /// A second run's checkpoint to show side by side (e.g. LoRA against ReLoRA).
+    /// Another run's checkpoint to show side by side (e.g. LoRA against ReLoRA); repeatable,
+    /// up to seven.
     #[arg(long, value_name = "CKPT2")]
-    against: Option<PathBuf>,
+    against: Vec<PathBuf>,
     /// Measure CKPT's update from this checkpoint's merged weights instead of CKPT's own base
     /// (needed for full-rank runs, which have no base).
     #[arg(long, value_name = "REF")]
     from: Option<PathBuf>,
-    /// Like --from, for CKPT2.
+    /// Like --from, for the --against runs: the Nth --against-from goes with the Nth --against;
+    /// `-` keeps that run's own base.
     #[arg(long, value_name = "REF2")]
-    against_from: Option<PathBuf>,
+    against_from: Vec<PathBuf>,
     /// Write a PNG histogram of all singular values.
     #[arg(long, value_name = "FILE")]
     png: Option<PathBuf>,
@@ -285,14 +287,21 @@ fn run_spectrum(a: SpectrumArgs) -> Result<()> {
         spectrum(&ckpt, a.from.as_deref())
             .with_context(|| format!("spectrum of {}", ckpt.display()))?,
     );
-    if let Some(b) = &a.against {
-        let b = resolve(b)?;
-        runs.push(
-            spectrum(&b, a.against_from.as_deref())
-                .with_context(|| format!("spectrum of {}", b.display()))?,
+    if a.against_from.len() > a.against.len() {
+        bail!(
+            "{} --against-from for {} --against: each --against-from goes with one --against",
+            a.against_from.len(),
+            a.against.len()
         );
-    } else if a.against_from.is_some() {
-        bail!("--against-from needs --against");
+    }
+    for (k, b) in a.against.iter().enumerate() {
+        let b = resolve(b)?;
+        let from = a
+            .against_from
+            .get(k)
+            .filter(|p| p.as_os_str() != "-")
+            .map(PathBuf::as_path);
+        runs.push(spectrum(&b, from).with_context(|| format!("spectrum of {}", b.display()))?);
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&runs)?);

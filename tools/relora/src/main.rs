@@ -4,6 +4,7 @@ mod bench;
 mod eval;
 mod generate;
 mod inputs;
+mod plot;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure training speed of full-rank vs LoRA vs ReLoRA steps.
     Bench(bench::BenchArgs),
+    /// Draw training curves of several runs (eval loss by default) as one PNG chart.
+    Plot(plot::PlotArgs),
 }
 
 fn main() {
@@ -54,6 +57,7 @@ fn main() {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Plot(a) => plot::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
