@@ -239,3 +239,65 @@ fn train_exports_a_model_directory_and_refuses_to_clobber_a_run() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
     ok(&train_args(run, &["--export", hf, "--force"]));
 }
+
+/// The weights a run ends with, as the bytes of its final checkpoint's tensor files.
+fn final_tensor_bytes(run: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let ckpts = run.join("checkpoints");
+    let newest = files(&ckpts)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect::<Vec<_>>();
+    assert!(!newest.is_empty(), "no tensors under {}", ckpts.display());
+    newest
+        .into_iter()
+        .map(|p| {
+            (
+                p.strip_prefix(&ckpts).unwrap().to_path_buf(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn same_seed_gives_identical_weights_whatever_the_thread_count() {
+    // The small preset at 4 x 64 tokens is large enough that the matrix kernels split their work
+    // across threads; the tiny one is not.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for threads in ["1", "3"] {
+        let out = tmp.path().join(format!("t{threads}-{}", runs.len()));
+        let o = out.to_str().unwrap().to_string();
+        let mut args = train_args(&o, &["--threads", threads]);
+        let preset = args.iter().position(|a| *a == "tiny").unwrap();
+        args[preset] = "small";
+        // Five steps: the switch to adapters at 2 and a merge with an optimizer reset at 4.
+        for (flag, value) in [
+            ("--steps", "5"),
+            ("--batch-size", "4"),
+            ("--seq-len", "64"),
+            ("--warmup-full-steps", "2"),
+            ("--reset-every", "2"),
+        ] {
+            let k = args.iter().position(|a| *a == flag).unwrap();
+            args[k + 1] = value;
+        }
+        let k = args
+            .iter()
+            .position(|a| *a == "restart_warmup_steps=2")
+            .unwrap();
+        args[k] = "restart_warmup_steps=1";
+        ok(&args);
+        runs.push(final_tensor_bytes(&out));
+    }
+    assert!(
+        runs[0]
+            .iter()
+            .any(|(p, _)| p.to_string_lossy().contains("phase-0001")),
+        "expected a merge"
+    );
+    assert_eq!(runs[0].len(), runs[1].len());
+    for ((name, a), (_, b)) in runs[0].iter().zip(&runs[1]) {
+        assert!(a == b, "{} differs between thread counts", name.display());
+    }
+}
