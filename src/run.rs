@@ -107,6 +107,8 @@ impl TrainRun {
             None => Vec::new(),
         };
         std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+        // Leftovers of a process killed while saving (this run directory has one writer: us).
+        run_dir::clean_stale(&opts.out_dir)?;
         Ok(TrainRun {
             trainer,
             batcher,
@@ -116,7 +118,9 @@ impl TrainRun {
         })
     }
 
-    /// Resumes from a checkpoint directory (or a run directory's newest checkpoint).
+    /// Resumes from a checkpoint directory (or a run directory's newest checkpoint). Metrics
+    /// lines of `opts.out_dir` for steps after the checkpoint (written by a run that was
+    /// interrupted later) are dropped: the resumed run writes them again.
     pub fn resume(
         path: &Path,
         device: &Device,
@@ -124,8 +128,11 @@ impl TrainRun {
         eval_tokens: Option<Vec<u32>>,
         opts: RunOptions,
     ) -> Result<Self> {
+        // A kill while replacing the newest checkpoint may have parked it under a hidden name.
+        run_dir::clean_stale(&opts.out_dir)?;
         let dir = run_dir::resolve(path)?;
         let (trainer, manifest) = checkpoint::load(&dir, device)?;
+        trim_metrics(&opts.out_dir.join("metrics.jsonl"), trainer.step_count())?;
         let state = match manifest.data {
             Some(v) => Some(
                 serde_json::from_value::<BatcherState>(v)
@@ -170,7 +177,12 @@ impl TrainRun {
             })?),
             tokenizer: self.tokenizer.clone(),
         };
-        checkpoint::save(&self.trainer, &dir, &extra)?;
+        checkpoint::save(&self.trainer, &dir, &extra).map_err(|e| {
+            Error::checkpoint(
+                &dir,
+                format!("could not be saved ({e}); the older checkpoints are intact"),
+            )
+        })?;
         run_dir::prune(&self.opts.out_dir, self.opts.keep_last)?;
         Ok(dir)
     }
@@ -206,13 +218,8 @@ impl TrainRun {
             } else {
                 None
             };
-            let saved =
-                if !stats.skipped && self.opts.save_every > 0 && step % self.opts.save_every == 0 {
-                    saved_at = Some(step);
-                    Some(self.save()?)
-                } else {
-                    None
-                };
+            // The step's line goes out before its checkpoint, so every checkpoint's step is in
+            // the log (a resume cuts the log back to it).
             let line = MetricsLine {
                 stats: &stats,
                 tokens_per_s,
@@ -224,6 +231,13 @@ impl TrainRun {
             metrics
                 .write_all(json.as_bytes())
                 .map_err(|e| Error::io(&metrics_path, e))?;
+            let saved =
+                if !stats.skipped && self.opts.save_every > 0 && step % self.opts.save_every == 0 {
+                    saved_at = Some(step);
+                    Some(self.save()?)
+                } else {
+                    None
+                };
             let report = StepReport {
                 stats: &stats,
                 tokens_per_s,
@@ -238,5 +252,88 @@ impl TrainRun {
             self.save()?;
         }
         Ok(())
+    }
+}
+
+/// Cuts `metrics.jsonl` back to the line that completed step `step` (and drops a torn last line),
+/// so a run resumed from that step's checkpoint does not log the steps after it twice. A file
+/// without that line (another run's, or none) is left alone.
+fn trim_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read(path) else {
+        return Ok(());
+    };
+    let mut end = 0usize;
+    let mut keep = None;
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        end += line.len();
+        if !line.ends_with(b"\n") {
+            break;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            break;
+        };
+        if v["step"].as_u64() == Some(step) && v["skipped"] != serde_json::Value::Bool(true) {
+            keep = Some(end);
+            break;
+        }
+    }
+    let Some(keep) = keep else {
+        return Ok(());
+    };
+    if keep < text.len() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.set_len(keep as u64).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_metrics;
+
+    #[test]
+    fn metrics_are_cut_back_to_the_resumed_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let line = |step: u64, skipped: bool| {
+            format!("{{\"step\":{step},\"loss\":1.0,\"skipped\":{skipped}}}\n")
+        };
+        let body: String = [
+            line(1, false),
+            line(2, false),
+            line(2, true),
+            line(3, false),
+            line(4, false),
+        ]
+        .concat();
+        std::fs::write(&path, format!("{body}{{\"step\":5,\"lo")).unwrap();
+        trim_metrics(&path, 3).unwrap();
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            kept,
+            [
+                line(1, false),
+                line(2, false),
+                line(2, true),
+                line(3, false)
+            ]
+            .concat()
+        );
+        // A skipped attempt after the checkpoint's step is dropped too.
+        trim_metrics(&path, 2).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            [line(1, false), line(2, false)].concat()
+        );
+        // A step the file does not hold leaves it alone; so does a missing file.
+        trim_metrics(&path, 9).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            [line(1, false), line(2, false)].concat()
+        );
+        trim_metrics(&dir.path().join("none.jsonl"), 1).unwrap();
     }
 }

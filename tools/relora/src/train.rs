@@ -65,9 +65,10 @@ pub struct TrainArgs {
     /// Device: cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Run directory (metrics.jsonl, checkpoints/).
-    #[arg(long, default_value = "runs/default")]
-    out: PathBuf,
+    /// Run directory (metrics.jsonl, checkpoints/) [default: runs/default, or with --resume the
+    /// run directory being resumed]
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Resume from a checkpoint directory or a run directory (its newest checkpoint).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -135,12 +136,31 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
+/// The run directory a resumed run continues in when `--out` is not given: `RUN` for `RUN` or
+/// `RUN/checkpoints/step-N`.
+fn resumed_run_dir(resume: &Path) -> PathBuf {
+    let parent = resume.parent();
+    match parent {
+        Some(p) if p.file_name().is_some_and(|n| n == "checkpoints") => {
+            p.parent().map(Path::to_path_buf).unwrap_or_default()
+        }
+        _ => resume.to_path_buf(),
+    }
+}
+
 /// Runs `relora train`.
-pub fn run(a: TrainArgs) -> Result<()> {
+pub fn run(mut a: TrainArgs) -> Result<()> {
+    if a.out.is_none() {
+        a.out = Some(match &a.resume {
+            Some(r) => resumed_run_dir(r),
+            None => PathBuf::from("runs/default"),
+        });
+    }
+    let out_dir = a.out.clone().unwrap_or_default();
     inputs::set_threads(a.threads);
     let device = parse_device(&a.device)?;
     let opts = RunOptions {
-        out_dir: a.out.clone(),
+        out_dir: out_dir.clone(),
         save_every: a.save_every,
         keep_last: a.keep_last,
         eval_every: a.eval_every,
@@ -154,6 +174,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
 
     let mut run = if let Some(resume) = &a.resume {
+        // Tidy what a killed save left in the run directory before picking its newest checkpoint.
+        run_dir::clean_stale(&out_dir).with_context(|| format!("tidying {}", out_dir.display()))?;
         let dir = run_dir::resolve(resume)?;
         let manifest = relora::checkpoint::Manifest::read(&dir)?;
         let tok_spec = manifest
@@ -171,25 +193,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
         TrainRun::resume(&dir, &device, train, eval, opts)?
     } else {
-        let existing = run_dir::list(&a.out)?;
+        let existing = run_dir::list(&out_dir)?;
         if !existing.is_empty() {
             if !a.force {
                 bail!(
                     "{} already holds a run ({} checkpoints); continue it with --resume {}, or start afresh with --force",
-                    a.out.display(),
+                    out_dir.display(),
                     existing.len(),
-                    a.out.display()
+                    out_dir.display()
                 );
             }
             for (_, dir) in existing {
                 std::fs::remove_dir_all(&dir)
                     .with_context(|| format!("removing {}", dir.display()))?;
             }
-            let metrics = a.out.join("metrics.jsonl");
-            if metrics.exists() {
-                std::fs::remove_file(&metrics)
-                    .with_context(|| format!("removing {}", metrics.display()))?;
-            }
+        }
+        // A fresh run starts a fresh log, also over one left by an attempt that died before
+        // its first checkpoint.
+        let metrics = out_dir.join("metrics.jsonl");
+        if metrics.exists() {
+            std::fs::remove_file(&metrics)
+                .with_context(|| format!("removing {}", metrics.display()))?;
         }
         let config = build_config(&a)?;
         let tok = inputs::tokenizer(&a.tokenizer)?;
@@ -242,7 +266,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     bar.set_position(run.trainer.step_count());
     let quiet = a.quiet;
-    run.train_until(until, |r| {
+    let result = run.train_until(until, |r| {
         let s = r.stats;
         let phase = if !s.adapters {
             "full".to_string()
@@ -278,7 +302,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         }
         true
-    })?;
+    });
+    if let Err(e) = result {
+        bar.abandon();
+        let out = run.options().out_dir.display().to_string();
+        let newest = match run_dir::list(&run.options().out_dir) {
+            Ok(list) => list
+                .last()
+                .map(|(_, p)| format!("newest checkpoint {}", p.display()))
+                .unwrap_or_else(|| "no checkpoint yet".to_string()),
+            Err(_) => "checkpoints unreadable".to_string(),
+        };
+        return Err(anyhow::Error::new(e).context(format!(
+            "training stopped after step {} ({newest}; continue with --resume {out} --out {out})",
+            run.trainer.step_count()
+        )));
+    }
     bar.finish();
     let last = run_dir::list(&run.options().out_dir)?
         .pop()
@@ -301,4 +340,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resumed_run_dir;
+    use std::path::Path;
+
+    #[test]
+    fn a_resumed_run_continues_in_its_own_directory() {
+        assert_eq!(resumed_run_dir(Path::new("runs/a")), Path::new("runs/a"));
+        assert_eq!(
+            resumed_run_dir(Path::new("runs/a/checkpoints/step-00000010")),
+            Path::new("runs/a")
+        );
+    }
 }
