@@ -191,17 +191,45 @@ fn corrupt_truncated_and_foreign_checkpoints_are_clear_errors() {
     std::fs::remove_file(d.join("manifest.json")).unwrap();
     expect_checkpoint_error(&d, "manifest");
 
+    // The manifest's own checksum: one added digit (a scale 10x larger changes every merge),
+    // a missing checksum file, and a damaged one are all refused.
+    let d = copy("flipped");
+    let text = std::fs::read_to_string(d.join("manifest.json")).unwrap();
+    assert!(text.contains("\"lora_alpha\": "));
+    std::fs::write(
+        d.join("manifest.json"),
+        text.replacen("\"lora_alpha\": ", "\"lora_alpha\": 1", 1),
+    )
+    .unwrap();
+    expect_checkpoint_error(&d, "manifest.json does not match manifest.json.crc32");
+    let d = copy("nocrc");
+    std::fs::remove_file(d.join("manifest.json.crc32")).unwrap();
+    expect_checkpoint_error(&d, "manifest.json.crc32 is missing");
+    let d = copy("badcrc");
+    std::fs::write(d.join("manifest.json.crc32"), b"zz\n").unwrap();
+    expect_checkpoint_error(&d, "not a CRC-32");
+    // Format version 1 had no checksum file and is still read.
+    let d = copy("version1");
+    let text = std::fs::read_to_string(d.join("manifest.json")).unwrap();
+    std::fs::write(
+        d.join("manifest.json"),
+        text.replace("\"format_version\": 2", "\"format_version\": 1"),
+    )
+    .unwrap();
+    std::fs::remove_file(d.join("manifest.json.crc32")).unwrap();
+    checkpoint::load(&d, &Device::Cpu).unwrap();
+
     let d = copy("garbage");
-    std::fs::write(d.join("manifest.json"), b"{\"format\": 3").unwrap();
+    write_manifest(&d, b"{\"format\": 3");
     expect_checkpoint_error(&d, "unreadable manifest");
 
     let d = copy("future");
     let text = std::fs::read_to_string(d.join("manifest.json")).unwrap();
-    std::fs::write(
-        d.join("manifest.json"),
-        text.replace("\"format_version\": 1", "\"format_version\": 99"),
-    )
-    .unwrap();
+    write_manifest(
+        &d,
+        text.replace("\"format_version\": 2", "\"format_version\": 99")
+            .as_bytes(),
+    );
     expect_checkpoint_error(&d, "format version 99");
 
     let d = copy("missingfile");
@@ -218,11 +246,18 @@ fn corrupt_truncated_and_foreign_checkpoints_are_clear_errors() {
     let text = std::fs::read_to_string(d.join("manifest.json")).unwrap();
     let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
     m["files"]["params.safetensors"]["crc32"] = crc32fast::hash(&junk).into();
-    std::fs::write(d.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+    write_manifest(&d, serde_json::to_string(&m).unwrap().as_bytes());
     expect_checkpoint_error(&d, "not a valid safetensors file");
 
     // The original is still fine.
     checkpoint::load(&good, &Device::Cpu).unwrap();
+}
+
+/// Replaces a checkpoint's manifest and its checksum file, as a deliberate edit would.
+fn write_manifest(dir: &Path, bytes: &[u8]) {
+    std::fs::write(dir.join("manifest.json"), bytes).unwrap();
+    let crc = format!("{:08x}", crc32fast::hash(bytes));
+    std::fs::write(dir.join("manifest.json.crc32"), crc).unwrap();
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -407,7 +407,7 @@ fn fix_manifest(ckpt: &Path, edit: impl FnOnce(&mut Manifest)) {
     let p = ckpt.join("manifest.json");
     let mut m: Manifest = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
     edit(&mut m);
-    std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    m.write(ckpt).unwrap();
 }
 
 fn expect_failure(ckpt: &Path, out_parent: &Path, needles: &[&str]) {

@@ -1,6 +1,6 @@
 //! The checkpoint manifest: a versioned JSON document naming everything needed to resume.
 
-use super::files::FileInfo;
+use super::files::{write_synced, FileInfo};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::error::{Error, Result};
 use crate::trainer::{TrainerCounters, TrainerRngs};
@@ -10,10 +10,16 @@ use std::path::Path;
 
 /// The value of `format` in every manifest.
 pub const FORMAT: &str = "relora-checkpoint";
-/// The manifest layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest layout this build writes. Version 2 added [`MANIFEST_CHECKSUM_FILE`]; version 1
+/// checkpoints (no checksum of the manifest itself) are still read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest manifest layout this build reads.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// The manifest's file name inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The CRC-32 of the manifest's bytes, as 8 hex digits. The manifest checks every other file; this
+/// checks the manifest, so that a flipped digit (a scale, a step, a checksum) is caught too.
+pub const MANIFEST_CHECKSUM_FILE: &str = "manifest.json.crc32";
 
 /// One completed ReLoRA phase as listed in the manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,14 +69,15 @@ impl Manifest {
     /// Reads and checks a manifest: format name and version, and internal consistency.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::checkpoint(
                 dir,
                 "no manifest.json: not a checkpoint directory (or an unfinished save)",
             ),
             _ => Error::io(&path, e),
         })?;
-        let m: Manifest = serde_json::from_str(&text)
+        let has_checksum = Self::verify_checksum(dir, &bytes)?;
+        let m: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::checkpoint(&path, format!("unreadable manifest: {e}")))?;
         if m.format != FORMAT {
             return Err(Error::checkpoint(
@@ -78,13 +85,20 @@ impl Manifest {
                 format!("format is '{}', expected '{FORMAT}'", m.format),
             ));
         }
-        if m.format_version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&m.format_version) {
             return Err(Error::checkpoint(
                 &path,
                 format!(
-                    "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                    "format version {} is not supported (this build reads \
+                     {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})",
                     m.format_version
                 ),
+            ));
+        }
+        if m.format_version >= 2 && !has_checksum {
+            return Err(Error::checkpoint(
+                dir,
+                format!("{MANIFEST_CHECKSUM_FILE} is missing (format version 2 writes it)"),
             ));
         }
         if m.phases.len() != m.phase_index {
@@ -100,6 +114,53 @@ impl Manifest {
             .validate()
             .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
         Ok(m)
+    }
+
+    /// Checks `manifest.json`'s bytes against [`MANIFEST_CHECKSUM_FILE`] when that file exists;
+    /// returns whether it did.
+    fn verify_checksum(dir: &Path, manifest: &[u8]) -> Result<bool> {
+        let path = dir.join(MANIFEST_CHECKSUM_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        // Exactly as written: 8 lower-case hex digits, so that any changed byte is an error.
+        let well_formed =
+            text.len() == 8 && text.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let recorded = std::str::from_utf8(&text)
+            .ok()
+            .filter(|_| well_formed)
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+            .ok_or_else(|| {
+                Error::checkpoint(
+                    &path,
+                    "not a CRC-32 (8 lower-case hex digits): the file is damaged",
+                )
+            })?;
+        let actual = crc32fast::hash(manifest);
+        if actual != recorded {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "{MANIFEST_FILE} does not match {MANIFEST_CHECKSUM_FILE} (CRC-32 {actual:08x}, \
+                     recorded {recorded:08x}): the manifest or its checksum is damaged"
+                ),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Writes `manifest.json` and its checksum file into `dir`, each synced to disk. Writers call
+    /// this last, after every file the manifest lists.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::checkpoint(dir, format!("serialising the manifest: {e}")))?;
+        write_synced(&dir.join(MANIFEST_FILE), &json)?;
+        // No newline: every byte of the file is part of the value, so truncation is detected.
+        let crc = format!("{:08x}", crc32fast::hash(&json));
+        write_synced(&dir.join(MANIFEST_CHECKSUM_FILE), crc.as_bytes())?;
+        Ok(())
     }
 
     /// The recorded size and checksum of `file`, or an error naming the missing entry.

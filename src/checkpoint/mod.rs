@@ -3,6 +3,7 @@
 //! ```text
 //! manifest.json               format + version, configs, step, phase index, RNG and data cursor,
 //!                             optimizer step counts, size + CRC-32 of every file below
+//! manifest.json.crc32         CRC-32 of manifest.json itself (8 hex digits; format version 2)
 //! params.safetensors          current full-rank parameters (embedding, norms, lm_head, and every
 //!                             projection without an adapter)
 //! base.safetensors            adapted projections' weights as of the switch to adapters

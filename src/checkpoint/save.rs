@@ -2,8 +2,8 @@
 //! synced, the manifest written last, then the directory is renamed into place. A save that dies
 //! at any point leaves at most a stray `.tmp-*` directory and never touches older checkpoints.
 
-use super::files::{write_synced, write_tensors, FileInfo};
-use super::manifest::{Manifest, PhaseEntry, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use super::files::{write_tensors, FileInfo};
+use super::manifest::{Manifest, PhaseEntry, FORMAT, FORMAT_VERSION};
 use crate::error::{Error, Result};
 use crate::trainer::Trainer;
 use candle_core::Tensor;
@@ -148,9 +148,7 @@ fn write_all(
         phases: phase_entries,
         files,
     };
-    let json = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| Error::checkpoint(tmp, format!("serialising manifest: {e}")))?;
-    write_synced(&tmp.join(MANIFEST_FILE), &json)?;
+    manifest.write(tmp)?;
     sync_dir(&tmp.join("phases"))?;
     sync_dir(tmp)
 }

@@ -13,8 +13,8 @@ use super::hf::{write_file, Payload};
 use super::safetensors::{PlannedTensor, SafetensorsFile};
 use super::source::expected_tensors;
 use super::tokenizer::recognise;
-use crate::checkpoint::files::{write_synced, FileInfo};
-use crate::checkpoint::manifest::{Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use crate::checkpoint::files::FileInfo;
+use crate::checkpoint::manifest::{Manifest, FORMAT, FORMAT_VERSION};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -403,9 +403,7 @@ pub fn import_hf(hf_dir: &Path, ckpt: &Path, opts: &ImportOptions) -> Result<Imp
         phases: Vec::new(),
         files,
     };
-    let json = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| Error::checkpoint(&dir, format!("serialising the manifest: {e}")))?;
-    write_synced(&dir.join(MANIFEST_FILE), &json)?;
+    manifest.write(&dir)?;
     staged.commit()?;
     Ok(ImportReport {
         config: cfg,

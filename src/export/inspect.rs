@@ -141,13 +141,19 @@ fn file_report(f: &SafetensorsFile, shown: &str) -> FileReport {
 
 /// Inspects `path`: a checkpoint directory (has `manifest.json`), a Hugging Face model
 /// directory (has `config.json`), or a safetensors file. `verify` checks a checkpoint's
-/// checksums and every header against the model (as `merge` would) instead of headers only.
+/// checksums (every file) and every header against the model (as `merge` would) instead of
+/// headers only.
 pub fn inspect(path: &Path, verify: bool) -> Result<Inspection> {
     let shown = path.display().to_string();
     if path.is_dir() && path.join(MANIFEST_FILE).is_file() {
         let m = Manifest::read(path)?;
         if verify {
+            // The merge's own checks (headers against the model), then the size and CRC-32 of
+            // every listed file, including those a merge does not read (the optimizer state).
             CheckpointSource::open(path)?;
+            for rel in m.files.keys() {
+                super::source::verify_file(path, &m, rel)?;
+            }
         }
         let mut files = Vec::new();
         for rel in m.files.keys() {

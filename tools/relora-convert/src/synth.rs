@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use relora::checkpoint::files::FileInfo;
-use relora::checkpoint::manifest::{Manifest, PhaseEntry, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use relora::checkpoint::manifest::{Manifest, PhaseEntry, FORMAT, FORMAT_VERSION};
 use relora::config::{Mode, ModelConfig, TrainConfig};
 use relora::export::dtype::StDType;
 use relora::export::safetensors::{header_bytes, pt_metadata, PlannedTensor, SafetensorsWriter};
@@ -213,10 +213,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         phases,
         files,
     };
-    std::fs::write(
-        a.out.join(MANIFEST_FILE),
-        serde_json::to_vec_pretty(&manifest)?,
-    )?;
+    manifest.write(&a.out)?;
     let total: u64 = manifest.files.values().map(|f| f.bytes).sum();
     eprintln!(
         "wrote {} ({:.2} GB, {} phases of rank {}) in {:.1}s",
