@@ -5,6 +5,8 @@
 #
 #   experiments/run.sh [EXPERIMENT_DIR] [ARM ...]
 #
+# Two invocations at once (e.g. one per core) share the arms between them.
+#
 # EXPERIMENT_DIR holds base.json (training options shared by every arm) and arms.tsv (one arm a
 # line: name, mode, extra KEY=VALUE options). Default: experiments/austen.
 # Environment: RELORA_TRAIN_DATA, RELORA_HELDOUT_DATA (default ../shared/data/austen-*.txt),
@@ -44,6 +46,12 @@ while IFS=$'\t' read -r arm mode options; do
     echo "== $arm: done already ($dir/heldout.json)"
     continue
   fi
+  # Several invocations may share the suite (one a core): each arm is claimed by one of them.
+  if ! mkdir "$dir.claim" 2>/dev/null; then
+    echo "== $arm: claimed by another invocation ($dir.claim)"
+    continue
+  fi
+  trap 'rm -rf "$dir.claim"' EXIT
   sets=()
   if [[ "$options" != "-" ]]; then
     for kv in $options; do sets+=(--set "$kv"); done
@@ -70,5 +78,7 @@ print(json.dumps(score))
 PY
   mv "$dir/heldout.tmp" "$dir/heldout.json"
   rm -f "$dir/heldout.partial.json"
+  rm -rf "$dir.claim"
+  trap - EXIT
   echo "   $(cat "$dir/heldout.json")"
 done < "$exp_dir/arms.tsv"
