@@ -10,6 +10,7 @@ use relora::data::batcher::{eval_batches, Batcher};
 use relora::data::corpus::{builtin_eval_text, builtin_train_text, unigram_entropy_nats};
 use relora::data::tokenizer::Tokenizer;
 use relora::data::tokens::{load_tokens, DataSource};
+use relora::trainer::GradientReducer;
 use relora::{Error, Trainer};
 
 #[test]
@@ -127,6 +128,82 @@ fn non_finite_steps_are_skipped_without_touching_state_then_stop_the_run() {
     let st = t.step(&[random_batch(2, 8, 40, 300)]).unwrap();
     assert!(!st.skipped);
     assert_eq!(t.counters().nonfinite_streak, 0);
+}
+
+/// Makes every gradient of a step non-finite, as a batch with an overflowing loss would.
+struct PoisonGradients;
+
+impl GradientReducer for PoisonGradients {
+    fn reduce(&mut self, _name: &str, grad: &mut [f32]) -> relora::Result<()> {
+        if let Some(g) = grad.first_mut() {
+            *g = f32::NAN;
+        }
+        Ok(())
+    }
+}
+
+/// Trains the tiny model to step 16 on batches seeded by the step number; at each step count in
+/// `poison_at` one extra attempt with poisoned gradients comes first. Returns every trainable
+/// value, optimizer moment and completed phase, as bits.
+fn run_with_poisoned_steps(poison_at: &[u64]) -> (Vec<Vec<u64>>, usize) {
+    let mut cfg = train_cfg(Mode::Relora, "f32");
+    cfg.steps = 16;
+    let mut t = Trainer::new(&tiny(40), &cfg, &Device::Cpu).unwrap();
+    let mut poisoned = std::collections::HashSet::new();
+    while t.step_count() < cfg.steps {
+        let s = t.step_count();
+        let batch = random_batch(2, 8, 40, s);
+        t.accumulate(&batch).unwrap();
+        if poison_at.contains(&s) && poisoned.insert(s) {
+            let st = t.apply(Some(&mut PoisonGradients)).unwrap();
+            assert!(st.skipped, "step {s} was not skipped");
+            assert_eq!(t.step_count(), s, "a skipped step advanced the count");
+            continue;
+        }
+        assert!(!t.apply(None).unwrap().skipped);
+    }
+    let bits = |x: &Tensor| {
+        values(x)
+            .into_iter()
+            .map(f64::to_bits)
+            .collect::<Vec<u64>>()
+    };
+    let mut state: Vec<Vec<u64>> = t
+        .model
+        .trainable_params()
+        .iter()
+        .map(|(_, p)| bits(p.as_tensor()))
+        .collect();
+    for st in t.optimizer().states().values() {
+        state.push(bits(&st.exp_avg));
+        state.push(bits(&st.exp_avg_sq));
+    }
+    for phase in t.phases() {
+        for ad in &phase.adapters {
+            state.push(bits(&ad.a));
+            state.push(bits(&ad.b));
+        }
+    }
+    for w in t.merged_weights().unwrap().values() {
+        assert!(
+            values(w).iter().all(|v| v.is_finite()),
+            "a non-finite merge"
+        );
+    }
+    (state, t.phases().len())
+}
+
+#[test]
+fn poisoned_steps_around_the_switch_and_merges_leave_no_trace() {
+    // Switch to adapters at step 4, merges at 9 and 14: poison the steps on both sides of each.
+    let (clean, phases) = run_with_poisoned_steps(&[]);
+    assert_eq!(phases, 2);
+    let (poisoned, poisoned_phases) = run_with_poisoned_steps(&[3, 4, 8, 9, 13, 14]);
+    assert_eq!(poisoned_phases, phases);
+    assert!(
+        poisoned == clean,
+        "skipped poisoned steps changed the weights, optimizer state or merged phases"
+    );
 }
 
 #[test]
