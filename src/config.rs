@@ -239,6 +239,10 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// Peak learning rate.
     pub lr: f64,
+    /// Peak learning rate once adapters are attached (the LoRA / ReLoRA phase); 0 keeps `lr`.
+    /// The paper trains its ReLoRA phase at 1.5-2x the full-rank rate: a fresh adapter's update
+    /// `s B A` moves the weights more slowly than a full-rank step at the same rate.
+    pub adapter_lr: f64,
     /// Floor of the cosine envelope, as a fraction of the peak.
     pub min_lr_ratio: f64,
     /// Linear warm-up steps at the start of the run.
@@ -289,6 +293,7 @@ impl Default for TrainConfig {
             seq_len: 128,
             grad_accum: 1,
             lr: 2e-3,
+            adapter_lr: 0.0,
             min_lr_ratio: 0.1,
             warmup_steps: 30,
             weight_decay: 0.0,
@@ -370,6 +375,7 @@ impl TrainConfig {
             "seq_len" => self.seq_len = num(key, value)?,
             "grad_accum" => self.grad_accum = num(key, value)?,
             "lr" => self.lr = num(key, value)?,
+            "adapter_lr" => self.adapter_lr = num(key, value)?,
             "min_lr_ratio" => self.min_lr_ratio = num(key, value)?,
             "warmup_steps" => self.warmup_steps = num(key, value)?,
             "weight_decay" => self.weight_decay = num(key, value)?,
@@ -411,6 +417,12 @@ impl TrainConfig {
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("lr {} must be positive", self.lr));
+        }
+        if !(self.adapter_lr >= 0.0 && self.adapter_lr.is_finite()) {
+            return bad(format!(
+                "adapter_lr {} must be positive, or 0 to use lr",
+                self.adapter_lr
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return bad(format!(

@@ -287,9 +287,15 @@ impl Trainer {
         self.phases = phases;
     }
 
-    /// The learning rate for the step about to be taken.
+    /// The learning rate for the step about to be taken: the schedule's multiplier times `lr`, or
+    /// times `adapter_lr` (when set) once adapters are attached.
     pub fn current_lr(&self) -> f64 {
-        self.config.lr * self.schedule.multiplier(self.counters.step)
+        let peak = if self.has_adapters() && self.config.adapter_lr > 0.0 {
+            self.config.adapter_lr
+        } else {
+            self.config.lr
+        };
+        peak * self.schedule.multiplier(self.counters.step)
     }
 
     /// Drops a half-built step (after `accumulate`, before `apply`): nothing is applied; a switch

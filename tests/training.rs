@@ -207,6 +207,32 @@ fn poisoned_steps_around_the_switch_and_merges_leave_no_trace() {
 }
 
 #[test]
+fn adapter_lr_takes_over_at_the_switch() {
+    let mut cfg = train_cfg(Mode::Relora, "f32");
+    cfg.adapter_lr = 2.5 * cfg.lr;
+    let schedule = relora::trainer::schedule_for(&cfg);
+    let mut t = Trainer::new(&tiny(40), &cfg, &Device::Cpu).unwrap();
+    for s in 0..8u64 {
+        let st = t.step(&[random_batch(2, 8, 40, s)]).unwrap();
+        let peak = if st.adapters { cfg.adapter_lr } else { cfg.lr };
+        assert_eq!(st.adapters, s >= cfg.warmup_full_steps);
+        let want = peak * schedule.multiplier(s);
+        assert!(
+            (st.lr - want).abs() <= 1e-15 * want.max(1.0),
+            "step {s}: {} vs {want}",
+            st.lr
+        );
+    }
+    let mut bad = cfg.clone();
+    bad.adapter_lr = -1.0;
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("adapter_lr"));
+}
+
+#[test]
 fn bad_inputs_are_clear_errors() {
     let cfg = train_cfg(Mode::Relora, "f32");
     let mut t = Trainer::new(&tiny(40), &cfg, &Device::Cpu).unwrap();
