@@ -65,6 +65,10 @@ pub enum Error {
     /// The requested device is not available in this build or on this machine.
     #[error("device {0}")]
     Device(String),
+    /// Data-parallel training failed: a collective operation, the communicator set-up, or ranks
+    /// that disagree. The message names the rank and the operation.
+    #[error("distributed: {0}")]
+    Distributed(String),
 }
 
 impl Error {

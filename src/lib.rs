@@ -24,6 +24,8 @@ pub mod data;
 /// cbindgen:ignore
 pub mod device;
 /// cbindgen:ignore
+pub mod distributed;
+/// cbindgen:ignore
 pub mod error;
 /// cbindgen:ignore
 pub mod export;

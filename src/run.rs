@@ -2,9 +2,16 @@
 //! periodic evaluation on held-out tokens, checkpoints every N steps (keeping the last K), and a
 //! JSON-lines metrics file. Resuming restores the data cursor, so an interrupted run continues
 //! exactly as if it had not stopped.
+//!
+//! Data-parallel runs ([`TrainRun::set_data_parallel`]): every rank builds the same run; each
+//! trains on its share of every step's micro-batches ([`crate::distributed::Shard`]) and the
+//! gradients are averaged before the update. Only rank 0 (the writer) evaluates and writes
+//! metrics and checkpoints; every rank waits at a barrier after each save. The global batch is
+//! `batch_size x grad_accum x ranks` sequences.
 
 use crate::checkpoint::{self, run_dir, SaveExtra};
 use crate::data::batcher::{eval_batches, Batch, Batcher, BatcherState};
+use crate::distributed::{BucketReducer, Shard};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::trainer::{EvalResult, StepStats, Trainer};
@@ -26,6 +33,9 @@ pub struct RunOptions {
     pub eval_every: u64,
     /// At most this many held-out batches per evaluation.
     pub eval_batches: usize,
+    /// Whether this process writes the run directory (metrics, checkpoints, tidying what a
+    /// killed run left). False on data-parallel ranks other than 0.
+    pub writer: bool,
 }
 
 impl Default for RunOptions {
@@ -36,6 +46,7 @@ impl Default for RunOptions {
             keep_last: 3,
             eval_every: 0,
             eval_batches: 16,
+            writer: true,
         }
     }
 }
@@ -50,6 +61,11 @@ struct MetricsLine<'a> {
     eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_perplexity: Option<f64>,
+    /// Data-parallel runs: ranks, and gradient bytes each rank all-reduced in this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ranks: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reduced_bytes: Option<u64>,
 }
 
 /// What the caller sees after each step.
@@ -60,8 +76,10 @@ pub struct StepReport<'a> {
     pub tokens_per_s: f64,
     /// The evaluation, when one ran after this step.
     pub eval: Option<EvalResult>,
-    /// The checkpoint written after this step, if any.
+    /// The checkpoint written after this step, if any (always None on ranks other than 0).
     pub saved: Option<PathBuf>,
+    /// Data-parallel runs: gradient bytes this rank all-reduced in this step.
+    pub reduced_bytes: Option<u64>,
 }
 
 /// A trainer, its data and its run directory.
@@ -72,6 +90,8 @@ pub struct TrainRun {
     eval: Vec<Batch>,
     tokenizer: Option<String>,
     opts: RunOptions,
+    /// Set for data-parallel runs: averages gradients over the ranks.
+    reducer: Option<BucketReducer>,
 }
 
 impl TrainRun {
@@ -106,15 +126,18 @@ impl TrainRun {
             }
             None => Vec::new(),
         };
-        std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
-        // Leftovers of a process killed while saving (this run directory has one writer: us).
-        run_dir::clean_stale(&opts.out_dir)?;
+        if opts.writer {
+            std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+            // Leftovers of a process killed while saving (this run directory has one writer: us).
+            run_dir::clean_stale(&opts.out_dir)?;
+        }
         Ok(TrainRun {
             trainer,
             batcher,
             eval,
             tokenizer,
             opts,
+            reducer: None,
         })
     }
 
@@ -129,10 +152,14 @@ impl TrainRun {
         opts: RunOptions,
     ) -> Result<Self> {
         // A kill while replacing the newest checkpoint may have parked it under a hidden name.
-        run_dir::clean_stale(&opts.out_dir)?;
+        if opts.writer {
+            run_dir::clean_stale(&opts.out_dir)?;
+        }
         let dir = run_dir::resolve(path)?;
         let (trainer, manifest) = checkpoint::load(&dir, device)?;
-        trim_metrics(&opts.out_dir.join("metrics.jsonl"), trainer.step_count())?;
+        if opts.writer {
+            trim_metrics(&opts.out_dir.join("metrics.jsonl"), trainer.step_count())?;
+        }
         let state = match manifest.data {
             Some(v) => Some(
                 serde_json::from_value::<BatcherState>(v)
@@ -150,6 +177,38 @@ impl TrainRun {
         )
     }
 
+    /// Makes this a data-parallel run over `reducer`'s communicator. Every rank must have built
+    /// its run with the same options, data and seed, and `writer` set on rank 0 only.
+    pub fn set_data_parallel(&mut self, reducer: BucketReducer) -> Result<()> {
+        let comm = reducer.comm();
+        if self.opts.writer != (comm.rank() == 0) {
+            return Err(Error::Config(format!(
+                "rank {} of {}: only rank 0 may write the run directory (writer is {})",
+                comm.rank(),
+                comm.world(),
+                self.opts.writer
+            )));
+        }
+        self.reducer = Some(reducer);
+        Ok(())
+    }
+
+    /// This rank's share of each step's micro-batches (the whole step without data parallelism).
+    pub fn shard(&self) -> Shard {
+        match &self.reducer {
+            Some(r) => Shard::new(r.comm().rank(), r.comm().world()),
+            None => Shard::new(0, 1),
+        }
+    }
+
+    /// Waits for the other ranks (no-op without data parallelism).
+    pub fn barrier(&self) -> Result<()> {
+        match &self.reducer {
+            Some(r) => r.comm().barrier(),
+            None => Ok(()),
+        }
+    }
+
     /// The run options.
     pub fn options(&self) -> &RunOptions {
         &self.opts
@@ -158,6 +217,58 @@ impl TrainRun {
     /// Whether held-out data was given.
     pub fn has_eval(&self) -> bool {
         !self.eval.is_empty()
+    }
+
+    /// This rank's micro-batches of the next step; the batcher advances past the whole step.
+    fn next_step_batches(&mut self) -> Vec<Batch> {
+        let shard = self.shard();
+        let accum = self.trainer.config.grad_accum;
+        let mut mine = Vec::with_capacity(accum);
+        for i in 0..shard.global_micro_batches(accum) {
+            if shard.owns(i) {
+                mine.push(self.batcher.next_batch());
+            } else {
+                self.batcher.skip_batch();
+            }
+        }
+        mine
+    }
+
+    /// One optimizer step on this rank's micro-batches, gradients averaged over the ranks in a
+    /// data-parallel run (whose loss and token count are then made global too). Returns the
+    /// statistics and the gradient bytes reduced.
+    fn train_step(&mut self) -> Result<(StepStats, Option<u64>)> {
+        let batches = self.next_step_batches();
+        let Some(reducer) = self.reducer.as_mut() else {
+            return Ok((self.trainer.step(&batches)?, None));
+        };
+        for b in &batches {
+            if let Err(e) = self.trainer.accumulate(b) {
+                self.trainer.discard_pending();
+                return Err(e);
+            }
+        }
+        let mut stats = self.trainer.apply(Some(reducer))?;
+        let bytes = reducer.last().bytes;
+        // The logged loss is the mean over all ranks' micro-batches, as in one process; every
+        // rank's micro-batches have the same shape.
+        let comm = reducer.comm();
+        let mut global = [0f32];
+        comm.all_reduce_sum(&[stats.loss], &mut global)?;
+        stats.loss = global[0] / comm.world() as f32;
+        stats.tokens *= comm.world();
+        Ok((stats, Some(bytes)))
+    }
+
+    /// Rank 0 saves a checkpoint; then every rank waits for it. Returns the directory on rank 0.
+    fn save_and_sync(&self) -> Result<Option<PathBuf>> {
+        let dir = if self.opts.writer {
+            Some(self.save()?)
+        } else {
+            None
+        };
+        self.barrier()?;
+        Ok(dir)
     }
 
     /// Evaluates the held-out batches.
@@ -189,7 +300,8 @@ impl TrainRun {
 
     /// Trains until the trainer has completed `until_step` steps (at most `config.steps`),
     /// evaluating, saving and logging on the way. `on_step` sees each step and may return false
-    /// to stop early (a final checkpoint is still written).
+    /// to stop early (a final checkpoint is still written); in a data-parallel run it must
+    /// decide the same on every rank.
     pub fn train_until(
         &mut self,
         until_step: u64,
@@ -197,21 +309,27 @@ impl TrainRun {
     ) -> Result<()> {
         let until = until_step.min(self.trainer.config.steps);
         let metrics_path = self.opts.out_dir.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| Error::io(&metrics_path, e))?;
-        let accum = self.trainer.config.grad_accum;
+        let mut metrics = if self.opts.writer {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .map_err(|e| Error::io(&metrics_path, e))?,
+            )
+        } else {
+            None
+        };
+        let ranks = self.reducer.as_ref().map(|r| r.comm().world());
         let mut saved_at = None;
         while self.trainer.step_count() < until {
             let start = std::time::Instant::now();
-            let batches: Vec<Batch> = (0..accum).map(|_| self.batcher.next_batch()).collect();
-            let stats = self.trainer.step(&batches)?;
+            let (stats, reduced_bytes) = self.train_step()?;
             let tokens_per_s = stats.tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
             let step = self.trainer.step_count();
             let done = step >= until;
-            let eval = if !stats.skipped
+            let eval = if self.opts.writer
+                && !stats.skipped
                 && ((self.opts.eval_every > 0 && step % self.opts.eval_every == 0) || done)
             {
                 self.evaluate()?
@@ -225,16 +343,20 @@ impl TrainRun {
                 tokens_per_s,
                 eval_loss: eval.map(|e| e.loss),
                 eval_perplexity: eval.map(|e| e.perplexity),
+                ranks,
+                reduced_bytes,
             };
-            let mut json = serde_json::to_string(&line).unwrap_or_default();
-            json.push('\n');
-            metrics
-                .write_all(json.as_bytes())
-                .map_err(|e| Error::io(&metrics_path, e))?;
+            if let Some(metrics) = metrics.as_mut() {
+                let mut json = serde_json::to_string(&line).unwrap_or_default();
+                json.push('\n');
+                metrics
+                    .write_all(json.as_bytes())
+                    .map_err(|e| Error::io(&metrics_path, e))?;
+            }
             let saved =
                 if !stats.skipped && self.opts.save_every > 0 && step % self.opts.save_every == 0 {
                     saved_at = Some(step);
-                    Some(self.save()?)
+                    self.save_and_sync()?
                 } else {
                     None
                 };
@@ -243,13 +365,14 @@ impl TrainRun {
                 tokens_per_s,
                 eval,
                 saved,
+                reduced_bytes,
             };
             if !on_step(&report) {
                 break;
             }
         }
         if saved_at != Some(self.trainer.step_count()) {
-            self.save()?;
+            self.save_and_sync()?;
         }
         Ok(())
     }

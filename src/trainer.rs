@@ -88,6 +88,27 @@ pub struct EvalResult {
 pub trait GradientReducer {
     /// Reduces `grad` (of parameter `name`) in place.
     fn reduce(&mut self, name: &str, grad: &mut [f32]) -> Result<()>;
+
+    /// Reduces all trainable gradients of one step in place; `names[i]` names `grads[i]`, in the
+    /// trainer's fixed order (the same on every rank with the same configuration and step). The
+    /// default converts each gradient to f32 and calls [`GradientReducer::reduce`] once per
+    /// parameter, in order, stopping at the first error; reducers that pack gradients into
+    /// flat buckets (see `crate::distributed`) override it.
+    fn reduce_all(&mut self, names: &[&str], grads: &mut [Tensor]) -> Result<()> {
+        for (name, g) in names.iter().zip(grads.iter_mut()) {
+            let ctx = || format!("reducing gradient of {name}");
+            let mut buf: Vec<f32> = g
+                .flatten_all()
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_vec1())
+                .with_ctx(ctx)?;
+            self.reduce(name, &mut buf)?;
+            *g = Tensor::from_vec(buf, g.shape(), g.device())
+                .and_then(|t| t.to_dtype(g.dtype()))
+                .with_ctx(ctx)?;
+        }
+        Ok(())
+    }
 }
 
 /// The random streams the trainer draws from; part of the checkpoint.
@@ -504,18 +525,8 @@ impl Trainer {
         let started = Instant::now();
         let params = self.model.trainable_params();
         if let Some(r) = reducer {
-            for ((name, _), g) in params.iter().zip(pending.grads.iter_mut()) {
-                let ctx = || format!("reducing gradient of {name}");
-                let mut buf: Vec<f32> = g
-                    .flatten_all()
-                    .and_then(|t| t.to_dtype(DType::F32))
-                    .and_then(|t| t.to_vec1())
-                    .with_ctx(ctx)?;
-                r.reduce(name, &mut buf)?;
-                *g = Tensor::from_vec(buf, g.shape(), g.device())
-                    .and_then(|t| t.to_dtype(g.dtype()))
-                    .with_ctx(ctx)?;
-            }
+            let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+            r.reduce_all(&names, &mut pending.grads)?;
         }
         let loss = (pending.loss_sum / pending.micro_batches as f64) as f32;
         let grad_norm = clip::global_norm(&pending.grads)?;

@@ -37,6 +37,7 @@ fn new_run(out: &Path, steps: u64) -> TrainRun {
         keep_last: 0,
         eval_every: 0,
         eval_batches: 2,
+        writer: true,
     };
     TrainRun::new(
         trainer,
@@ -89,6 +90,7 @@ fn resume_is_bit_exact_across_merges_resets_and_dropout() {
         keep_last: 0,
         eval_every: 0,
         eval_batches: 2,
+        writer: true,
     };
     let mut second =
         TrainRun::resume(&resumed_dir, &Device::Cpu, corpus_tokens(64), None, opts).unwrap();

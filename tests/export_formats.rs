@@ -250,6 +250,7 @@ fn import_round_trips_exactly_and_resumes_as_relora() {
         keep_last: 0,
         eval_every: 0,
         eval_batches: 1,
+        writer: true,
     };
     let mut cont = TrainRun::resume(&ckpt, &Device::Cpu, tokens, None, run_opts).unwrap();
     let mut events = Vec::new();

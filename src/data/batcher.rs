@@ -150,6 +150,17 @@ impl Batcher {
         }
     }
 
+    /// Advances past the next batch without building it, exactly as [`Batcher::next_batch`]
+    /// would (a data-parallel rank skipping the micro-batches of the other ranks).
+    pub fn skip_batch(&mut self) {
+        for _ in 0..self.batch {
+            self.cursor += 1;
+            if self.cursor == self.order.len() {
+                self.start_next_epoch();
+            }
+        }
+    }
+
     /// The current position, for a checkpoint.
     pub fn state(&self) -> BatcherState {
         BatcherState {
@@ -314,6 +325,22 @@ mod tests {
             assert_eq!(seen, expected);
         }
         assert_eq!(batcher.epoch(), 3);
+    }
+
+    #[test]
+    fn skipping_a_batch_advances_exactly_like_drawing_it() {
+        let data = ramp(211); // batches of 4 windows of 10 straddle epoch ends
+        let mut drawn = Batcher::new(data.clone(), 4, 10, 5).unwrap();
+        let mut skipped = Batcher::new(data, 4, 10, 5).unwrap();
+        for i in 0..20 {
+            let b = drawn.next_batch();
+            if i % 3 == 1 {
+                skipped.skip_batch();
+            } else {
+                assert_eq!(skipped.next_batch(), b);
+            }
+            assert_eq!(skipped.state(), drawn.state());
+        }
     }
 
     #[test]

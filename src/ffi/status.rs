@@ -146,6 +146,9 @@ pub fn status_of(e: &Error) -> relora_status {
         Error::Shape { .. } => relora_status::ShapeMismatch,
         Error::NonFinite { .. } => relora_status::NonFinite,
         Error::Device(_) => relora_status::Device,
+        // The C API has no built-in communicator (hosts reduce through the callback), so this
+        // only reaches a host through a core call that failed inside a collective.
+        Error::Distributed(_) => relora_status::CallbackFailed,
     }
 }
 

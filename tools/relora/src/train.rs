@@ -7,9 +7,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use relora::checkpoint::run_dir;
 use relora::config::{Mode, ModelConfig, TrainConfig};
 use relora::device::parse_device;
+use relora::distributed::bucket::DEFAULT_BUCKET_BYTES;
+use relora::distributed::{BucketReducer, Communicator};
 use relora::run::{RunOptions, TrainRun};
 use relora::Trainer;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// Options of `relora train`. Precedence: defaults < `--train-config` file < flags < `--set`.
 #[derive(Args, Debug)]
@@ -101,6 +104,41 @@ pub struct TrainArgs {
     /// are deleted), and replace an existing --export directory.
     #[arg(long)]
     force: bool,
+    /// Data-parallel training: "none", or "mpi" under `mpirun -np N` (builds with the `mpi`
+    /// feature). Each rank runs grad_accum micro-batches of batch_size sequences per step, so
+    /// the global batch is batch_size x grad_accum x N; only rank 0 writes files.
+    #[arg(long, default_value = "none")]
+    distributed: String,
+    /// Data-parallel runs: end the job when one collective call (gradient all-reduce, barrier)
+    /// waits longer than this many seconds, i.e. a peer rank died or hung. It must exceed the
+    /// longest time rank 0 spends evaluating or saving between two steps.
+    #[arg(long, default_value_t = 900)]
+    dist_timeout: u64,
+}
+
+/// The communicator `--distributed` asks for (None for a single process).
+fn connect(a: &TrainArgs) -> Result<Option<Rc<dyn Communicator>>> {
+    match a.distributed.as_str() {
+        "none" => Ok(None),
+        "mpi" => connect_mpi(std::time::Duration::from_secs(a.dist_timeout.max(1))).map(Some),
+        other => bail!("--distributed expects none or mpi, got '{other}'"),
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn connect_mpi(timeout: std::time::Duration) -> Result<Rc<dyn Communicator>> {
+    let comm = relora::distributed::mpi::MpiCommunicator::init(timeout)?;
+    Ok(Rc::new(comm))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn connect_mpi(_timeout: std::time::Duration) -> Result<Rc<dyn Communicator>> {
+    bail!(
+        "--distributed mpi: this relora was built without MPI support; rebuild with \
+         `cargo build --release -p relora-cli --features mpi` (needs Open MPI and libclang: \
+         apt-get install libopenmpi-dev openmpi-bin libclang-dev) and start it with \
+         `mpirun -np N relora train --distributed mpi ...`"
+    )
 }
 
 fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
@@ -148,8 +186,30 @@ fn resumed_run_dir(resume: &Path) -> PathBuf {
     }
 }
 
-/// Runs `relora train`.
-pub fn run(mut a: TrainArgs) -> Result<()> {
+/// Runs `relora train`. In a data-parallel run, an error on one rank is printed with its rank
+/// and ends the whole job (so the other ranks don't wait for it in a collective call).
+pub fn run(a: TrainArgs) -> Result<()> {
+    let comm = connect(&a)?;
+    let result = run_with(a, comm.clone());
+    if let (Err(e), Some(c)) = (&result, &comm) {
+        if c.world() > 1 {
+            eprintln!("error: rank {} of {}: {e:#}", c.rank(), c.world());
+            eprintln!("ending all ranks of the job");
+            c.abort(1);
+        }
+    }
+    result
+}
+
+fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>) -> Result<()> {
+    let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+    let writer = rank == 0;
+    let barrier = || -> Result<()> {
+        if let Some(c) = &comm {
+            c.barrier()?;
+        }
+        Ok(())
+    };
     if a.out.is_none() {
         a.out = Some(match &a.resume {
             Some(r) => resumed_run_dir(r),
@@ -165,6 +225,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         keep_last: a.keep_last,
         eval_every: a.eval_every,
         eval_batches: a.eval_batches,
+        writer,
     };
     let eval_spec = match (&a.eval_data, a.data.as_str()) {
         (Some(s), _) if s == "none" => None,
@@ -175,7 +236,11 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
 
     let mut run = if let Some(resume) = &a.resume {
         // Tidy what a killed save left in the run directory before picking its newest checkpoint.
-        run_dir::clean_stale(&out_dir).with_context(|| format!("tidying {}", out_dir.display()))?;
+        if writer {
+            run_dir::clean_stale(&out_dir)
+                .with_context(|| format!("tidying {}", out_dir.display()))?;
+        }
+        barrier()?;
         let dir = run_dir::resolve(resume)?;
         let manifest = relora::checkpoint::Manifest::read(&dir)?;
         let tok_spec = manifest
@@ -185,12 +250,14 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         let tok = inputs::tokenizer(&tok_spec)?;
         let train = inputs::tokens(&a.data, &tok)?;
         let eval = eval_spec.map(|s| inputs::tokens(&s, &tok)).transpose()?;
-        eprintln!(
-            "resuming {} at step {} (phase {})",
-            dir.display(),
-            manifest.counters.step,
-            manifest.phase_index
-        );
+        if writer {
+            eprintln!(
+                "resuming {} at step {} (phase {})",
+                dir.display(),
+                manifest.counters.step,
+                manifest.phase_index
+            );
+        }
         TrainRun::resume(&dir, &device, train, eval, opts)?
     } else {
         let existing = run_dir::list(&out_dir)?;
@@ -203,18 +270,21 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                     out_dir.display()
                 );
             }
-            for (_, dir) in existing {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("removing {}", dir.display()))?;
+            if writer {
+                for (_, dir) in existing {
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("removing {}", dir.display()))?;
+                }
             }
         }
         // A fresh run starts a fresh log, also over one left by an attempt that died before
         // its first checkpoint.
         let metrics = out_dir.join("metrics.jsonl");
-        if metrics.exists() {
+        if writer && metrics.exists() {
             std::fs::remove_file(&metrics)
                 .with_context(|| format!("removing {}", metrics.display()))?;
         }
+        barrier()?;
         let config = build_config(&a)?;
         let tok = inputs::tokenizer(&a.tokenizer)?;
         let mut model = match &a.config {
@@ -233,27 +303,42 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         let train = inputs::tokens(&a.data, &tok)?;
         let eval = eval_spec.map(|s| inputs::tokens(&s, &tok)).transpose()?;
         let trainer = Trainer::new(&model, &config, &device).context("creating the trainer")?;
-        eprintln!(
-            "model: {} parameters ({} layers, hidden {}, vocab {}); mode {}; {} steps of {} x {} x {} tokens",
-            model.num_parameters(),
-            model.num_hidden_layers,
-            model.hidden_size,
-            model.vocab_size,
-            config.mode,
-            config.steps,
-            config.grad_accum,
-            config.batch_size,
-            config.seq_len
-        );
+        if writer {
+            eprintln!(
+                "model: {} parameters ({} layers, hidden {}, vocab {}); mode {}; {} steps of {}{} x {} x {} tokens",
+                model.num_parameters(),
+                model.num_hidden_layers,
+                model.hidden_size,
+                model.vocab_size,
+                config.mode,
+                config.steps,
+                if world > 1 { format!("{world} ranks x ") } else { String::new() },
+                config.grad_accum,
+                config.batch_size,
+                config.seq_len
+            );
+        }
         TrainRun::new(trainer, train, eval, Some(tok.spec()), None, opts)?
     };
+    if let Some(c) = &comm {
+        let shared: Box<dyn Communicator> = Box::new(Rc::clone(c));
+        run.set_data_parallel(BucketReducer::new(shared, DEFAULT_BUCKET_BYTES))?;
+        if writer {
+            eprintln!(
+                "data-parallel over {world} ranks ({}): global batch {} x {} x {world} sequences",
+                c.backend(),
+                run.trainer.config.batch_size,
+                run.trainer.config.grad_accum
+            );
+        }
+    }
 
     let total = run.trainer.config.steps;
     let until = a
         .stop_after
         .map(|n| run.trainer.step_count() + n)
         .unwrap_or(total);
-    let bar = if a.quiet {
+    let bar = if a.quiet || !writer {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total)
@@ -265,7 +350,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(run.trainer.step_count());
-    let quiet = a.quiet;
+    let quiet = a.quiet || !writer;
     let result = run.train_until(until, |r| {
         let s = r.stats;
         let phase = if !s.adapters {
@@ -319,6 +404,9 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         )));
     }
     bar.finish();
+    if !writer {
+        return Ok(());
+    }
     let last = run_dir::list(&run.options().out_dir)?
         .pop()
         .map(|(_, p)| p.display().to_string())
