@@ -246,3 +246,47 @@ fn gradient_accumulation_equals_one_combined_batch() {
         assert!(d < 1e-9, "{n} differs by {d}");
     }
 }
+
+#[test]
+fn re_initialised_adapters_keep_training_after_every_merge() {
+    // After each merge the optimizer must update the new A and B (not the tensors it held before
+    // the re-init): B moves at the first step after a merge, A once B is non-zero.
+    let mut cfg = train_cfg(Mode::Relora, "f32");
+    cfg.warmup_full_steps = 3;
+    cfg.reset_every = 4;
+    cfg.reset_mode = ResetMode::Zero;
+    let mut t = Trainer::new(&tiny(40), &cfg, &Device::Cpu).unwrap();
+    let snapshot = |t: &Trainer| -> Vec<(Vec<f64>, Vec<f64>)> {
+        t.model
+            .projections()
+            .iter()
+            .map(|p| {
+                let ad = p.adapter.as_ref().unwrap();
+                (values(ad.a.as_tensor()), values(ad.b.as_tensor()))
+            })
+            .collect()
+    };
+    let mut checked = 0;
+    for s in 0..16 {
+        let st = t.step(&[random_batch(2, 8, 40, s)]).unwrap();
+        if st.reset.is_none() {
+            continue;
+        }
+        // The step that merged also trained the fresh adapter once: B is no longer zero.
+        let after_merge = snapshot(&t);
+        for (_, b) in &after_merge {
+            assert!(
+                b.iter().any(|v| *v != 0.0),
+                "B untrained after merge at {s}"
+            );
+        }
+        t.step(&[random_batch(2, 8, 40, 100 + s)]).unwrap();
+        let later = snapshot(&t);
+        for ((a0, b0), (a1, b1)) in after_merge.iter().zip(&later) {
+            assert!(a0 != a1, "A did not move after the merge at step {s}");
+            assert!(b0 != b1, "B did not move after the merge at step {s}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "three merges in 16 steps");
+}
