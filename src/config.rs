@@ -52,6 +52,16 @@ fn default_init_range() -> f64 {
     0.02
 }
 
+/// Largest parameter count a model shape may have (2^40, about 1.1 trillion; the largest LLaMA
+/// has 405 billion). A bigger count in a config or a manifest is corrupt; refusing it keeps every
+/// size and byte count derived from a valid shape far from overflowing.
+pub const MAX_PARAMETERS: usize = 1 << 40;
+
+/// Largest rotary table (`max_position_embeddings` x `head_dim` elements) a shape may ask for:
+/// 2^25, e.g. 262144 positions at head_dim 128. The model precomputes the table for every
+/// position, so a larger value is refused before anything is allocated for it.
+pub const MAX_ROPE_TABLE_ELEMENTS: usize = 1 << 25;
+
 /// The named model sizes: a tiny one for tests and the paper's sizes.
 pub const PRESETS: &[&str] = &["tiny", "small", "60m", "130m", "250m", "350m", "1b"];
 
@@ -144,6 +154,28 @@ impl ModelConfig {
         if self.max_position_embeddings == 0 {
             return bad("max_position_embeddings must be positive".into());
         }
+        if self
+            .max_position_embeddings
+            .checked_mul(self.head_dim())
+            .map_or(true, |n| n > MAX_ROPE_TABLE_ELEMENTS)
+        {
+            return bad(format!(
+                "max_position_embeddings {} x head_dim {} exceeds the largest rotary table \
+                 supported ({MAX_ROPE_TABLE_ELEMENTS} elements)",
+                self.max_position_embeddings,
+                self.head_dim()
+            ));
+        }
+        if self
+            .checked_num_parameters()
+            .map_or(true, |n| n > MAX_PARAMETERS)
+        {
+            return bad(format!(
+                "the shape (vocab_size {}, hidden_size {}, intermediate_size {}, \
+                 num_hidden_layers {}) has more than {MAX_PARAMETERS} parameters",
+                self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers
+            ));
+        }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
             return bad(format!(
                 "rms_norm_eps {} must be positive",
@@ -162,17 +194,35 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Total parameter count (without adapters).
+    /// Total parameter count (without adapters). Exact for a shape that validates; saturates at
+    /// `usize::MAX` for one whose count overflows.
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// Total parameter count (without adapters), or `None` when it overflows a `usize`.
+    pub fn checked_num_parameters(&self) -> Option<usize> {
         let h = self.hidden_size;
-        let kvd = self.kv_heads() * self.head_dim();
-        let per_layer = h * h * 2 + h * kvd * 2 + 3 * h * self.intermediate_size + 2 * h;
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * h
-        };
-        self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
+        let kvd = self.kv_heads().checked_mul(self.head_dim())?;
+        let per_layer = h
+            .checked_mul(h)?
+            .checked_mul(2)?
+            .checked_add(h.checked_mul(kvd)?.checked_mul(2)?)?
+            .checked_add(h.checked_mul(self.intermediate_size)?.checked_mul(3)?)?
+            .checked_add(h.checked_mul(2)?)?;
+        let embed = self.vocab_size.checked_mul(h)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed
+            .checked_add(self.num_hidden_layers.checked_mul(per_layer)?)?
+            .checked_add(h)?
+            .checked_add(head)
+    }
+
+    /// Bytes the weights take at `elem_bytes` per parameter (saturating). A model read from a
+    /// checkpoint must fit in the files that store it; callers compare this with their sizes
+    /// before allocating anything for the model.
+    pub fn weight_bytes(&self, elem_bytes: usize) -> u64 {
+        (self.num_parameters() as u64).saturating_mul(elem_bytes as u64)
     }
 }
 
@@ -553,6 +603,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("hidden_size"));
+    }
+
+    #[test]
+    fn implausible_shapes_are_refused_and_counting_never_overflows() {
+        // Found by fuzzing (fuzz/seeds/manifest/hidden-size-overflow.json): a manifest whose
+        // shape validated but whose parameter count overflowed panicked in `inspect`.
+        let json = r#"{"vocab_size": 258, "hidden_size": 1099511627776, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32}"#;
+        let c: ModelConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(c.checked_num_parameters(), None);
+        assert_eq!(c.num_parameters(), usize::MAX);
+        assert_eq!(c.weight_bytes(4), u64::MAX);
+        assert!(c.validate().is_err());
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.vocab_size = 1 << 62;
+        assert_eq!(c.checked_num_parameters(), None);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("parameters"), "{err}");
+        c.vocab_size = (MAX_PARAMETERS / c.hidden_size) + 1;
+        assert!(c.checked_num_parameters().is_some());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("parameters"), "{err}");
+
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.max_position_embeddings = 1 << 36;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("rotary table"), "{err}");
+        c.max_position_embeddings = usize::MAX;
+        assert!(c.validate().is_err());
+
+        // Every preset stays well inside both limits, and the count is exact.
+        for p in PRESETS {
+            let c = ModelConfig::preset(p).unwrap();
+            assert_eq!(c.checked_num_parameters(), Some(c.num_parameters()));
+            assert_eq!(c.weight_bytes(4), 4 * c.num_parameters() as u64);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::export::{merge_phases, Phase, PhaseAdapter};
 use crate::model::llama::set_checked;
 use crate::model::Llama;
 use crate::optim::ParamState;
-use crate::relora::cycle::attach_adapters;
+use crate::relora::cycle::{attach_adapters, short_name};
 use crate::rng::Rng;
 use crate::trainer::Trainer;
 use candle_core::{DType, Device, Tensor};
@@ -116,13 +116,30 @@ pub fn read_base(
 pub fn load(dir: &Path, device: &Device) -> Result<(Trainer, Manifest)> {
     let m = Manifest::read(dir)?;
     let dtype = m.train.candle_dtype()?;
-    // Placeholder init (overwritten below); a fixed seed keeps it cheap to reason about.
-    let mut model = Llama::new(&m.model, dtype, device, &mut Rng::new(0))?;
 
     let params_path = dir.join("params.safetensors");
     let mut params = read_file(dir, &m, "params.safetensors", device)?;
     let base = read_base(dir, &m, device)?;
+    // Every weight is stored in params or base (just verified to be the sizes the manifest
+    // records), so they bound the model: a manifest claiming a bigger one is corrupt, and is
+    // refused before the model is allocated.
+    let mut stored = m.file(dir, "params.safetensors")?.bytes;
+    if base.is_some() {
+        stored += m.file(dir, "base.safetensors")?.bytes;
+    }
+    let need = m.model.weight_bytes(dtype.size_in_bytes());
+    if need > stored {
+        return Err(Error::checkpoint(
+            dir,
+            format!(
+                "the manifest's model needs {need} bytes of weights, but params.safetensors and \
+                 base.safetensors hold only {stored} bytes"
+            ),
+        ));
+    }
     let phases = read_phases(dir, &m, device)?;
+    // Placeholder init (overwritten below); a fixed seed keeps it cheap to reason about.
+    let mut model = Llama::new(&m.model, dtype, device, &mut Rng::new(0))?;
 
     let mut weights: HashMap<String, Tensor> = HashMap::new();
     if let Some(base) = &base {
@@ -147,6 +164,36 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Trainer, Manifest)> {
     if m.adapters_attached {
         let adapters_path = dir.join("adapters.safetensors");
         let mut adapters = read_file(dir, &m, "adapters.safetensors", device)?;
+        // Adapters are allocated at the manifest's rank: first check that the file holds each
+        // of them at that rank, so a corrupt rank is an error rather than an allocation.
+        let rank = m.train.lora_rank;
+        for p in model.projections() {
+            if !m
+                .train
+                .target_modules
+                .iter()
+                .any(|t| t == short_name(&p.name))
+            {
+                continue;
+            }
+            for (key, shape) in [
+                (format!("{}.lora_A", p.name), [rank, p.in_dim()]),
+                (format!("{}.lora_B", p.name), [p.out_dim(), rank]),
+            ] {
+                let t = adapters.get(&key).ok_or_else(|| {
+                    Error::checkpoint(&adapters_path, format!("tensor {key} is missing"))
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::checkpoint(
+                        &adapters_path,
+                        format!(
+                            "tensor {key} is {:?}, but lora_rank {rank} needs {shape:?}",
+                            t.dims()
+                        ),
+                    ));
+                }
+            }
+        }
         attach_adapters(
             &mut model,
             &m.train.target_modules,
@@ -230,4 +277,70 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Trainer, Manifest)> {
         ));
     }
     Ok((trainer, m))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::checkpoint::{save, SaveExtra};
+    use crate::config::{Mode, ModelConfig, TrainConfig};
+    use crate::data::Batch;
+
+    /// A tiny LoRA trainer after one step (adapters attached), saved to `dir`.
+    pub(crate) fn saved_checkpoint(dir: &Path) {
+        let mut model = ModelConfig::preset("tiny").unwrap();
+        model.vocab_size = 32;
+        let cfg = TrainConfig {
+            mode: Mode::Lora,
+            steps: 4,
+            warmup_steps: 0,
+            warmup_full_steps: 0,
+            batch_size: 1,
+            seq_len: 4,
+            lora_rank: 2,
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(&model, &cfg, &Device::Cpu).unwrap();
+        let batch = Batch {
+            inputs: vec![1, 2, 3, 4],
+            targets: vec![2, 3, 4, 5],
+            batch: 1,
+            seq_len: 4,
+        };
+        t.step(&[batch]).unwrap();
+        save(&t, dir, &SaveExtra::default()).unwrap();
+    }
+
+    /// Rewrites the checkpoint's manifest as `original` with `edit` applied.
+    pub(crate) fn write_edited(dir: &Path, original: &Manifest, edit: impl FnOnce(&mut Manifest)) {
+        let mut m = original.clone();
+        edit(&mut m);
+        m.write(dir).unwrap();
+    }
+
+    #[test]
+    fn sizes_a_manifest_claims_beyond_its_files_are_refused_before_allocating() {
+        // Found by fuzzing (fuzz/seeds/manifest/huge-*.json): a manifest naming a huge model or
+        // rank made the loader allocate it (terabytes) before reading a single weight.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        saved_checkpoint(&dir);
+        let original = Manifest::read(&dir).unwrap();
+        let load_edited = |edit: fn(&mut Manifest)| {
+            write_edited(&dir, &original, edit);
+            load(&dir, &Device::Cpu)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        load_edited(|_| {}).unwrap();
+
+        let err = load_edited(|m| m.model.vocab_size = 1 << 30).unwrap_err();
+        assert!(err.contains("bytes of weights"), "{err}");
+        let err = load_edited(|m| m.model.num_hidden_layers = 1 << 20).unwrap_err();
+        assert!(err.contains("bytes of weights"), "{err}");
+        let err = load_edited(|m| m.train.lora_rank = 1 << 40).unwrap_err();
+        assert!(err.contains("lora_rank"), "{err}");
+        let err = load_edited(|m| m.model.max_position_embeddings = 1 << 36).unwrap_err();
+        assert!(err.contains("rotary table"), "{err}");
+    }
 }

@@ -327,7 +327,10 @@ fn parse_entry(path: &Path, name: &str, v: &serde_json::Value) -> Result<TensorI
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| bad(path, format!("tensor {name}: shape {shape:?} overflows")))?;
-    let expect = numel as u64 * dtype.size() as u64;
+    // Checked: a shape whose element count fits in a usize can still overflow as a byte count.
+    let expect = (numel as u64)
+        .checked_mul(dtype.size() as u64)
+        .ok_or_else(|| bad(path, format!("tensor {name}: {dtype} {shape:?} overflows")))?;
     if offs[1] - offs[0] != expect {
         return Err(bad(
             path,
@@ -612,5 +615,31 @@ mod tests {
         .unwrap();
         assert_eq!(calls, 2);
         assert_eq!(back, data);
+    }
+
+    /// A header and its data, as the fuzz target's inputs are.
+    fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn implausible_sizes_are_errors_before_anything_is_allocated() {
+        // Found by fuzzing (fuzz/seeds/safetensors/shape-bytes-overflow.safetensors): 2^61 F64
+        // elements fit in a usize but not as a byte count, which panicked on the overflow.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let header = r#"{"x":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,0]}}"#;
+        std::fs::write(&path, raw_file(header, &[])).unwrap();
+        let err = SafetensorsFile::open(&path).err().unwrap().to_string();
+        assert!(err.contains("overflows"), "{err}");
+        // A header that claims a 1 TB tensor with no data behind it: refused by the length check.
+        let header =
+            r#"{"x":{"dtype":"F32","shape":[262144,1048576],"data_offsets":[0,1099511627776]}}"#;
+        std::fs::write(&path, raw_file(header, &[0; 16])).unwrap();
+        let err = SafetensorsFile::open(&path).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
     }
 }

@@ -174,6 +174,19 @@ impl CheckpointSource {
                 scales: HashMap::new(),
             });
         }
+        // Every weight is stored in params or base, so their size bounds the model: a manifest
+        // claiming more is refused before the tensor list (one entry per layer) is built.
+        let stored = params.len() + base.as_ref().map_or(0, SafetensorsFile::len);
+        let need = m.model.weight_bytes(dtype.size());
+        if need > stored {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "the manifest's model needs {need} bytes of {dtype} weights, but \
+                     params.safetensors and base.safetensors hold only {stored} bytes"
+                ),
+            ));
+        }
         let expected = expected_tensors(&m.model);
         let mut src = CheckpointSource {
             dir: dir.to_path_buf(),
@@ -470,4 +483,32 @@ pub fn is_projection(name: &str) -> bool {
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let short = module.rsplit('.').next().unwrap_or("");
     crate::config::ALL_TARGETS.contains(&short)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::load::tests::{saved_checkpoint, write_edited};
+
+    #[test]
+    fn a_model_bigger_than_the_stored_weights_is_refused_before_listing_its_tensors() {
+        // Found by fuzzing (fuzz/seeds/manifest/huge-layers.json): a manifest claiming millions
+        // of layers made opening the checkpoint build a tensor list of that many entries (tens
+        // of GB) before any header was compared with it.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        saved_checkpoint(&dir);
+        let src = CheckpointSource::open(&dir).unwrap();
+        assert_eq!(src.expected().len(), 2 + 9 * 2 + 1);
+        let original = src.manifest().clone();
+        // 2^24 layers of the tiny shape: under the parameter limit, far beyond the files.
+        write_edited(&dir, &original, |m| m.model.num_hidden_layers = 1 << 24);
+        for verify in [true, false] {
+            let err = CheckpointSource::open_with(&dir, verify)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("bytes of F32 weights"), "{err}");
+        }
+    }
 }
