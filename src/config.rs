@@ -1,6 +1,7 @@
 //! Model and training configuration: the Hugging Face `LlamaConfig` fields, the paper's presets,
 //! and every training option, with validation that names the offending field.
 
+use crate::bounded_read::{read_limited_text, JSON_LIMIT};
 use crate::error::{Error, Result};
 use crate::optim::reset::ResetMode;
 use serde::{Deserialize, Serialize};
@@ -104,7 +105,7 @@ impl ModelConfig {
 
     /// Reads a Hugging Face style `config.json`; unknown fields are ignored.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_limited_text(path.as_ref(), JSON_LIMIT)?;
         let cfg: ModelConfig = serde_json::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         cfg.validate()?;
@@ -404,7 +405,7 @@ impl TrainConfig {
 
     /// Reads a JSON training configuration; missing fields take their defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_limited_text(path.as_ref(), JSON_LIMIT)?;
         let cfg: TrainConfig = serde_json::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(cfg)

@@ -16,6 +16,8 @@
 // committed header.
 
 /// cbindgen:ignore
+pub mod bounded_read;
+/// cbindgen:ignore
 pub mod checkpoint;
 /// cbindgen:ignore
 pub mod config;

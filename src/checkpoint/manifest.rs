@@ -65,17 +65,32 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileInfo>,
 }
 
+/// Whether `rel` is a plain relative path below a directory: no root, drive prefix or `..`.
+fn is_inside(rel: &str) -> bool {
+    let p = Path::new(rel);
+    !rel.is_empty()
+        && p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+}
+
 impl Manifest {
     /// Reads and checks a manifest: format name and version, and internal consistency.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::checkpoint(
-                dir,
-                "no manifest.json: not a checkpoint directory (or an unfinished save)",
-            ),
-            _ => Error::io(&path, e),
-        })?;
+        let bytes = match crate::bounded_read::read_limited(&path, crate::bounded_read::JSON_LIMIT)
+        {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::checkpoint(
+                    dir,
+                    "no manifest.json: not a checkpoint directory (or an unfinished save)",
+                ))
+            }
+            other => other?,
+        };
         let has_checksum = Self::verify_checksum(dir, &bytes)?;
         let m: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::checkpoint(&path, format!("unreadable manifest: {e}")))?;
@@ -107,6 +122,17 @@ impl Manifest {
                 "phase_index disagrees with the phase list",
             ));
         }
+        // Every file a manifest names lies inside the checkpoint: readers join these names to the
+        // checkpoint directory, and a damaged or hostile manifest must not point them elsewhere.
+        let named = m.files.keys().chain(m.phases.iter().map(|p| &p.file));
+        for rel in named {
+            if !is_inside(rel) {
+                return Err(Error::checkpoint(
+                    &path,
+                    format!("file name '{rel}' leaves the checkpoint directory"),
+                ));
+            }
+        }
         m.model
             .validate()
             .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
@@ -120,10 +146,13 @@ impl Manifest {
     /// returns whether it did.
     fn verify_checksum(dir: &Path, manifest: &[u8]) -> Result<bool> {
         let path = dir.join(MANIFEST_CHECKSUM_FILE);
-        let text = match std::fs::read(&path) {
+        // A CRC file is 8 bytes; anything much larger is damage, refused without reading it all.
+        let text = match crate::bounded_read::read_limited(&path, 64) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io(&path, e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e),
         };
         // Exactly as written: 8 lower-case hex digits, so that any changed byte is an error.
         let well_formed =
@@ -169,5 +198,28 @@ impl Manifest {
             .get(file)
             .copied()
             .ok_or_else(|| Error::checkpoint(dir, format!("manifest lists no file {file}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn named_files_must_stay_inside_the_checkpoint() {
+        use super::is_inside;
+        for ok in [
+            "params.safetensors",
+            "phases/phase-0001.safetensors",
+            "./base.safetensors",
+        ] {
+            assert!(is_inside(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../other/params.safetensors",
+            "phases/../../x",
+        ] {
+            assert!(!is_inside(bad), "{bad}");
+        }
     }
 }

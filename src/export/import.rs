@@ -13,6 +13,7 @@ use super::hf::{write_file, Payload};
 use super::safetensors::{PlannedTensor, SafetensorsFile};
 use super::source::expected_tensors;
 use super::tokenizer::recognise;
+use crate::bounded_read::{read_limited_text, JSON_LIMIT};
 use crate::checkpoint::files::FileInfo;
 use crate::checkpoint::manifest::{Manifest, FORMAT, FORMAT_VERSION};
 use crate::config::{ModelConfig, TrainConfig};
@@ -74,7 +75,7 @@ fn hf_err(path: &Path, message: impl Into<String>) -> Error {
 /// Reads a Hugging Face `config.json`, refusing Llama variants the trainer's model cannot
 /// represent (the error names the field).
 pub fn read_hf_config(path: &Path) -> Result<ModelConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_limited_text(path.as_ref(), JSON_LIMIT)?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| hf_err(path, format!("not valid JSON: {e}")))?;
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
@@ -159,7 +160,7 @@ impl HfWeights {
         let mut files = Vec::new();
         let mut location = HashMap::new();
         if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let text = read_limited_text(&index, JSON_LIMIT)?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| hf_err(&index, format!("not valid JSON: {e}")))?;
             let map = v

@@ -8,6 +8,7 @@ use super::guard::{
     boundary, check_live, cstr, out_ptr, registry, write_text, Failure, FfiResult, HandleKind,
 };
 use super::status::relora_status;
+use crate::bounded_read::{read_limited_text, JSON_LIMIT};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::Tokenizer;
 use crate::optim::reset::ResetMode;
@@ -654,7 +655,7 @@ pub unsafe extern "C" fn relora_params_load_file(
     boundary("relora_params_load_file", || {
         // SAFETY: NUL-terminated string per the C contract.
         let path = unsafe { cstr(path, "path")? };
-        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+        let text = read_limited_text(path.as_ref(), JSON_LIMIT)?;
         with_params(params, |o| o.load_json(&text, path))
     })
 }
