@@ -105,7 +105,7 @@ impl ModelConfig {
 
     /// Reads a Hugging Face style `config.json`; unknown fields are ignored.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = read_limited_text(path.as_ref(), JSON_LIMIT)?;
+        let text = read_limited_text(path, JSON_LIMIT)?;
         let cfg: ModelConfig = serde_json::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         cfg.validate()?;
@@ -405,7 +405,7 @@ impl TrainConfig {
 
     /// Reads a JSON training configuration; missing fields take their defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = read_limited_text(path.as_ref(), JSON_LIMIT)?;
+        let text = read_limited_text(path, JSON_LIMIT)?;
         let cfg: TrainConfig = serde_json::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(cfg)

@@ -75,7 +75,7 @@ fn hf_err(path: &Path, message: impl Into<String>) -> Error {
 /// Reads a Hugging Face `config.json`, refusing Llama variants the trainer's model cannot
 /// represent (the error names the field).
 pub fn read_hf_config(path: &Path) -> Result<ModelConfig> {
-    let text = read_limited_text(path.as_ref(), JSON_LIMIT)?;
+    let text = read_limited_text(path, JSON_LIMIT)?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| hf_err(path, format!("not valid JSON: {e}")))?;
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
