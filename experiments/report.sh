@@ -4,6 +4,8 @@
 # spectra of the updates (full-rank measured from its own warm-start checkpoint).
 #
 #   experiments/report.sh [EXPERIMENT_DIR]     (same environment variables as run.sh)
+#
+# RELORA_REPORT_DIR: also copy the charts, tables and spectrum summary there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 exp_dir="$(cd "${1:-$root/experiments/austen}" && pwd)"
@@ -29,6 +31,13 @@ arms() { for a in "$@"; do [[ -f "$out/$a/heldout.json" ]] && printf '%s ' "$out
 # shellcheck disable=SC2046
 "$bin/relora" plot $(arms full relora) --key loss --smooth 10 --png "$out/train-loss.png" \
   --title "TRAINING LOSS (10-STEP MEAN): FULL VS RELORA" --ymax 2.2
+# The investigation: peak learning rates, and a rank that binds harder.
+# shellcheck disable=SC2046
+"$bin/relora" plot $(arms full_lr_half full full_lr2x relora relora_lr2x lora_warm lora_warm_lr2x) \
+  --png "$out/eval-loss-lr.png" --title "HELD-OUT LOSS: PEAK LEARNING RATES" --ymax 2.0
+# shellcheck disable=SC2046
+"$bin/relora" plot $(arms relora lora_warm relora_r8 lora_warm_r8) \
+  --png "$out/eval-loss-rank.png" --title "HELD-OUT LOSS: RANK 32 VS RANK 8" --ymax 2.0
 
 # Spectra: every run's update since the warm start ended (LoRA from scratch: since its init).
 ref="$out/full/checkpoints/$(printf 'step-%08d' "$warm")"
@@ -36,7 +45,12 @@ against=()
 for a in relora lora_warm lora; do
   [[ -f "$out/$a/heldout.json" ]] && against+=(--against "$out/$a")
 done
-"$bin/relora-convert" spectrum "$out/full" --from "$ref" "${against[@]}" --png "$out/spectrum.png" \
+"$bin/relora-convert" spectrum "$out/full" --from "$ref" "${against[@]}" --log --png "$out/spectrum.png" \
   | tee "$out/spectrum.txt"
 "$bin/relora-convert" spectrum "$out/full" --from "$ref" "${against[@]}" --json > "$out/spectrum.json"
+# The small outputs, for committing next to EXPERIMENTS.md.
+if [[ -n "${RELORA_REPORT_DIR:-}" ]]; then
+  mkdir -p "$RELORA_REPORT_DIR"
+  cp "$out"/*.png "$out/results.md" "$out/results.json" "$out/spectrum.txt" "$RELORA_REPORT_DIR/"
+fi
 echo "wrote $out/results.md, results.json, eval-loss.png, eval-loss-ablations.png, train-loss.png, spectrum.png, spectrum.txt, spectrum.json"

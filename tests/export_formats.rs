@@ -434,7 +434,8 @@ fn relora_updates_exceed_the_adapter_rank_and_lora_updates_do_not() {
         "{text}"
     );
     let png = dir.path().join("spectrum.png");
-    histogram_png(&[s, l], &png, 30).unwrap();
+    histogram_png(&[s.clone(), l.clone()], &png, 30, false).unwrap();
+    histogram_png(&[s, l], &png, 30, true).unwrap();
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[1..4], b"PNG");
 

@@ -280,9 +280,14 @@ fn run_name(p: &Path) -> String {
     own
 }
 
+/// Decades shown by a logarithmic histogram, below the largest singular value.
+const LOG_DECADES: f64 = 5.0;
+
 /// Draws a histogram of every singular value of each run (bars side by side per bin) and saves
-/// it as PNG.
-pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize) -> Result<()> {
+/// it as PNG. With `log_x` the bins are even in log10 over the five decades below the largest
+/// value (smaller values count in the first bin), which shows the mass between 0.1 and 1 that a
+/// linear axis squeezes next to zero.
+pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize, log_x: bool) -> Result<()> {
     if runs.is_empty() || runs.len() > PALETTE.len() {
         return Err(Error::Config(format!(
             "a histogram takes 1 to {} runs, not {}",
@@ -303,12 +308,20 @@ pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize) -> Result<()> 
         .flatten()
         .fold(0.0f64, |a, &b| a.max(b))
         .max(f64::MIN_POSITIVE);
+    let (hi, lo) = (top.log10(), top.log10() - LOG_DECADES);
+    let position = |x: f64| -> f64 {
+        if log_x {
+            ((x.max(f64::MIN_POSITIVE).log10() - lo) / (hi - lo)).max(0.0)
+        } else {
+            x / top
+        }
+    };
     let counts: Vec<Vec<usize>> = values
         .iter()
         .map(|v| {
             let mut c = vec![0usize; bins];
             for &x in v {
-                let b = ((x / top) * bins as f64) as usize;
+                let b = (position(x) * bins as f64) as usize;
                 c[b.min(bins - 1)] += 1;
             }
             c
@@ -356,13 +369,21 @@ pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize) -> Result<()> 
             );
         }
     }
-    // Axes and x ticks.
+    // Axes and x ticks (at powers of ten on a logarithmic axis).
     c.fill(px0, py1, px1, py1 + 2, black);
     c.fill(px0 - 2, py0, px0, py1 + 2, black);
-    for k in 0..=4 {
-        let x = px0 + (px1 - px0) * k / 4;
+    let ticks: Vec<(f64, String)> = if log_x {
+        (lo.ceil() as i32..=hi.floor() as i32)
+            .map(|e| ((e as f64 - lo) / (hi - lo), tick_label(10f64.powi(e))))
+            .collect()
+    } else {
+        (0..=4)
+            .map(|k| (k as f64 / 4.0, tick_label(top * k as f64 / 4.0)))
+            .collect()
+    };
+    for (at, label) in ticks {
+        let x = px0 + ((px1 - px0) as f64 * at) as usize;
         c.fill(x, py1, x + 1, py1 + 6, black);
-        let label = tick_label(top * k as f64 / 4.0);
         c.text(
             x.saturating_sub(label.len() * CHAR_W / 2),
             py1 + 10,
@@ -373,7 +394,11 @@ pub fn histogram_png(runs: &[Spectrum], path: &Path, bins: usize) -> Result<()> 
     c.text(
         px0 + (px1 - px0) / 2 - 7 * CHAR_W,
         h - 26,
-        "SINGULAR VALUE",
+        if log_x {
+            "SINGULAR VALUE (LOG)"
+        } else {
+            "SINGULAR VALUE"
+        },
         black,
     );
     c.text(8, topm - 30, "COUNT", black);

@@ -175,6 +175,9 @@ struct SpectrumArgs {
     /// Histogram bins.
     #[arg(long, default_value_t = 40)]
     bins: usize,
+    /// Logarithmic x axis: five decades below the largest singular value.
+    #[arg(long)]
+    log: bool,
     /// Print JSON (every singular value) instead of the table.
     #[arg(long)]
     json: bool,
@@ -309,7 +312,7 @@ fn run_spectrum(a: SpectrumArgs) -> Result<()> {
         print!("{}", table(&runs));
     }
     if let Some(p) = &a.png {
-        histogram_png(&runs, p, a.bins)?;
+        histogram_png(&runs, p, a.bins, a.log)?;
         eprintln!("wrote {}", p.display());
     }
     Ok(())
