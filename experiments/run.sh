@@ -10,9 +10,8 @@
 # EXPERIMENT_DIR holds base.json (training options shared by every arm) and arms.tsv (one arm a
 # line: name, mode, extra KEY=VALUE options). Default: experiments/austen.
 # Environment: RELORA_TRAIN_DATA, RELORA_HELDOUT_DATA (default ../shared/data/austen-*.txt),
-# RELORA_EXP_OUT (default runs/experiments/<name>), RELORA_THREADS (default 1, so the timing
-# of every arm is comparable whatever else the machine runs), RELORA_BIN_DIR (prebuilt binaries;
-# default: build them in release mode).
+# RELORA_EXP_OUT (default runs/experiments/<name>), RELORA_THREADS (default 1), RELORA_BIN_DIR
+# (prebuilt binaries, with RELORA_BIN_COMMIT naming their commit; default: build them here).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 exp_dir="$(cd "${1:-$root/experiments/austen}" && pwd)"
@@ -33,9 +32,14 @@ else
   bin="$RELORA_BIN_DIR"
 fi
 mkdir -p "$out"
-commit="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-dirty="$(git -C "$root" status --porcelain -- src tools 2>/dev/null | head -1)"
-[[ -n "$dirty" ]] && commit="$commit+dirty"
+# The commit the binaries were built from: this checkout's, or RELORA_BIN_COMMIT for prebuilt ones.
+if [[ -n "${RELORA_BIN_DIR:-}" ]]; then
+  commit="${RELORA_BIN_COMMIT:-prebuilt}"
+else
+  commit="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  dirty="$(git -C "$root" status --porcelain -- src tools 2>/dev/null | head -1)"
+  [[ -n "$dirty" ]] && commit="$commit+dirty"
+fi
 
 wanted=("$@")
 while IFS=$'\t' read -r arm mode options; do
