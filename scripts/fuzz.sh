@@ -97,18 +97,18 @@ for t in "${TARGETS[@]}"; do
   rc=$?
   set -e
   elapsed=$(( $(date +%s) - start ))
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
-  rss=$(grep -o 'stat::peak_rss_mb: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
+  execs=$(grep -a -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
+  rss=$(grep -a -o 'stat::peak_rss_mb: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
   units=$(ls "$corpus" | wc -l)
   new_artifacts=$(( $(ls "$artifacts" | wc -l) - before ))
   outcome=ok
   if [ "$rc" -ne 0 ] || [ "$new_artifacts" -gt 0 ]; then
     failed=1
     outcome="FAILED (exit $rc)"
-    grep -q 'ERROR: libFuzzer: timeout' "$log" && outcome="TIMEOUT (hang)"
-    grep -q -e 'ERROR: libFuzzer: out-of-memory' -e 'malloc(.*) exceeds' "$log" && outcome="OUT OF MEMORY"
-    grep -q 'ERROR: LeakSanitizer' "$log" && outcome="LEAK"
-    grep -q -e 'panicked at' -e 'ERROR: AddressSanitizer' -e 'ERROR: libFuzzer: deadly signal' "$log" && outcome="CRASH"
+    grep -a -q 'ERROR: libFuzzer: timeout' "$log" && outcome="TIMEOUT (hang)"
+    grep -a -q -e 'ERROR: libFuzzer: out-of-memory' -e 'malloc(.*) exceeds' "$log" && outcome="OUT OF MEMORY"
+    grep -a -q 'ERROR: LeakSanitizer' "$log" && outcome="LEAK"
+    grep -a -q -e 'panicked at' -e 'ERROR: AddressSanitizer' -e 'ERROR: libFuzzer: deadly signal' "$log" && outcome="CRASH"
     echo "---- last lines of $log"
     tail -n 40 "$log"
     echo "---- inputs saved in $artifacts/:"

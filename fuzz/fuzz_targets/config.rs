@@ -10,28 +10,7 @@
 use libfuzzer_sys::fuzz_target;
 use relora::export::import::read_hf_config;
 use relora::{ModelConfig, TrainConfig};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-fn path() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let d = tempfile::tempdir().expect("temp dir");
-        let p = d.path().join("config.json");
-        (d, p)
-    })
-    .1
-}
-
-fn check_err<T>(r: relora::Result<T>) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            assert!(!e.to_string().is_empty(), "error without a message: {e:?}");
-            None
-        }
-    }
-}
+use relora_fuzz::{check_err, scratch_dir};
 
 fn model_ok(m: &ModelConfig) {
     check_err(m.validate()).expect("a config that was read validates");
@@ -41,7 +20,7 @@ fn model_ok(m: &ModelConfig) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let path = path();
+    let path = &scratch_dir().join("config.json");
     std::fs::write(path, data).expect("write input");
     if let Some(m) = check_err(ModelConfig::from_file(path)) {
         model_ok(&m);

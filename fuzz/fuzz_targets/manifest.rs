@@ -14,6 +14,7 @@ use relora::checkpoint::manifest::{MANIFEST_CHECKSUM_FILE, MANIFEST_FILE};
 use relora::checkpoint::{self, Manifest};
 use relora::export::inspect::inspect;
 use relora::export::source::CheckpointSource;
+use relora_fuzz::{check_err, scratch_dir};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -40,27 +41,17 @@ const FILES: &[(&str, &[u8])] = &[
     fixture!("phases/phase-0002.safetensors"),
 ];
 
+/// The scratch directory holding the fixture checkpoint's files (written once).
 fn dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir_all(d.path().join("phases")).expect("phases dir");
+    static READY: OnceLock<()> = OnceLock::new();
+    let d = scratch_dir();
+    READY.get_or_init(|| {
+        std::fs::create_dir_all(d.join("phases")).expect("phases dir");
         for (rel, bytes) in FILES {
-            std::fs::write(d.path().join(rel), bytes).expect("fixture");
+            std::fs::write(d.join(rel), bytes).expect("fixture");
         }
-        d
-    })
-    .path()
-}
-
-fn check_err<T>(r: relora::Result<T>) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            assert!(!e.to_string().is_empty(), "error without a message: {e:?}");
-            None
-        }
-    }
+    });
+    d
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -14,31 +14,10 @@ use relora::checkpoint::files::parse_tensors;
 use relora::export::dtype::{convert_into, StDType};
 use relora::export::inspect::{inspect, Inspection};
 use relora::export::safetensors::SafetensorsFile;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-fn path() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let d = tempfile::tempdir().expect("temp dir");
-        let p = d.path().join("input.safetensors");
-        (d, p)
-    })
-    .1
-}
-
-fn check_err<T>(r: relora::Result<T>) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            assert!(!e.to_string().is_empty(), "error without a message: {e:?}");
-            None
-        }
-    }
-}
+use relora_fuzz::{check_err, scratch_dir};
 
 fuzz_target!(|data: &[u8]| {
-    let path = path();
+    let path = &scratch_dir().join("input.safetensors");
     std::fs::write(path, data).expect("write input");
 
     // The checkpoint loader's reader (candle over the safetensors crate), on the bytes.

@@ -11,28 +11,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use relora::data::{eval_batches, load_tokens, Batcher, DataSource, Tokenizer};
-use std::path::{Path, PathBuf};
+use relora_fuzz::{check_err, scratch_dir};
+use std::path::PathBuf;
 use std::sync::OnceLock;
-
-fn dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
-        .path()
-}
 
 fn gpt2() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| Tokenizer::gpt2().expect("gpt2 tables ship with the crate"))
-}
-
-fn check_err<T>(r: relora::Result<T>) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            assert!(!e.to_string().is_empty(), "error without a message: {e:?}");
-            None
-        }
-    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -45,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         2 => ("data.txt", Tokenizer::bytes()),
         _ => ("data.txt", gpt2().clone()),
     };
-    let path: PathBuf = dir().join(file);
+    let path: PathBuf = scratch_dir().join(file);
     std::fs::write(&path, content).expect("write input");
     let source = DataSource::parse(path.to_str().expect("temp paths are UTF-8"));
     assert_eq!(DataSource::parse(&source.spec()), source);
