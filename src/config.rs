@@ -419,27 +419,39 @@ impl TrainConfig {
                 .parse()
                 .map_err(|_| Error::Config(format!("{key}: cannot parse '{v}'")))
         }
+        // Real-valued options must be finite: "NaN" or "inf" parse as floats, but no option means
+        // anything with them, and a NaN could not be written back out as JSON.
+        fn real(key: &str, v: &str) -> Result<f64> {
+            let x: f64 = num(key, v)?;
+            if x.is_finite() {
+                Ok(x)
+            } else {
+                Err(Error::Config(format!(
+                    "{key}: '{v}' is not a finite number"
+                )))
+            }
+        }
         match key {
             "mode" => self.mode = value.parse()?,
             "steps" => self.steps = num(key, value)?,
             "batch_size" => self.batch_size = num(key, value)?,
             "seq_len" => self.seq_len = num(key, value)?,
             "grad_accum" => self.grad_accum = num(key, value)?,
-            "lr" => self.lr = num(key, value)?,
-            "adapter_lr" => self.adapter_lr = num(key, value)?,
-            "min_lr_ratio" => self.min_lr_ratio = num(key, value)?,
+            "lr" => self.lr = real(key, value)?,
+            "adapter_lr" => self.adapter_lr = real(key, value)?,
+            "min_lr_ratio" => self.min_lr_ratio = real(key, value)?,
             "warmup_steps" => self.warmup_steps = num(key, value)?,
-            "weight_decay" => self.weight_decay = num(key, value)?,
-            "beta1" => self.beta1 = num(key, value)?,
-            "beta2" => self.beta2 = num(key, value)?,
-            "eps" => self.eps = num(key, value)?,
-            "grad_clip" => self.grad_clip = num(key, value)?,
+            "weight_decay" => self.weight_decay = real(key, value)?,
+            "beta1" => self.beta1 = real(key, value)?,
+            "beta2" => self.beta2 = real(key, value)?,
+            "eps" => self.eps = real(key, value)?,
+            "grad_clip" => self.grad_clip = real(key, value)?,
             "warmup_full_steps" => self.warmup_full_steps = num(key, value)?,
             "reset_every" => self.reset_every = num(key, value)?,
             "restart_warmup_steps" => self.restart_warmup_steps = num(key, value)?,
             "lora_rank" => self.lora_rank = num(key, value)?,
-            "lora_alpha" => self.lora_alpha = num(key, value)?,
-            "lora_dropout" => self.lora_dropout = num(key, value)?,
+            "lora_alpha" => self.lora_alpha = real(key, value)?,
+            "lora_dropout" => self.lora_dropout = real(key, value)?,
             "target_modules" => {
                 self.target_modules = value
                     .split(',')
@@ -640,6 +652,20 @@ mod tests {
             assert_eq!(c.checked_num_parameters(), Some(c.num_parameters()));
             assert_eq!(c.weight_bytes(4), 4 * c.num_parameters() as u64);
         }
+    }
+
+    #[test]
+    fn real_options_refuse_nan_and_infinity() {
+        // Found by fuzzing the C API's setter: "lr" = "NaN" was accepted and could not be read
+        // back.
+        let mut t = TrainConfig::default();
+        for v in ["NaN", "nan", "inf", "-inf", "infinity"] {
+            let err = t.set("lr", v).unwrap_err().to_string();
+            assert!(err.contains("finite"), "{v}: {err}");
+        }
+        assert_eq!(t.lr, TrainConfig::default().lr);
+        t.set("lr", "1e-3").unwrap();
+        assert_eq!(t.lr, 1e-3);
     }
 
     #[test]

@@ -156,6 +156,14 @@ impl Options {
             v.parse()
                 .map_err(|_| bad_value(key, v, "not a number of the right kind"))
         }
+        fn real(key: &str, v: &str) -> FfiResult<f64> {
+            let x: f64 = num(key, v)?;
+            if x.is_finite() {
+                Ok(x)
+            } else {
+                Err(bad_value(key, v, "not a finite number"))
+            }
+        }
         match key {
             "preset" => {
                 self.model = ModelConfig::preset(v).map_err(|e| bad_value(key, v, e))?;
@@ -177,10 +185,10 @@ impl Options {
             "num_attention_heads" => self.model.num_attention_heads = num(key, v)?,
             "num_key_value_heads" => self.model.num_key_value_heads = Some(num(key, v)?),
             "max_position_embeddings" => self.model.max_position_embeddings = num(key, v)?,
-            "rms_norm_eps" => self.model.rms_norm_eps = num(key, v)?,
-            "rope_theta" => self.model.rope_theta = num(key, v)?,
+            "rms_norm_eps" => self.model.rms_norm_eps = real(key, v)?,
+            "rope_theta" => self.model.rope_theta = real(key, v)?,
             "tie_word_embeddings" => self.model.tie_word_embeddings = parse_bool(key, v)?,
-            "initializer_range" => self.model.initializer_range = num(key, v)?,
+            "initializer_range" => self.model.initializer_range = real(key, v)?,
             "device" => {
                 let d = v.to_ascii_lowercase();
                 let ok = d == "cpu"
