@@ -127,18 +127,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Trainer, Manifest)> {
     if base.is_some() {
         stored += m.file(dir, "base.safetensors")?.bytes;
     }
-    let need = m.model.weight_bytes(dtype.size_in_bytes());
-    // A coarse bound (half the need) against absurd claims only: the per-tensor checks that follow
-    // are exact and name the tensor (e.g. one stored in a narrower dtype).
-    if need / 2 > stored {
-        return Err(Error::checkpoint(
-            dir,
-            format!(
-                "the manifest's model needs {need} bytes of weights, but params.safetensors and \
-                 base.safetensors hold only {stored} bytes"
-            ),
-        ));
-    }
+    m.check_weights_fit(dir, stored, dtype.size_in_bytes(), &format!("{dtype:?}"))?;
     let phases = read_phases(dir, &m, device)?;
     // Placeholder init (overwritten below); a fixed seed keeps it cheap to reason about.
     let mut model = Llama::new(&m.model, dtype, device, &mut Rng::new(0))?;

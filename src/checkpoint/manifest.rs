@@ -192,6 +192,30 @@ impl Manifest {
         Ok(())
     }
 
+    /// Refuses a manifest whose model cannot be held by `stored` bytes of weight files (params
+    /// plus base) at `elem_bytes` per parameter of type `dtype` (named in the error). A coarse bound, half the need, so that absurd
+    /// claims fail before anything is allocated for the model; the per-tensor checks that follow
+    /// are exact and name the tensor (e.g. one stored in a narrower dtype).
+    pub fn check_weights_fit(
+        &self,
+        dir: &Path,
+        stored: u64,
+        elem_bytes: usize,
+        dtype: &str,
+    ) -> Result<()> {
+        let need = self.model.weight_bytes(elem_bytes);
+        if need / 2 > stored {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "the manifest's model needs {need} bytes of weights ({dtype}), but \
+                     params.safetensors and base.safetensors hold only {stored} bytes"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The recorded size and checksum of `file`, or an error naming the missing entry.
     pub fn file(&self, dir: &Path, file: &str) -> Result<FileInfo> {
         self.files

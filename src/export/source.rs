@@ -177,18 +177,7 @@ impl CheckpointSource {
         // Every weight is stored in params or base, so their size bounds the model: a manifest
         // claiming more is refused before the tensor list (one entry per layer) is built.
         let stored = params.len() + base.as_ref().map_or(0, SafetensorsFile::len);
-        let need = m.model.weight_bytes(dtype.size());
-        // A coarse bound (half the need) against absurd claims only: the per-tensor checks that
-        // follow are exact and name the tensor (e.g. one stored in a narrower dtype).
-        if need / 2 > stored {
-            return Err(Error::checkpoint(
-                dir,
-                format!(
-                    "the manifest's model needs {need} bytes of {dtype} weights, but \
-                     params.safetensors and base.safetensors hold only {stored} bytes"
-                ),
-            ));
-        }
+        m.check_weights_fit(dir, stored, dtype.size(), &dtype.to_string())?;
         let expected = expected_tensors(&m.model);
         let mut src = CheckpointSource {
             dir: dir.to_path_buf(),
@@ -510,7 +499,7 @@ mod tests {
                 .err()
                 .unwrap()
                 .to_string();
-            assert!(err.contains("bytes of F32 weights"), "{err}");
+            assert!(err.contains("bytes of weights (F32)"), "{err}");
         }
     }
 }
