@@ -4,7 +4,8 @@
 //! `cargo test -p relora-cli --features mpi --test mpi`.
 #![cfg(feature = "mpi")]
 
-use std::path::{Path, PathBuf};
+use relora::checkpoint::run_dir::checkpoint_dir;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -118,10 +119,6 @@ fn max_weight_diff(a: &Path, b: &Path) -> f32 {
     worst
 }
 
-fn step_dir(run: &Path, step: u64) -> PathBuf {
-    run.join("checkpoints").join(format!("step-{step:08}"))
-}
-
 #[test]
 fn two_ranks_match_one_process_with_the_same_global_batch_and_resume() {
     if !have_mpirun() {
@@ -165,7 +162,7 @@ fn two_ranks_match_one_process_with_the_same_global_batch_and_resume() {
         );
         assert_eq!(s["tokens"], d["tokens"]);
     }
-    let diff = max_weight_diff(&step_dir(&single, 20), &step_dir(&dp, 20));
+    let diff = max_weight_diff(&checkpoint_dir(&single, 20), &checkpoint_dir(&dp, 20));
     eprintln!("2 ranks vs 1 process after 20 steps: max |weight difference| = {diff:e}");
     assert!(diff <= 1e-5, "weights differ by {diff}");
     // Control: half the global batch in one process does not match.
@@ -176,7 +173,7 @@ fn two_ranks_match_one_process_with_the_same_global_batch_and_resume() {
             .output()
             .unwrap(),
     );
-    let control = max_weight_diff(&step_dir(&half, 20), &step_dir(&dp, 20));
+    let control = max_weight_diff(&checkpoint_dir(&half, 20), &checkpoint_dir(&dp, 20));
     assert!(
         control > 1e-3,
         "the comparison cannot tell batches apart ({control})"
@@ -199,7 +196,7 @@ fn two_ranks_match_one_process_with_the_same_global_batch_and_resume() {
         "mpi",
     ];
     check("resumed half", mpirun(2, &second).output().unwrap());
-    let diff = max_weight_diff(&step_dir(&dp, 20), &step_dir(&resumed, 20));
+    let diff = max_weight_diff(&checkpoint_dir(&dp, 20), &checkpoint_dir(&resumed, 20));
     eprintln!("resumed 2-rank run vs uninterrupted: max |weight difference| = {diff:e}");
     assert!(diff <= 1e-6, "resumed run differs by {diff}");
 }
