@@ -165,19 +165,7 @@ mod tests {
                 softmax_last_dim(&(x.affine(scale, 0.0).unwrap().broadcast_add(&mask).unwrap()))
                     .unwrap();
             assert!(max_diff(&fused, &composed) < 1e-14, "values ({b},{h},{t})");
-            let probe = Tensor::randn(0f64, 1.0, (b, h, t, t), &Device::Cpu).unwrap();
-            let gf = (&fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (&composed * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gc) = crate::ops::float::probed_grads(&fused, &composed);
             let d = max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap());
             assert!(d < 1e-12, "gradient ({b},{h},{t}) differs by {d}");
         }

@@ -104,6 +104,29 @@ pub fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
 }
 
+/// Gradients of `sum(fused * probe)` and `sum(composed * probe)` for one random `probe` of their
+/// shape (a non-uniform upstream gradient, so every term of a backward is exercised), for the
+/// ops' tests comparing a fused op with its composed reference.
+#[cfg(test)]
+pub fn probed_grads(
+    fused: &candle_core::Tensor,
+    composed: &candle_core::Tensor,
+) -> (
+    candle_core::backprop::GradStore,
+    candle_core::backprop::GradStore,
+) {
+    let probe = candle_core::Tensor::randn(0f64, 1.0, fused.shape(), fused.device())
+        .and_then(|p| p.to_dtype(fused.dtype()))
+        .expect("probe");
+    let grads = |t: &candle_core::Tensor| {
+        (t * &probe)
+            .and_then(|l| l.sum_all())
+            .and_then(|l| l.backward())
+            .expect("backward")
+    };
+    (grads(fused), grads(composed))
+}
+
 /// Largest absolute elementwise difference of two same-shape tensors, for the ops' tests.
 #[cfg(test)]
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {

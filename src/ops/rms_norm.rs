@@ -195,19 +195,7 @@ mod tests {
             let fused = rms_norm_fused(&x, &w, 1e-5).unwrap();
             let composed = rms_norm_composed(&x, &w, 1e-5).unwrap();
             assert!(max_diff(&fused, &composed) < 1e-13, "values ({n},{h})");
-            let probe = Tensor::randn(0f64, 1.0, (n, h), &Device::Cpu).unwrap();
-            let gf = (&fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (&composed * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gc) = crate::ops::float::probed_grads(&fused, &composed);
             for (v, what) in [(&x, "dx"), (&w, "dw")] {
                 let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(d < 1e-11, "{what} ({n},{h}) differs by {d}");

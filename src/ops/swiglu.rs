@@ -155,19 +155,7 @@ mod tests {
             let fused = swiglu(&g, &u).unwrap();
             let composed = (g.silu().unwrap() * u.as_tensor()).unwrap();
             assert!(max_diff(&fused, &composed) < 1e-13, "values ({n},{i})");
-            let probe = Tensor::randn(0f64, 1.0, (n, i), &Device::Cpu).unwrap();
-            let gf = (&fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (&composed * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gc) = crate::ops::float::probed_grads(&fused, &composed);
             for (v, what) in [(&g, "dg"), (&u, "du")] {
                 let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(d < 1e-12, "{what} ({n},{i}) differs by {d}");
