@@ -97,19 +97,26 @@ impl Attention {
             _ => Ok(t.clone()),
         };
         // The two attention matmuls run in the compute dtype; scores and softmax in the
-        // parameter dtype.
+        // parameter dtype, except with the fused bf16 softmax on CUDA.
         let (qc, kc, vc) = (cast(&q).ctx(ctx)?, cast(&k).ctx(ctx)?, cast(&v).ctx(ctx)?);
-        let raw = qc
-            .matmul(&kc.t().ctx(ctx)?)
-            .and_then(|s| s.to_dtype(dtype))
-            .ctx(ctx)?;
-        let probs = if raw.device().is_cpu() {
+        let raw = qc.matmul(&kc.t().ctx(ctx)?).ctx(ctx)?;
+        let probs = if raw.dtype() == DType::BF16
+            && raw.device().is_cuda()
+            && crate::ops::fused_kernels()
+        {
+            // bf16 mixed precision on CUDA: the fused softmax reads and writes bf16 (its
+            // arithmetic is f32), so the `[b, heads, t, t]` scores never exist in f32.
             causal_softmax(&raw, scale).ctx(ctx)?
         } else {
-            let scores = (raw * scale).ctx(ctx)?;
-            softmax_last_dim(&scores.broadcast_add(mask).ctx(ctx)?).ctx(ctx)?
+            let raw = raw.to_dtype(dtype).ctx(ctx)?;
+            let probs = if crate::ops::has_kernel(&raw) {
+                causal_softmax(&raw, scale).ctx(ctx)?
+            } else {
+                let scores = (raw * scale).ctx(ctx)?;
+                softmax_last_dim(&scores.broadcast_add(mask).ctx(ctx)?).ctx(ctx)?
+            };
+            cast(&probs).ctx(ctx)?
         };
-        let probs = cast(&probs).ctx(ctx)?;
         // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, hidden]
         let out = probs
             .matmul(&vc)

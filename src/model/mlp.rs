@@ -28,7 +28,7 @@ impl Mlp {
         let up = self
             .up_proj
             .forward(x, reborrow(&mut dropout), self.compute)?;
-        let act = if gate.device().is_cpu() && gate.dtype() == up.dtype() {
+        let act = if crate::ops::has_kernel(&gate) && gate.dtype() == up.dtype() {
             swiglu(&gate, &up).ctx("mlp swiglu")?
         } else {
             (gate.silu().ctx("mlp silu")? * up).ctx("mlp gate*up")?

@@ -96,6 +96,41 @@ impl CustomOp1 for CausalSoftmax {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let t = square_last_dims(l)?;
+        let n = l.shape().elem_count();
+        let dev = s.device();
+        let rows = n / t.max(1);
+        let (ti, scale) = (cuda::int(self.name(), "length", t)?, self.scale as f32);
+        cuda::int(self.name(), "rows", rows)?;
+        let cfg = cuda::rows(rows, t);
+        let out = match s.dtype() {
+            candle_core::DType::BF16 => {
+                let x = cuda::input_bf16(self.name(), s, l)?;
+                let y = cuda::output::<half::bf16>(dev, n)?;
+                if rows > 0 {
+                    cuda::launch!(dev, "causal_softmax_fwd_bf16", cfg, &x, &y, &ti, &scale);
+                }
+                cuda::storage(y, dev)
+            }
+            _ => {
+                let x = cuda::input(self.name(), s, l)?;
+                let y = cuda::output::<f32>(dev, n)?;
+                if rows > 0 {
+                    cuda::launch!(dev, "causal_softmax_fwd", cfg, &x, &y, &ti, &scale);
+                }
+                cuda::storage(y, dev)
+            }
+        };
+        Ok((out, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dy = dy.contiguous()?;
         Ok(Some(y.detach().apply_op2_no_bwd(
@@ -139,10 +174,65 @@ impl CustomOp2 for CausalSoftmaxBwd {
         };
         Ok((out, yl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let t = square_last_dims(yl)?;
+        if dl.shape() != yl.shape() {
+            candle_core::bail!(
+                "causal softmax: gradient {:?} for {:?}",
+                dl.shape(),
+                yl.shape()
+            );
+        }
+        let n = yl.shape().elem_count();
+        let dev = ys.device();
+        let rows = n / t.max(1);
+        let (ti, scale) = (cuda::int(self.name(), "length", t)?, self.scale as f32);
+        cuda::int(self.name(), "rows", rows)?;
+        let cfg = cuda::rows(rows, t);
+        let out = match ys.dtype() {
+            candle_core::DType::BF16 => {
+                let y = cuda::input_bf16(self.name(), ys, yl)?;
+                let d = cuda::input_bf16(self.name(), ds, dl)?;
+                let dx = cuda::output::<half::bf16>(dev, n)?;
+                if rows > 0 {
+                    cuda::launch!(
+                        dev,
+                        "causal_softmax_bwd_bf16",
+                        cfg,
+                        &y,
+                        &d,
+                        &dx,
+                        &ti,
+                        &scale
+                    );
+                }
+                cuda::storage(dx, dev)
+            }
+            _ => {
+                let y = cuda::input(self.name(), ys, yl)?;
+                let d = cuda::input(self.name(), ds, dl)?;
+                let dx = cuda::output::<f32>(dev, n)?;
+                if rows > 0 {
+                    cuda::launch!(dev, "causal_softmax_bwd", cfg, &y, &d, &dx, &ti, &scale);
+                }
+                cuda::storage(dx, dev)
+            }
+        };
+        Ok((out, yl.shape().clone()))
+    }
 }
 
-/// `scores [.., t, t] -> softmax(scale * scores)` with keys after the query masked out. CPU
-/// only; callers use the composed ops elsewhere.
+/// `scores [.., t, t] -> softmax(scale * scores)` with keys after the query masked out: f32 or
+/// f64 on the CPU, f32 or bf16 (arithmetic in f32) on CUDA.
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax { scale })
 }

@@ -6,14 +6,41 @@
 //! cost more than the low-rank matmuls themselves. As one node the forward is three matmuls and one
 //! fused scale-add, and the backward is `dx = dy W + (s dy B) A`, `dA = (s dy B)^T x`,
 //! `dB = s dy^T (x A^T)`: one full-size matmul (no `dW`) and small rank-r ones.
+//!
+//! With a compute dtype (bf16 mixed precision, CUDA only) the op casts its f32 inputs for the
+//! matmuls inside the node, so the graph keeps none of the bf16 copies or `[n, out]`
+//! intermediates the composed form would; the result and the gradients come back in f32.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
 struct LoraLinear {
     /// `[out, in]`, frozen, never part of the autograd graph.
     weight: Tensor,
     scale: f64,
+    /// Matmul dtype when it differs from the inputs' (bf16 mixed precision, CUDA only).
+    compute: Option<DType>,
+}
+
+impl LoraLinear {
+    /// `(n, in, out, r)` once the shapes are checked to fit together.
+    fn dims(
+        &self,
+        xl: &Layout,
+        al: &Layout,
+        bl: &Layout,
+    ) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (n, k) = xl.shape().dims2()?;
+        let (out, w_in) = self.weight.dims2()?;
+        let (r, a_in) = al.shape().dims2()?;
+        let (b_out, b_r) = bl.shape().dims2()?;
+        if w_in != k || a_in != k || b_out != out || b_r != r {
+            candle_core::bail!(
+                "lora linear: x [{n}, {k}], W [{out}, {w_in}], A [{r}, {a_in}], B [{b_out}, {b_r}] do not fit"
+            );
+        }
+        Ok((n, k, out, r))
+    }
 }
 
 impl CustomOp3 for LoraLinear {
@@ -30,14 +57,9 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = xl.shape().dims2()?;
-        let (out, w_in) = self.weight.dims2()?;
-        let (r, a_in) = al.shape().dims2()?;
-        let (b_out, b_r) = bl.shape().dims2()?;
-        if w_in != k || a_in != k || b_out != out || b_r != r {
-            candle_core::bail!(
-                "lora linear: x [{n}, {k}], W [{out}, {w_in}], A [{r}, {a_in}], B [{b_out}, {b_r}] do not fit"
-            );
+        let (n, k, out, r) = self.dims(xl, al, bl)?;
+        if self.compute.is_some() {
+            candle_core::bail!("lora linear: mixed precision has no CPU kernel");
         }
         let wt = self.weight.t()?;
         let (w_storage, wl) = wt.storage_and_layout();
@@ -65,6 +87,69 @@ impl CustomOp3 for LoraLinear {
         Ok((y, Shape::from((n, out))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let (n, k, out, r) = self.dims(xl, al, bl)?;
+        if x.dtype() != DType::F32 {
+            candle_core::bail!(
+                "lora linear: the CUDA kernel takes f32, got {:?}",
+                x.dtype()
+            );
+        }
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cuda(w) = &*w_storage else {
+            candle_core::bail!("lora linear: weight is not on the GPU");
+        };
+        let (len, s) = ((n * out) as u64, self.scale as f32);
+        let cfg = cuda::elementwise(n * out);
+        // Transposed views of the contiguous casts of [out, in], [r, in] and [out, r].
+        let wt = Layout::contiguous((out, k)).transpose(0, 1)?;
+        let at = Layout::contiguous((r, k)).transpose(0, 1)?;
+        let bt = Layout::contiguous((out, r)).transpose(0, 1)?;
+        let low_l = Layout::contiguous((n, r));
+        match self.compute {
+            None => {
+                // Three cuBLAS products as on the CPU, then one fused `base += s * up` pass.
+                let base = x.matmul(w, (1, n, out, k), xl, &w_layout.transpose(0, 1)?)?;
+                let low = x.matmul(a, (1, n, r, k), xl, &al.transpose(0, 1)?)?;
+                let up = low.matmul(b, (1, n, out, r), &low_l, &bl.transpose(0, 1)?)?;
+                {
+                    let (y, u) = (base.as_cuda_slice::<f32>()?, up.as_cuda_slice::<f32>()?);
+                    cuda::launch!(x.device(), "add_scaled", cfg, y, u, &s, &len);
+                }
+                Ok((base, Shape::from((n, out))))
+            }
+            Some(DType::BF16) => {
+                let xb = x.to_dtype(xl, DType::BF16)?;
+                let wb = w.to_dtype(w_layout, DType::BF16)?;
+                let ab = a.to_dtype(al, DType::BF16)?;
+                let bb = b.to_dtype(bl, DType::BF16)?;
+                let xbl = Layout::contiguous((n, k));
+                let base = xb.matmul(&wb, (1, n, out, k), &xbl, &wt)?;
+                let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
+                let up = low.matmul(&bb, (1, n, out, r), &low_l, &bt)?;
+                let dev = x.device();
+                let y = cuda::output::<f32>(dev, n * out)?;
+                {
+                    let base = base.as_cuda_slice::<half::bf16>()?;
+                    let up = up.as_cuda_slice::<half::bf16>()?;
+                    cuda::launch!(dev, "add_scaled_bf16", cfg, base, up, &s, &y, &len);
+                }
+                Ok((cuda::storage(y, dev), Shape::from((n, out))))
+            }
+            Some(other) => candle_core::bail!("lora linear: no CUDA kernel computes in {other:?}"),
+        }
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -76,29 +161,48 @@ impl CustomOp3 for LoraLinear {
         let s = self.scale;
         // Detached so the gradients computed here are plain tensors: results that referenced the
         // (tracked) inputs would keep their whole forward graph alive inside the gradient store.
-        let (x, a, b) = (&x.detach(), &a.detach(), &b.detach());
+        // In mixed precision every product runs in the compute dtype, as in the forward.
+        let cast = |t: &Tensor| match self.compute {
+            Some(dt) if dt != t.dtype() => t.detach().to_dtype(dt),
+            _ => Ok(t.detach()),
+        };
+        let (xc, ac, bc) = (&cast(x)?, &cast(a)?, &cast(b)?);
+        let (gy, w) = (&cast(grad_y)?, &cast(&self.weight)?);
         // [n, in] x [in, r]: recomputed, it is rank-r cheap.
-        let low = x.matmul(&a.t()?)?;
+        let low = xc.matmul(&ac.t()?)?;
         // [n, out] x [out, r]
-        let grad_low = grad_y.matmul(b)?.affine(s, 0.0)?;
+        let grad_low = gy.matmul(bc)?.affine(s, 0.0)?;
         // [out, n] x [n, r]
-        let grad_b = grad_y.t()?.matmul(&low)?.affine(s, 0.0)?;
+        let grad_b = gy.t()?.matmul(&low)?.affine(s, 0.0)?;
         // [r, n] x [n, in]
-        let grad_a = grad_low.t()?.matmul(x)?;
+        let grad_a = grad_low.t()?.matmul(xc)?;
         // [n, out] x [out, in] + [n, r] x [r, in]
-        let grad_x = (grad_y.matmul(&self.weight)? + grad_low.matmul(a)?)?;
-        Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
+        let grad_x = (gy.matmul(w)? + grad_low.matmul(ac)?)?;
+        let back = |g: Tensor, like: &Tensor| {
+            if g.dtype() == like.dtype() {
+                Ok(g)
+            } else {
+                g.to_dtype(like.dtype())
+            }
+        };
+        Ok((
+            Some(back(grad_x, x)?),
+            Some(back(grad_a, a)?),
+            Some(back(grad_b, b)?),
+        ))
     }
 }
 
 /// `x [n, in] -> x W^T + scale * (x A^T) B^T [n, out]` with `weight [out, in]` frozen,
-/// `a [r, in]`, `b [out, r]`. CPU only; other devices use the composed form.
+/// `a [r, in]`, `b [out, r]`: f32 or f64 on the CPU, f32 on CUDA ([`super::has_kernel`]).
+/// `compute` (CUDA only: bf16) runs the matmuls in that dtype on casts of the f32 inputs.
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
+    compute: Option<DType>,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     x.apply_op3(
@@ -107,6 +211,7 @@ pub fn lora_linear(
         LoraLinear {
             weight: weight.detach(),
             scale,
+            compute: compute.filter(|&dt| dt != x.dtype()),
         },
     )
 }
@@ -126,7 +231,7 @@ mod tests {
         let a = Var::randn(0f64, 1.0, (r, k), &dev).unwrap();
         let b = Var::randn(0f64, 1.0, (out, r), &dev).unwrap();
         let s = 0.75;
-        let fused = lora_linear(&x, &w, &a, &b, s).unwrap();
+        let fused = lora_linear(&x, &w, &a, &b, s, None).unwrap();
         let composed = (x.matmul(&w.t().unwrap()).unwrap()
             + x.matmul(&a.t().unwrap())
                 .unwrap()
@@ -151,7 +256,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
         let a = Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (5, 2), &dev).unwrap();
-        let fused = lora_linear(&x, &w, &a, &b, 2.0).unwrap();
+        let fused = lora_linear(&x, &w, &a, &b, 2.0, None).unwrap();
         let composed = (x.matmul(&w.t().unwrap()).unwrap()
             + x.matmul(&a.t().unwrap())
                 .unwrap()
@@ -167,7 +272,7 @@ mod tests {
             ) < 1e-4
         );
         let bad_b = Tensor::zeros((4, 2), candle_core::DType::F32, &dev).unwrap();
-        let err = lora_linear(&x, &w, &a, &bad_b, 1.0)
+        let err = lora_linear(&x, &w, &a, &bad_b, 1.0, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("do not fit"), "{err}");

@@ -119,6 +119,29 @@ impl CustomOp2 for RmsNorm {
         Ok((out, xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let (n, h) = dims(xl, wl)?;
+        let (x, w) = (
+            cuda::input(self.name(), xs, xl)?,
+            cuda::input(self.name(), ws, wl)?,
+        );
+        let dev = xs.device();
+        let y = cuda::output::<f32>(dev, n * h)?;
+        let (hi, eps) = (cuda::int(self.name(), "width", h)?, self.eps as f32);
+        if n > 0 {
+            cuda::launch!(dev, "rms_fwd", cuda::rows(n, h), &x, &w, &y, &hi, &eps);
+        }
+        Ok((cuda::storage(y, dev), xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -172,9 +195,54 @@ impl CustomOp3 for RmsNormBwd {
         };
         Ok((out, Shape::from((n + 1, h))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let (n, h) = dims(xl, wl)?;
+        if dl.shape() != xl.shape() {
+            candle_core::bail!("rms norm: gradient {:?} for x {:?}", dl.shape(), xl.shape());
+        }
+        let x = cuda::input(self.name(), xs, xl)?;
+        let w = cuda::input(self.name(), ws, wl)?;
+        let d = cuda::input(self.name(), ds, dl)?;
+        let dev = xs.device();
+        // Rows 0..n: dx. Row n: dw, summed from one partial row per block.
+        let mut out = cuda::output::<f32>(dev, (n + 1) * h)?;
+        let blocks = n.clamp(1, 512);
+        let partial = dev.alloc_zeros::<f32>(blocks * h.max(1))?;
+        let (ni, hi) = (
+            cuda::int(self.name(), "rows", n)?,
+            cuda::int(self.name(), "width", h)?,
+        );
+        let eps = self.eps as f32;
+        let cfg = cuda::rows(blocks, h);
+        cuda::launch!(dev, "rms_bwd", cfg, &x, &w, &d, &out, &partial, &ni, &hi, &eps);
+        let mut dw = out.slice_mut(n * h..);
+        let bi = blocks as i32;
+        cuda::launch!(
+            dev,
+            "col_sum",
+            cuda::elementwise(h),
+            &partial,
+            &mut dw,
+            &bi,
+            &hi
+        );
+        Ok((cuda::storage(out, dev), Shape::from((n + 1, h))))
+    }
 }
 
-/// `x [n, h] -> x / rms(x) * weight [h]`. CPU only; callers use the composed ops elsewhere.
+/// `x [n, h] -> x / rms(x) * weight [h]`: f32 or f64 on the CPU, f32 on CUDA
+/// ([`super::has_kernel`]).
 pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, RmsNorm { eps })

@@ -85,6 +85,35 @@ impl CustomOp2 for SwiGlu {
         Ok((out, gl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        same_shape(gl, ul)?;
+        let (g, u) = (
+            cuda::input(self.name(), gs, gl)?,
+            cuda::input(self.name(), us, ul)?,
+        );
+        let n = gl.shape().elem_count();
+        let dev = gs.device();
+        let y = cuda::output::<f32>(dev, n)?;
+        cuda::launch!(
+            dev,
+            "swiglu_fwd",
+            cuda::elementwise(n),
+            &g,
+            &u,
+            &y,
+            &(n as u64)
+        );
+        Ok((cuda::storage(y, dev), gl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         g: &Tensor,
@@ -130,13 +159,50 @@ impl CustomOp3 for SwiGluBwd {
             )),
             other => candle_core::bail!("swiglu: unsupported dtype {:?}", other.dtype()),
         };
-        let mut dims = vec![2];
-        dims.extend_from_slice(gl.shape().dims());
-        Ok((out, Shape::from(dims)))
+        Ok((out, both_shape(gl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        same_shape(gl, ul)?;
+        same_shape(gl, dl)?;
+        let g = cuda::input(self.name(), gs, gl)?;
+        let u = cuda::input(self.name(), us, ul)?;
+        let d = cuda::input(self.name(), ds, dl)?;
+        let n = gl.shape().elem_count();
+        let dev = gs.device();
+        let out = cuda::output::<f32>(dev, 2 * n)?;
+        cuda::launch!(
+            dev,
+            "swiglu_bwd",
+            cuda::elementwise(n),
+            &g,
+            &u,
+            &d,
+            &out,
+            &(n as u64)
+        );
+        Ok((cuda::storage(out, dev), both_shape(gl)))
     }
 }
 
-/// `silu(gate) * up`, same shapes. CPU only; callers use the composed ops elsewhere.
+/// `[2, ..shape]`: the gate's gradient stacked on the up projection's.
+fn both_shape(gl: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(gl.shape().dims());
+    Shape::from(dims)
+}
+
+/// `silu(gate) * up`, same shapes: f32 or f64 on the CPU, f32 on CUDA ([`super::has_kernel`]).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }

@@ -3,7 +3,7 @@
 
 use crate::error::{Result, TensorContext};
 use crate::model::init;
-use crate::ops::{frozen_matmul, lora_linear};
+use crate::ops::{frozen_matmul, lora_linear, mixed_linear};
 use crate::rng::Rng;
 use candle_core::{DType, Tensor, Var};
 
@@ -57,24 +57,37 @@ impl AdaptableLinear {
             }
         };
         let y = match &self.adapter {
-            None => {
-                let w = cast(self.weight.as_tensor()).with_ctx(ctx)?;
-                cast(x).and_then(|x| x.matmul(&w.t()?)).with_ctx(ctx)?
-            }
+            None => match compute {
+                // Mixed precision as one node (see ops::mixed_linear).
+                Some(dt) if dt != x.dtype() && crate::ops::fused_kernels() => {
+                    mixed_linear(x, self.weight.as_tensor(), dt).with_ctx(ctx)?
+                }
+                _ => {
+                    let w = cast(self.weight.as_tensor()).with_ctx(ctx)?;
+                    cast(x).and_then(|x| x.matmul(&w.t()?)).with_ctx(ctx)?
+                }
+            },
             Some(ad) => {
                 let drop = dropout.filter(|(_, p)| *p > 0.0);
-                if drop.is_none() && compute.is_none() && x.device().is_cpu() {
+                // The fused op computes in the parameter dtype anywhere it has a kernel, and in
+                // bf16 on CUDA.
+                let fused_compute = match compute {
+                    None => true,
+                    Some(dt) => dt == x.dtype() || (dt == DType::BF16 && x.device().is_cuda()),
+                };
+                if drop.is_none() && fused_compute && crate::ops::has_kernel(x) {
                     return lora_linear(
                         x,
                         self.weight.as_tensor(),
                         ad.a.as_tensor(),
                         ad.b.as_tensor(),
                         ad.scale,
+                        compute,
                     )
                     .with_ctx(ctx);
                 }
-                // Composed form: adapter-input dropout, mixed precision, or devices without the
-                // fused op.
+                // Composed form: adapter-input dropout, mixed precision on the CPU, or devices
+                // and dtypes without the fused op.
                 let xc = cast(x).with_ctx(ctx)?;
                 let w = cast(self.weight.as_tensor()).with_ctx(ctx)?;
                 let base = frozen_matmul(&xc, &w).with_ctx(ctx)?;
