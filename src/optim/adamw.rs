@@ -7,6 +7,7 @@
 
 use super::reset::{prune_pair, ResetMode};
 use crate::error::{Result, TensorContext};
+use crate::ops::adamw_update::{adamw_update, AdamWConstants};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
@@ -51,6 +52,28 @@ pub struct AdamW {
     /// Hyper-parameters.
     pub config: AdamWConfig,
     states: BTreeMap<String, ParamState>,
+}
+
+/// The update from candle's element-wise ops, for devices and dtypes without the fused kernel:
+/// sets `var` and returns the new `(exp_avg, exp_avg_sq)`.
+fn composed_update(
+    var: &Var,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    c: &AdamWConstants,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let m = (m.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
+    let v = (v.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+    let denom = v.sqrt()?.affine(c.inv_sqrt_bc2, c.eps)?;
+    let update = (&m / denom)?.affine(c.step_size, 0.0)?;
+    let p = var.as_tensor();
+    let kept = match c.decay {
+        Some(d) => p.affine(d, 0.0)?,
+        None => p.clone(),
+    };
+    var.set(&(kept - update)?)?;
+    Ok((m, v))
 }
 
 impl AdamW {
@@ -121,29 +144,25 @@ impl AdamW {
             let t = st.step as i32;
             let bc1 = 1.0 - c.beta1.powi(t);
             let bc2 = 1.0 - c.beta2.powi(t);
-            st.exp_avg = (st.exp_avg.affine(c.beta1, 0.0).with_ctx(ctx)?
-                + g.affine(1.0 - c.beta1, 0.0).with_ctx(ctx)?)
-            .with_ctx(ctx)?;
-            st.exp_avg_sq = (st.exp_avg_sq.affine(c.beta2, 0.0).with_ctx(ctx)?
-                + g.sqr()
-                    .and_then(|g2| g2.affine(1.0 - c.beta2, 0.0))
-                    .with_ctx(ctx)?)
-            .with_ctx(ctx)?;
-            let denom = st
-                .exp_avg_sq
-                .sqrt()
-                .and_then(|d| d.affine(1.0 / bc2.sqrt(), c.eps))
-                .with_ctx(ctx)?;
-            let update = (&st.exp_avg / denom)
-                .and_then(|u| u.affine(lr / bc1, 0.0))
-                .with_ctx(ctx)?;
-            let p = var.as_tensor();
-            let decayed = if wd && c.weight_decay != 0.0 {
-                p.affine(1.0 - lr * c.weight_decay, 0.0).with_ctx(ctx)?
-            } else {
-                p.clone()
+            let constants = AdamWConstants {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                inv_sqrt_bc2: 1.0 / bc2.sqrt(),
+                eps: c.eps,
+                step_size: lr / bc1,
+                decay: (wd && c.weight_decay != 0.0).then_some(1.0 - lr * c.weight_decay),
             };
-            var.set(&(decayed - update).with_ctx(ctx)?).with_ctx(ctx)?;
+            let p = var.as_tensor();
+            let (m, v) =
+                if crate::ops::has_kernel(p) && g.dtype() == p.dtype() && p.is_contiguous() {
+                    // The same arithmetic in two passes (bit-identical on the CPU).
+                    adamw_update(p, g, &st.exp_avg, &st.exp_avg_sq, constants)
+                } else {
+                    composed_update(var, g, &st.exp_avg, &st.exp_avg_sq, &constants)
+                }
+                .with_ctx(ctx)?;
+            st.exp_avg = m;
+            st.exp_avg_sq = v;
         }
         Ok(())
     }
@@ -257,5 +276,69 @@ mod tests {
         }
         assert_eq!(opt.state("m").unwrap().step, 3);
         assert_eq!(opt.state_bytes(), 2 * 2 * 4 * 8);
+    }
+
+    #[test]
+    fn fused_update_is_bit_identical_to_the_composed_ops() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            for decay in [None, Some(1.0 - 3e-3 * 0.1)] {
+                let p0 = Tensor::randn(0f64, 1.0, (33, 70), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let (fused_p, composed_p) = (
+                    Var::from_tensor(&p0.copy().unwrap()).unwrap(),
+                    Var::from_tensor(&p0.copy().unwrap()).unwrap(),
+                );
+                // Zero moments sharing one storage, as a fresh state has them.
+                let z = p0.zeros_like().unwrap();
+                let (mut fm, mut fv) = (z.clone(), z.clone());
+                let (mut cm, mut cv) = (z.clone(), z);
+                for t in 1..=4 {
+                    let g = Tensor::randn(0f64, 0.3, (33, 70), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let k = AdamWConstants {
+                        beta1: 0.9,
+                        beta2: 0.95,
+                        inv_sqrt_bc2: 1.0 / (1.0 - 0.95f64.powi(t)).sqrt(),
+                        eps: 1e-8,
+                        step_size: 3e-3 / (1.0 - 0.9f64.powi(t)),
+                        decay,
+                    };
+                    (fm, fv) = adamw_update(fused_p.as_tensor(), &g, &fm, &fv, k).unwrap();
+                    (cm, cv) = composed_update(&composed_p, &g, &cm, &cv, &k).unwrap();
+                }
+                let bits = |t: &Tensor| -> Vec<u64> {
+                    let t = t.flatten_all().unwrap();
+                    match dtype {
+                        DType::F32 => t
+                            .to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|x| u64::from(x.to_bits()))
+                            .collect(),
+                        _ => t
+                            .to_vec1::<f64>()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect(),
+                    }
+                };
+                assert!(bits(&fm) == bits(&cm), "{dtype:?} {decay:?}: exp_avg");
+                assert!(bits(&fv) == bits(&cv), "{dtype:?} {decay:?}: exp_avg_sq");
+                assert!(
+                    bits(fused_p.as_tensor()) == bits(composed_p.as_tensor()),
+                    "{dtype:?} {decay:?}: parameter"
+                );
+                assert!(
+                    bits(fused_p.as_tensor()) != bits(&p0),
+                    "nothing was updated"
+                );
+            }
+        }
     }
 }

@@ -3,8 +3,17 @@
 use crate::error::{Result, TensorContext};
 use candle_core::{DType, Tensor};
 
-/// The L2 norm of all gradients together, computed in f64.
+/// The L2 norm of all gradients together, computed in f64. On a GPU, one fused reduction and
+/// one read-back ([`crate::ops::sum_squares`]); on the CPU, tensor by tensor.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let on_gpu = grads.first().is_some_and(|g| !g.device().is_cpu());
+    if on_gpu && grads.iter().all(crate::ops::has_kernel) {
+        let sum = match crate::ops::sum_squares(grads).ctx("gradient norm")? {
+            Some(s) => s.to_vec1::<f64>().ctx("gradient norm")?[0],
+            None => 0.0,
+        };
+        return Ok(sum.sqrt());
+    }
     let mut sum = 0.0f64;
     for g in grads {
         sum += g

@@ -1,0 +1,267 @@
+//! One parameter's AdamW update in two passes instead of a dozen tensor ops.
+//!
+//! Composed from candle ops the update is eleven element-wise ops and a copy, each a full pass
+//! over the parameter (and, on a GPU, a kernel launch with its allocation): at 350M parameters
+//! and a few hundred tensors that was most of a training step. Fused: one pass computes the new
+//! moments `m' = b1 m + (1 - b1) g`, `v' = b2 v + (1 - b2) g^2` into a fresh `[2, ..]` buffer
+//! (the old moments are never written, so state tensors that share storage stay correct), and one
+//! in-place pass updates the parameter, `p = p d - k m' / (sqrt(v') c + eps)`.
+//!
+//! The CPU kernel evaluates each expression exactly as the composed ops round it (`affine` is
+//! `x * mul + add` with both constants rounded to the element type), so its results are
+//! bit-identical to [`crate::optim::AdamW`]'s composed path, which a test checks.
+
+use super::float::{contiguous, Float};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, InplaceOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+const CHUNK: usize = 16_384;
+
+/// The constants of one update, computed by the optimizer from its hyper-parameters and step.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConstants {
+    /// First-moment decay `b1`.
+    pub beta1: f64,
+    /// Second-moment decay `b2`.
+    pub beta2: f64,
+    /// `1 / sqrt(1 - b2^t)`.
+    pub inv_sqrt_bc2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// `lr / (1 - b1^t)`.
+    pub step_size: f64,
+    /// `1 - lr * wd` for decayed parameters, `None` for the others.
+    pub decay: Option<f64>,
+}
+
+struct Moments(AdamWConstants);
+
+/// `[2, n]`: m' then v'.
+fn moments<T: Float>(g: &[T], m: &[T], v: &[T], c: &AdamWConstants) -> Vec<T> {
+    let n = g.len();
+    let (b1, b1c) = (T::from_f64(c.beta1), T::from_f64(1.0 - c.beta1));
+    let (b2, b2c) = (T::from_f64(c.beta2), T::from_f64(1.0 - c.beta2));
+    let mut out = vec![T::ZERO; 2 * n];
+    let (mo, vo) = out.split_at_mut(n);
+    mo.par_chunks_mut(CHUNK)
+        .zip(vo.par_chunks_mut(CHUNK))
+        .zip(
+            g.par_chunks(CHUNK)
+                .zip(m.par_chunks(CHUNK))
+                .zip(v.par_chunks(CHUNK)),
+        )
+        .for_each(|((mo, vo), ((g, m), v))| {
+            for i in 0..g.len() {
+                // Each product plus the zero `affine` adds, as the composed ops round them.
+                mo[i] = (m[i] * b1 + T::ZERO) + (g[i] * b1c + T::ZERO);
+                vo[i] = (v[i] * b2 + T::ZERO) + ((g[i] * g[i]) * b2c + T::ZERO);
+            }
+        });
+    out
+}
+
+fn apply<T: Float>(p: &mut [T], m: &[T], v: &[T], c: &AdamWConstants) {
+    let (inv, eps) = (T::from_f64(c.inv_sqrt_bc2), T::from_f64(c.eps));
+    let k = T::from_f64(c.step_size);
+    let d = c.decay.map(T::from_f64);
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+        .for_each(|(p, (m, v))| {
+            for i in 0..p.len() {
+                let update = (m[i] / (v[i].sqrt() * inv + eps)) * k + T::ZERO;
+                let kept = match d {
+                    Some(d) => p[i] * d + T::ZERO,
+                    None => p[i],
+                };
+                p[i] = kept - update;
+            }
+        });
+}
+
+fn same_shapes(op: &str, ls: &[&Layout]) -> candle_core::Result<()> {
+    if ls.iter().any(|l| l.shape() != ls[0].shape()) {
+        let shapes: Vec<_> = ls.iter().map(|l| l.shape().dims().to_vec()).collect();
+        candle_core::bail!("{op}: shapes differ: {shapes:?}");
+    }
+    Ok(())
+}
+
+impl CustomOp3 for Moments {
+    fn name(&self) -> &'static str {
+        "adamw-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        same_shapes(self.name(), &[gl, ml, vl])?;
+        let out = match gs {
+            CpuStorage::F32(_) => f32::storage(moments(
+                contiguous::<f32>(self.name(), gs, gl)?,
+                contiguous::<f32>(self.name(), ms, ml)?,
+                contiguous::<f32>(self.name(), vs, vl)?,
+                &self.0,
+            )),
+            CpuStorage::F64(_) => f64::storage(moments(
+                contiguous::<f64>(self.name(), gs, gl)?,
+                contiguous::<f64>(self.name(), ms, ml)?,
+                contiguous::<f64>(self.name(), vs, vl)?,
+                &self.0,
+            )),
+            other => candle_core::bail!("adamw: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((2, gl.shape().elem_count()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ms: &candle_core::CudaStorage,
+        ml: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        same_shapes(self.name(), &[gl, ml, vl])?;
+        let g = cuda::input(self.name(), gs, gl)?;
+        let m = cuda::input(self.name(), ms, ml)?;
+        let v = cuda::input(self.name(), vs, vl)?;
+        let n = gl.shape().elem_count();
+        let dev = gs.device();
+        let out = cuda::output::<f32>(dev, 2 * n)?;
+        let c = &self.0;
+        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        let (b1c, b2c) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        let nn = n as u64;
+        let cfg = cuda::elementwise(n);
+        cuda::launch!(
+            dev,
+            "adamw_moments",
+            cfg,
+            &g,
+            &m,
+            &v,
+            &out,
+            &b1,
+            &b1c,
+            &b2,
+            &b2c,
+            &nn
+        );
+        Ok((cuda::storage(out, dev), Shape::from((2, n))))
+    }
+}
+
+struct Apply(AdamWConstants);
+
+impl InplaceOp3 for Apply {
+    fn name(&self) -> &'static str {
+        "adamw-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &mut CpuStorage,
+        pl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        same_shapes(self.name(), &[pl, ml, vl])?;
+        let Some((start, end)) = pl.contiguous_offsets() else {
+            candle_core::bail!("adamw: the parameter is not contiguous");
+        };
+        match ps {
+            CpuStorage::F32(p) => apply(
+                &mut p[start..end],
+                contiguous::<f32>(self.name(), ms, ml)?,
+                contiguous::<f32>(self.name(), vs, vl)?,
+                &self.0,
+            ),
+            CpuStorage::F64(p) => apply(
+                &mut p[start..end],
+                contiguous::<f64>(self.name(), ms, ml)?,
+                contiguous::<f64>(self.name(), vs, vl)?,
+                &self.0,
+            ),
+            other => candle_core::bail!("adamw: unsupported dtype {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &mut candle_core::CudaStorage,
+        pl: &Layout,
+        ms: &candle_core::CudaStorage,
+        ml: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        use super::cuda;
+        same_shapes(self.name(), &[pl, ml, vl])?;
+        let m = cuda::input(self.name(), ms, ml)?;
+        let v = cuda::input(self.name(), vs, vl)?;
+        let n = pl.shape().elem_count();
+        let Some((start, end)) = pl.contiguous_offsets() else {
+            candle_core::bail!("adamw: the parameter is not contiguous");
+        };
+        let dev = ps.device().clone();
+        let c = &self.0;
+        let (inv, eps, k) = (c.inv_sqrt_bc2 as f32, c.eps as f32, c.step_size as f32);
+        // A decay factor of exactly 1 leaves the parameter as it is, as `None` does.
+        let d = c.decay.unwrap_or(1.0) as f32;
+        let nn = n as u64;
+        let mut p = ps.as_cuda_slice_mut::<f32>()?.slice_mut(start..end);
+        cuda::launch!(
+            dev,
+            "adamw_apply",
+            cuda::elementwise(n),
+            &mut p,
+            &m,
+            &v,
+            &inv,
+            &eps,
+            &k,
+            &d,
+            &nn
+        );
+        Ok(())
+    }
+}
+
+/// Applies one AdamW update to `param` in place and returns the new `(exp_avg, exp_avg_sq)`
+/// (views of one fresh buffer). All four tensors have one shape and dtype; f32 or f64 on the CPU,
+/// f32 on CUDA ([`super::has_kernel`]).
+pub fn adamw_update(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    c: AdamWConstants,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if !param.is_contiguous() {
+        candle_core::bail!("adamw: the parameter is not contiguous");
+    }
+    let shape = param.shape().clone();
+    let both = grad.contiguous()?.apply_op3_no_bwd(
+        &exp_avg.contiguous()?,
+        &exp_avg_sq.contiguous()?,
+        &Moments(c),
+    )?;
+    let (m, v) = (both.get(0)?, both.get(1)?);
+    let param_flat = param.reshape(m.shape())?;
+    param_flat.inplace_op3(&m, &v, &Apply(c))?;
+    Ok((m.reshape(&shape)?, v.reshape(shape)?))
+}

@@ -1,0 +1,182 @@
+//! The sum of squares of many tensors as one f64 reduction, for the global gradient norm.
+//!
+//! Per tensor, candle's composed route (cast to f64, square, `sum_all`, read back) is four
+//! launches and a host synchronisation, and its all-elements reduction runs in one thread
+//! block: on a GPU with a few hundred gradients that cost more than the AdamW update. Here each
+//! tensor is reduced by a fixed grid of blocks into a slot of one partials buffer, one block sums
+//! the partials in a fixed order, and the caller reads one number. Results do not depend on
+//! scheduling, so a GPU run repeats exactly.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+struct SumSquares {
+    /// The tensors after the first, which is the op's input.
+    rest: Vec<Tensor>,
+}
+
+/// The element range a layout covers when its elements fill it exactly, in any order (a
+/// contiguous tensor, or a transposed view of one, as gradients often are).
+pub(crate) fn dense_range(l: &Layout) -> Option<(usize, usize)> {
+    if let Some(r) = l.contiguous_offsets() {
+        return Some(r);
+    }
+    let mut dims: Vec<(usize, usize)> = l
+        .stride()
+        .iter()
+        .copied()
+        .zip(l.dims().iter().copied())
+        .filter(|&(_, d)| d > 1)
+        .collect();
+    dims.sort_unstable();
+    let mut expected = 1;
+    for (stride, dim) in dims {
+        if stride != expected {
+            return None;
+        }
+        expected *= dim;
+    }
+    Some((l.start_offset(), l.start_offset() + expected))
+}
+
+fn cpu_sum(s: &CpuStorage, l: &Layout) -> candle_core::Result<f64> {
+    let Some((a, b)) = dense_range(l) else {
+        candle_core::bail!("sum of squares: input is not dense");
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x) * f64::from(x)).sum(),
+        CpuStorage::F64(v) => v[a..b].iter().map(|&x| x * x).sum(),
+        other => candle_core::bail!("sum of squares: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+impl CustomOp1 for SumSquares {
+    fn name(&self) -> &'static str {
+        "sum-squares"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut total = cpu_sum(s, l)?;
+        for t in &self.rest {
+            let (storage, layout) = t.storage_and_layout();
+            let candle_core::Storage::Cpu(s) = &*storage else {
+                candle_core::bail!("sum of squares: tensors on different devices");
+            };
+            total += cpu_sum(s, layout)?;
+        }
+        Ok((CpuStorage::F64(vec![total]), Shape::from(1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        const BLOCK: usize = 256;
+        // Blocks per tensor: enough to fill the card for large tensors, few for small ones.
+        let blocks = |n: usize| n.div_ceil(BLOCK * 16).clamp(1, 512);
+        let dev = s.device().clone();
+        let guards: Vec<_> = self.rest.iter().map(|t| t.storage_and_layout()).collect();
+        let mut inputs = vec![(s, l)];
+        for (storage, layout) in &guards {
+            let candle_core::Storage::Cuda(s) = &**storage else {
+                candle_core::bail!("sum of squares: tensors on different devices");
+            };
+            inputs.push((s, layout));
+        }
+        let total_blocks: usize = inputs
+            .iter()
+            .map(|(_, l)| blocks(l.shape().elem_count()))
+            .sum();
+        let mut partials = dev.alloc_zeros::<f64>(total_blocks)?;
+        let mut offset = 0;
+        for (s, l) in inputs {
+            let Some((a, b)) = dense_range(l) else {
+                candle_core::bail!("sum of squares: input is not dense");
+            };
+            if s.dtype() != candle_core::DType::F32 {
+                candle_core::bail!(
+                    "sum of squares: the CUDA kernel takes f32, got {:?}",
+                    s.dtype()
+                );
+            }
+            let x = s.as_cuda_slice::<f32>()?.slice(a..b);
+            let n = b - a;
+            let g = blocks(n);
+            let mut slot = partials.slice_mut(offset..offset + g);
+            let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+                grid_dim: (g as u32, 1, 1),
+                block_dim: (BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            cuda::launch!(dev, "sum_squares_partial", cfg, &x, &(n as u64), &mut slot);
+            offset += g;
+        }
+        let out = dev.alloc_zeros::<f64>(1)?;
+        let cfg = cuda::rows(1, 1024);
+        cuda::launch!(dev, "sum_f64", cfg, &partials, &(total_blocks as u64), &out);
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from(1),
+        ))
+    }
+}
+
+/// `sum over tensors of sum(t^2)`, accumulated in f64, as a `[1]` f64 tensor on the tensors'
+/// device. f32 or f64 on the CPU, f32 on CUDA; every tensor's elements must fill their storage
+/// range (contiguous or transposed views). `None` for an empty list.
+pub fn sum_squares(tensors: &[Tensor]) -> candle_core::Result<Option<Tensor>> {
+    let Some((first, rest)) = tensors.split_first() else {
+        return Ok(None);
+    };
+    let first = if dense_range(first.layout()).is_some() {
+        first.clone()
+    } else {
+        first.contiguous()?
+    };
+    let rest = rest
+        .iter()
+        .map(|t| {
+            if dense_range(t.layout()).is_some() {
+                Ok(t.clone())
+            } else {
+                t.contiguous()
+            }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    first.apply_op1_no_bwd(&SumSquares { rest }).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn sums_squares_of_contiguous_and_transposed_tensors_in_f64() {
+        let a = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.5f32, -1.5], &Device::Cpu).unwrap();
+        let at = a.t().unwrap();
+        assert!(at.layout().contiguous_offsets().is_none());
+        let s = sum_squares(&[at, b, a.narrow(1, 1, 2).unwrap()])
+            .unwrap()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        // 91 + 2.5 + (4 + 9 + 25 + 36)
+        assert_eq!(s, vec![91.0 + 2.5 + 74.0]);
+        assert!(sum_squares(&[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn dense_range_accepts_permutations_only() {
+        let t = Tensor::zeros((3, 4, 5), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(dense_range(t.layout()), Some((0, 60)));
+        let p = t.permute((2, 0, 1)).unwrap();
+        assert_eq!(dense_range(p.layout()), Some((0, 60)));
+        let n = t.narrow(2, 1, 3).unwrap();
+        assert_eq!(dense_range(n.layout()), None);
+    }
+}
