@@ -38,8 +38,18 @@ impl Rope {
         })
     }
 
-    /// Rotates `x [b, heads, t, d]` by its positions `0..t`.
+    /// Rotates `x [b, heads, t, d]` by its positions `0..t`: the fused op where it has a kernel,
+    /// the composed ops elsewhere.
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::ops::has_kernel(x) && x.dtype() == self.cos.dtype() {
+            x.dims4()?;
+            return crate::ops::rotary(x, &self.cos, &self.sin);
+        }
+        self.apply_composed(x)
+    }
+
+    /// [`Self::apply`] from candle's differentiable ops, for any device and dtype.
+    pub fn apply_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (_, _, t, d) = x.dims4()?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;

@@ -1,16 +1,57 @@
 //! Custom tensor operations with hand-written backward passes, for the places where candle's
-//! composed operations would compute work we do not want. Each has a CPU kernel; on other
-//! devices the model uses the composed operations, which these are tested against.
+//! composed operations would compute work we do not want. Each has a CPU kernel (f32, f64) and,
+//! in builds with the `cuda` feature, a CUDA kernel (f32; `kernels.cu`, compiled with NVRTC at
+//! run time). Where neither applies the model uses the composed operations, which these are
+//! tested against.
 
+pub mod adamw_update;
 pub mod causal_softmax;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod float;
 pub mod frozen_matmul;
 pub mod lora_linear;
+pub mod mixed_linear;
 pub mod rms_norm;
+pub mod rotary;
+pub mod sum_squares;
 pub mod swiglu;
 
 pub use causal_softmax::causal_softmax;
 pub use frozen_matmul::frozen_matmul;
 pub use lora_linear::lora_linear;
+pub use mixed_linear::mixed_linear;
 pub use rms_norm::rms_norm_fused;
+pub use rotary::rotary;
+pub use sum_squares::sum_squares;
 pub use swiglu::swiglu;
+
+use candle_core::{DType, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused ops off (or back on) for the whole process, so the model uses candle's
+/// composed operations everywhere: for benchmarks that measure what the fused kernels buy, and
+/// as a way round a kernel suspected of a fault. On by default.
+pub fn set_fused_kernels(enabled: bool) {
+    FUSED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused ops are on (see [`set_fused_kernels`]).
+pub fn fused_kernels() -> bool {
+    FUSED.load(Ordering::Relaxed)
+}
+
+/// Whether a fused op has a kernel for tensors like `t` (its device and dtype) and the fused ops
+/// are on: f32 or f64 on the CPU, f32 on CUDA.
+pub fn has_kernel(t: &Tensor) -> bool {
+    if !fused_kernels() {
+        return false;
+    }
+    match t.device() {
+        candle_core::Device::Cpu => matches!(t.dtype(), DType::F32 | DType::F64),
+        candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && t.dtype() == DType::F32,
+        _ => false,
+    }
+}

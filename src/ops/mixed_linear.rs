@@ -1,0 +1,122 @@
+//! A full-rank projection in mixed precision as one autograd node: `y = x W^T` with the matmul
+//! in a compute dtype (bf16) on casts of the f32 `x [n, in]` and master weight `W [out, in]`, and
+//! `y [n, out]` back in f32.
+//!
+//! Composed (cast x, cast W, transpose, matmul, cast y) the graph keeps the bf16 copies of the
+//! activation and of the weight alive until the backward, and each of the five nodes accumulates
+//! its gradient into a fresh zero tensor. As one node it keeps only its f32 inputs, which the
+//! model holds anyway, and its backward is the two products `dx = dy W`, `dW = dy^T x` in the
+//! compute dtype, cast back to f32. Built from candle's storage operations, so it runs on every
+//! device.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+struct MixedLinear {
+    compute: DType,
+}
+
+fn forward<S: BackendStorage>(
+    x: &S,
+    xl: &Layout,
+    w: &S,
+    wl: &Layout,
+    compute: DType,
+) -> candle_core::Result<(S, Shape)> {
+    let (n, k) = xl.shape().dims2()?;
+    let (out, w_in) = wl.shape().dims2()?;
+    if w_in != k {
+        candle_core::bail!("mixed linear: x [{n}, {k}] and W [{out}, {w_in}] do not fit");
+    }
+    let xc = x.to_dtype(xl, compute)?;
+    let wc = w.to_dtype(wl, compute)?;
+    // [n, in] x [in, out]: the cast W is contiguous [out, in], read transposed.
+    let wt = Layout::contiguous((out, k)).transpose(0, 1)?;
+    let y = xc.matmul(&wc, (1, n, out, k), &Layout::contiguous((n, k)), &wt)?;
+    let y = y.to_dtype(&Layout::contiguous((n, out)), x.dtype())?;
+    Ok((y, Shape::from((n, out))))
+}
+
+impl CustomOp2 for MixedLinear {
+    fn name(&self) -> &'static str {
+        "mixed-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        forward(x, xl, w, wl, self.compute)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        forward(x, xl, w, wl, self.compute)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = self.compute;
+        let (xc, wc, gc) = (
+            x.detach().to_dtype(c)?,
+            w.detach().to_dtype(c)?,
+            grad_y.to_dtype(c)?,
+        );
+        // [n, out] x [out, in] and [out, n] x [n, in]
+        let dx = gc.matmul(&wc)?.to_dtype(x.dtype())?;
+        let dw = gc.t()?.matmul(&xc)?.to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x [n, in] -> x W^T [n, out]` with the product in `compute` and the result in `x`'s dtype;
+/// gradients flow to `x` and `weight` in their own dtypes.
+pub fn mixed_linear(x: &Tensor, weight: &Tensor, compute: DType) -> candle_core::Result<Tensor> {
+    x.apply_op2(weight, MixedLinear { compute })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn values_and_gradients_equal_the_composed_casts() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (9, 24), &dev).unwrap();
+        let w = Var::randn(0f32, 0.2, (13, 24), &dev).unwrap();
+        let fused = mixed_linear(&x, &w, DType::BF16).unwrap();
+        let composed = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::BF16).unwrap().t().unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(fused.dtype(), DType::F32);
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&fused), values(&composed));
+        let (gf, gc) = crate::ops::float::probed_grads(&fused, &composed);
+        for (v, what) in [(&x, "dx"), (&w, "dw")] {
+            let (a, b) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert_eq!(a.dtype(), DType::F32, "{what}");
+            assert_eq!(values(a), values(b), "{what}");
+        }
+        let bad = Tensor::zeros((13, 23), DType::F32, &dev).unwrap();
+        assert!(mixed_linear(&x, &bad, DType::BF16).is_err());
+    }
+}
