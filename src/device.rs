@@ -25,7 +25,52 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             "'{spec}': this build of relora has no CUDA support (rebuild with --features cuda)"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("'{spec}': {e}")))
+    let device = Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("'{spec}': {e}")))?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: relora runs all work of a device on candle's one stream per device, so the
+        // cross-stream events cudarc would record on every kernel argument order nothing; they
+        // cost host time on each of the thousands of launches in a step.
+        unsafe { d.disable_event_tracking() };
+        keep_freed_memory_pooled(ordinal)?;
+    }
+    Ok(device)
+}
+
+/// Tells the device's default memory pool (which candle's stream-ordered allocations draw from)
+/// to keep freed memory instead of returning it to the driver at every synchronisation. A
+/// training step frees and re-allocates gigabytes of activations, and the two host reads of a
+/// step synchronise; with the default threshold of zero every step mapped that memory anew.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory_pooled(ordinal: usize) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let fail = |what: &str, r: sys::CUresult| {
+        Error::Device(format!("cuda:{ordinal}: {what} failed: {r:?}"))
+    };
+    let mut dev: sys::CUdevice = 0;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on out-pointers to locals; the driver was initialised when
+    // candle created the device.
+    unsafe {
+        let r = sys::cuDeviceGet(&mut dev, ordinal as i32);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(fail("cuDeviceGet", r));
+        }
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, dev);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(fail("cuDeviceGetDefaultMemPool", r));
+        }
+        let r = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(fail("cuMemPoolSetAttribute", r));
+        }
+    }
+    Ok(())
 }
 
 /// The canonical string for a device ("cpu" or "cuda:N").

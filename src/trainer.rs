@@ -489,6 +489,12 @@ impl Trainer {
             step_grads.push(g);
         }
         drop(grads);
+        // GPU kernels run asynchronously: wait for the backward pass so its time is not
+        // counted as the optimizer's (the next host read would wait anyway).
+        self.model
+            .device()
+            .synchronize()
+            .ctx("synchronizing after backward")?;
         let pending = self.pending.get_or_insert_with(|| Pending {
             grads: Vec::new(),
             timings: StepTimings::default(),
@@ -573,6 +579,10 @@ impl Trainer {
             .map(|(n, v)| is_decayed(n, v.dims()))
             .collect();
         self.optimizer.step(&params, &pending.grads, &decay, lr)?;
+        self.model
+            .device()
+            .synchronize()
+            .ctx("synchronizing after the update")?;
         self.counters.step += 1;
         self.counters.nonfinite_streak = 0;
         self.prepared_events = (false, None);
