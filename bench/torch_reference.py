@@ -5,6 +5,7 @@ trainable) and AdamW, timed the same way, printing the same JSON fields as `relo
 
 Usage: torch_reference.py --preset small --mode full|lora|relora --seq-len 128 --batch-size 8
        [--rank 32] [--steps 10] [--warmup 2] [--threads N] [--device cpu|cuda] [--dtype f32|bf16]
+       [--attn eager|sdpa]
 """
 import argparse
 import json
@@ -40,6 +41,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     p.add_argument("--vocab", type=int, default=258)
+    p.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
+                   help="transformers attention implementation (eager: the plain matmul-softmax path)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -49,7 +52,7 @@ def main():
     cfg = LlamaConfig(
         vocab_size=a.vocab, hidden_size=h, intermediate_size=i, num_attention_heads=nh,
         num_key_value_heads=kv, num_hidden_layers=layers, max_position_embeddings=max(1024, a.seq_len),
-        rms_norm_eps=1e-6, tie_word_embeddings=False, attn_implementation="eager" if a.device == "cpu" else "sdpa",
+        rms_norm_eps=1e-6, tie_word_embeddings=False, attn_implementation=a.attn,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(a.device)
@@ -104,7 +107,7 @@ def main():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result = {
         "mode": a.mode,
-        "engine": "torch " + torch.__version__,
+        "engine": "torch " + torch.__version__ + " " + a.attn,
         "tokens_per_step": tokens,
         "median_step_ms": med,
         "min_step_ms": min(times),

@@ -1,108 +1,205 @@
 #!/usr/bin/env bash
 # gpu-check.sh — the CUDA check, run on the GPU machine in one call (about 8 minutes on an H100):
-#   1. the CUDA tests (GPU vs CPU agreement on the tiny preset, device moves of checkpoints);
-#   2. `relora bench` of the 130m and 350m presets, full and relora, f32 (TF32) and bf16 compute;
-#   3. the same configurations through PyTorch + transformers + peft (bench/torch_reference.py);
-#   4. the card's bf16 matmul rate, measured here, for model-FLOP utilisation;
-# then one table last, with JSON under $OUT.
+#   1. the CUDA tests (each fused kernel against the CPU, GPU-vs-CPU losses on the tiny preset,
+#      checkpoints moving between devices);
+#   2. the card's bf16 matmul rate, measured here, for model-FLOP utilisation;
+#   3. `relora bench` of the 130m and 350m presets, full and relora, bf16 mixed precision and
+#      f32 (TF32), and at 350m bf16 once more with candle's composed ops instead of the kernels;
+#   4. the same configurations through PyTorch + transformers (eager attention) + peft;
+# then one table last, with the raw JSON and summary.json under $OUT.
 #
-# Inputs: a bundle folder (default gpu-bundle/) with the `relora` binary and the `cuda` test
-# binary built by scripts/build-gpu-bundle.sh on a CPU machine.
+# Inputs: gpu-bundle.tar.xz (or an unpacked gpu-bundle/) with the `relora` binary and the `cuda`
+# test binary, built by scripts/build-gpu-bundle.sh on a CPU machine.
+# Knobs: OUT, BUNDLE, TORCH_PYTHON, SEQ (512), BATCH (8), RANK (128), STEPS (6), STAGES
+# (default "tests peak bench torch"), BUDGET_S (seconds after which optional stages are skipped).
 set -uo pipefail
+export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 BUNDLE=${BUNDLE:-gpu-bundle}
 OUT=${OUT:-/tmp/relora-gpu-out}
 PY=${TORCH_PYTHON:-/opt/torch/.venv/bin/python}
+STAGES=${STAGES:-tests peak bench torch}
+BUDGET_S=${BUDGET_S:-480}
+SEQ=${SEQ:-512}; BATCH=${BATCH:-8}; RANK=${RANK:-128}; STEPS=${STEPS:-6}
 mkdir -p "$OUT"
 if [ ! -x "$BUNDLE/relora" ] && [ -f gpu-bundle.tar.xz ]; then
   xz -dc gpu-bundle.tar.xz | tar -xf -
 fi
 RUN="bash scripts/run-on-device.sh"
 export SKIP_CHECKS=1
-log() { printf '\n== %s\n' "$*" | tee -a "$OUT/log.txt"; }
+log() { printf '\n== [%3ds] %s\n' "$SECONDS" "$*" | tee -a "$OUT/log.txt"; }
+stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+in_budget() { [ "$SECONDS" -lt "$BUDGET_S" ] || { log "skipped (over ${BUDGET_S}s): $*"; return 1; }; }
+
+# Peak memory of whatever runs on the GPU, sampled by nvidia-smi every 50 ms into $1.
+sample_start() {
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$1" 2>/dev/null &
+  sampler=$!
+}
+sample_stop() { kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null; }
 
 log "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 SKIP_CHECKS=0 $RUN "$BUNDLE/relora" --version 2>&1 | tail -n 20 | tee -a "$OUT/log.txt"
 
-log "CUDA tests"
-timeout 120 $RUN "$BUNDLE/cuda-tests" --test-threads=1 2>&1 | tee "$OUT/cuda-tests.txt" | tail -n 8
-tests_rc=${PIPESTATUS[0]}
+tests_rc=0
+if stage tests; then
+  log "CUDA tests"
+  timeout 240 $RUN "$BUNDLE/cuda-tests" --test-threads=1 --nocapture > "$OUT/cuda-tests.txt" 2>&1
+  tests_rc=$?
+  grep -E '^test |test result|worst|panicked|differ' "$OUT/cuda-tests.txt" | tail -n 30
+fi
 
-log "bf16 matmul peak (torch, 8192^3)"
-"$PY" - <<'PY' 2>&1 | tee "$OUT/peak.json"
+if stage peak; then
+  log "bf16 matmul peak (torch, 8192^3)"
+  "$PY" - <<'PY' 2>&1 | tail -n 1 | tee "$OUT/peak.json"
 import json, time, torch
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
-for _ in range(3): a @ b
-torch.cuda.synchronize(); t = time.perf_counter(); n = 20
+for _ in range(5): a @ b
+torch.cuda.synchronize(); t = time.perf_counter(); n = 30
 for _ in range(n): a @ b
 torch.cuda.synchronize(); dt = (time.perf_counter() - t) / n
 print(json.dumps({"bf16_tflops": 2 * 8192**3 / dt / 1e12}))
 PY
+fi
 
-SEQ=${SEQ:-512}; BATCH=${BATCH:-8}
-for preset in 130m 350m; do
-  for prec in tf32 bf16; do
-    log "relora bench $preset ($prec)"
-    extra=(--tf32); [ "$prec" = bf16 ] && extra=(--compute-dtype bf16)
+# relora bench: $1 preset, $2 label, $3 mode, rest: extra flags.
+bench() {
+  local preset=$1 label=$2 mode=$3; shift 3
+  sample_start "$OUT/mem-relora-$preset-$label-$mode.txt"
+  timeout 120 $RUN "$BUNDLE/relora" bench --device cuda:0 --preset "$preset" --seq-len "$SEQ" \
+    --batch-size "$BATCH" --rank "$RANK" --modes "$mode" --steps "$STEPS" --warmup 2 "$@" \
+    --json "$OUT/relora-$preset-$label-$mode.json" > "$OUT/relora-$preset-$label-$mode.txt" 2>&1 \
+    || tail -n 5 "$OUT/relora-$preset-$label-$mode.txt"
+  sample_stop
+  tail -n 1 "$OUT/relora-$preset-$label-$mode.txt"
+}
+# torch reference: $1 preset, $2 mode, $3 attention implementation, $4 label (default: $3).
+torch_bench() {
+  local preset=$1 mode=$2 attn=$3 label=${4:-$3}
+  sample_start "$OUT/mem-torch-$preset-$label-$mode.txt"
+  timeout 120 "$PY" bench/torch_reference.py --device cuda --preset "$preset" --mode "$mode" \
+    --seq-len "$SEQ" --batch-size "$BATCH" --rank "$RANK" --steps "$STEPS" --warmup 2 \
+    --dtype bf16 --attn "$attn" > "$OUT/torch-$preset-$label-$mode.json" \
+    2> "$OUT/torch-$preset-$label-$mode.err" || tail -n 3 "$OUT/torch-$preset-$label-$mode.err"
+  sample_stop
+  tail -n 1 "$OUT/torch-$preset-$label-$mode.json"
+}
+
+for preset in 350m 130m; do
+  if stage bench; then
     for mode in full relora; do
-      # Peak GPU memory of this process, sampled by nvidia-smi every 100 ms.
-      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem-$preset-$prec-$mode.txt" &
-      sampler=$!
-      timeout 100 $RUN "$BUNDLE/relora" bench --device cuda:0 --preset "$preset" --seq-len "$SEQ" \
-        --batch-size "$BATCH" --rank 128 --modes "$mode" --steps 6 --warmup 2 "${extra[@]}" \
-        --json "$OUT/relora-$preset-$prec-$mode.json" 2>&1 | tail -n 2
-      kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+      in_budget "relora $preset bf16 $mode" && { log "relora $preset bf16 $mode"; bench "$preset" bf16 "$mode" --compute-dtype bf16; }
+    done
+  fi
+  if stage torch; then
+    for mode in full relora; do
+      in_budget "torch $preset $mode" && { log "torch $preset eager bf16 $mode"; torch_bench "$preset" "$mode" eager; }
+    done
+  fi
+done
+if stage bench; then
+  for mode in full relora; do
+    in_budget "relora 350m bf16 batch 16 $mode" && { log "relora 350m bf16 batch 16 $mode"; BATCH=16 bench 350m bf16-b16 "$mode" --compute-dtype bf16; }
+  done
+fi
+if stage torch; then
+  for mode in full relora; do
+    in_budget "torch 350m eager batch 16 $mode" && { log "torch 350m eager bf16 batch 16 $mode"; BATCH=16 torch_bench 350m "$mode" eager eager-b16; }
+  done
+fi
+
+if stage bench; then
+  for preset in 350m 130m; do
+    for mode in full relora; do
+      in_budget "relora $preset tf32 $mode" && { log "relora $preset tf32 $mode"; bench "$preset" tf32 "$mode" --tf32; }
     done
   done
   for mode in full relora; do
-    log "torch $preset $mode (bf16 autocast)"
-    timeout 100 "$PY" bench/torch_reference.py --device cuda --preset "$preset" --mode "$mode" \
-      --seq-len "$SEQ" --batch-size "$BATCH" --rank 128 --steps 6 --warmup 2 --dtype bf16 \
-      > "$OUT/torch-$preset-$mode.json" 2> "$OUT/torch-$preset-$mode.err" || tail -n 3 "$OUT/torch-$preset-$mode.err"
-    cat "$OUT/torch-$preset-$mode.json"
+    in_budget "relora 350m composed $mode" && { log "relora 350m bf16 composed ops $mode"; bench 350m bf16-composed "$mode" --compute-dtype bf16 --composed-ops; }
   done
-done
-
+fi
+if stage torch; then
+  for mode in full relora; do
+    in_budget "torch 350m sdpa $mode" && { log "torch 350m sdpa bf16 $mode"; torch_bench 350m "$mode" sdpa; }
+  done
+fi
 log "summary"
-"$PY" - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+"$PY" - "$OUT" "$SEQ" <<'PY' | tee "$OUT/summary.txt"
 import json, sys, pathlib
-out = pathlib.Path(sys.argv[1])
+out, seq = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 try:
     peak = json.loads((out / "peak.json").read_text().strip().splitlines()[-1])["bf16_tflops"]
 except Exception:
     peak = float("nan")
-# hidden, intermediate, layers, kv heads ratio 1, vocab 258
+gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "?"
+# hidden, intermediate, layers; vocab 258 (bytes)
 sizes = {"130m": (768, 2048, 12), "350m": (1024, 2736, 24)}
-def flops_per_token(p, mode, seq=512):
+V = 258
+def flops_per_token(p, mode):
+    # Matmul FLOPs only: projections, the two attention products, lm_head. Full rank: backward
+    # = 2x forward. ReLoRA phase: the frozen projections need only the input gradient (1x), and
+    # the rank-r adapters are not counted (the useful work is the model's).
     h, i, l = sizes[p]
-    params = l * (4 * h * h + 3 * h * i)
-    attn = l * 2 * seq * h  # q k^T and p v per token, forward
-    fwd = 2 * params + 2 * attn + 2 * 258 * h
-    # full: backward = 2x forward; relora phase: no weight gradients for the projections
-    return 3 * fwd if mode == "full" else 2 * fwd + 2 * 258 * h
-print(f"bf16 matmul peak measured: {peak:.0f} TFLOP/s")
-print(f"{'preset':<6} {'engine':<14} {'mode':<7} {'tok/s':>9} {'step ms':>9} {'fwd':>7} {'bwd':>7} {'opt':>7} {'GPU MiB':>8} {'MFU':>6}")
+    proj = l * (4 * h * h + 3 * h * i)
+    attn = l * 2 * seq * h           # q k^T and p v, per token, causal not discounted
+    head = h * V
+    if mode == "full":
+        return 3 * 2 * (proj + attn + head)
+    return 2 * (2 * proj + 3 * attn + 3 * head)
+def mem_peak(name):
+    f = out / name
+    vals = [float(x) for x in f.read_text().split()] if f.exists() else []
+    return max(vals) if vals else float("nan")
+rows = []
 for p in sizes:
-    rows = []
-    for prec in ("tf32", "bf16"):
+    for label, eng in (("bf16", "relora bf16"), ("tf32", "relora tf32"),
+                       ("bf16-composed", "relora bf16 composed"), ("bf16-b16", "relora bf16 batch16")):
         for mode in ("full", "relora"):
-            f = out / f"relora-{p}-{prec}-{mode}.json"
-            if not f.exists():
-                continue
-            for r in json.loads(f.read_text())["results"]:
-                mem = out / f"mem-{p}-{prec}-{mode}.txt"
-                vals = [float(x) for x in mem.read_text().split()] if mem.exists() else []
-                r["peak_gpu_mib"] = max(vals) if vals else float("nan")
-                rows.append((f"relora {prec}", r))
-    for mode in ("full", "relora"):
-        f = out / f"torch-{p}-{mode}.json"
-        if f.exists() and f.read_text().strip():
-            rows.append(("torch bf16", json.loads(f.read_text().strip().splitlines()[-1])))
-    for eng, r in rows:
-        tps = r["tokens_per_s"]
-        mfu = tps * flops_per_token(p, r["mode"]) / (peak * 1e12) if peak == peak else float("nan")
-        gpu = r.get("peak_gpu_mib", float("nan"))
-        print(f"{p:<6} {eng:<14} {r['mode']:<7} {tps:>9.0f} {r['median_step_ms']:>9.1f} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['optimizer_ms']:>7.1f} {gpu:>8.0f} {mfu:>6.1%}")
+            f = out / f"relora-{p}-{label}-{mode}.json"
+            if f.exists():
+                for r in json.loads(f.read_text())["results"]:
+                    r["peak_gpu_mib"] = mem_peak(f"mem-relora-{p}-{label}-{mode}.txt")
+                    rows.append((p, eng, r))
+    for attn in ("eager", "sdpa", "eager-b16"):
+        for mode in ("full", "relora"):
+            f = out / f"torch-{p}-{attn}-{mode}.json"
+            if f.exists() and f.read_text().strip():
+                try:
+                    r = json.loads(f.read_text().strip().splitlines()[-1])
+                except Exception:
+                    continue
+                r["torch_allocated_mib"] = r.get("peak_gpu_mib")
+                r["peak_gpu_mib"] = mem_peak(f"mem-torch-{p}-{attn}-{mode}.txt")
+                rows.append((p, f"torch bf16 {attn.replace('-b16', ' batch16')}", r))
+table = []
+print(f"GPU: {gpu} | bf16 matmul peak measured: {peak:.0f} TFLOP/s | seq {seq}")
+print(f"{'preset':<6} {'engine':<24} {'mode':<7} {'tok/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>7} {'GPU MiB':>8} {'MFU':>6}")
+for p, eng, r in rows:
+    tps = r["tokens_per_s"]
+    mfu = tps * flops_per_token(p, r["mode"]) / (peak * 1e12) if peak == peak else float("nan")
+    row = {"preset": p, "engine": eng, "mode": r["mode"], "tokens_per_s": tps,
+           "median_step_ms": r["median_step_ms"], "forward_ms": r["forward_ms"],
+           "backward_ms": r["backward_ms"], "optimizer_ms": r["optimizer_ms"],
+           "peak_gpu_mib": r["peak_gpu_mib"], "mfu": mfu,
+           "merge_reset_ms": r.get("merge_reset_ms"), "torch_allocated_mib": r.get("torch_allocated_mib")}
+    table.append(row)
+    print(f"{p:<6} {eng:<24} {r['mode']:<7} {tps:>8.0f} {r['median_step_ms']:>8.1f} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['optimizer_ms']:>7.1f} {r['peak_gpu_mib']:>8.0f} {mfu:>6.1%}")
+def tps(p, eng, mode):
+    return next((t["tokens_per_s"] for t in table if t["preset"] == p and t["engine"] == eng and t["mode"] == mode), float("nan"))
+print()
+for p in sizes:
+    rel, full = tps(p, "relora bf16", "relora"), tps(p, "relora bf16", "full")
+    print(f"{p}: bf16 relora/full {rel / full:.2f}x | vs torch eager: full {full / tps(p, 'torch bf16 eager', 'full'):.2f}x, relora {rel / tps(p, 'torch bf16 eager', 'relora'):.2f}x")
+    rel16, full16 = tps(p, "relora bf16 batch16", "relora"), tps(p, "relora bf16 batch16", "full")
+    if rel16 == rel16:
+        print(f"{p} batch 16: bf16 relora/full {rel16 / full16:.2f}x | vs torch eager: full {full16 / tps(p, 'torch bf16 eager batch16', 'full'):.2f}x, relora {rel16 / tps(p, 'torch bf16 eager batch16', 'relora'):.2f}x")
+(out / "summary.json").write_text(json.dumps({"gpu": gpu, "bf16_peak_tflops": peak, "seq_len": seq, "rows": table}, indent=1))
 PY
+log "done (CUDA tests exit status $tests_rc)"
+# The device tool returns at most 8 files: keep the readable ones, pack the raw data.
+keep="summary.txt summary.json log.txt cuda-tests.txt"
+( cd "$OUT" && tar -czf /tmp/relora-gpu-raw.tar.gz $(ls | grep -vxF -f <(tr ' ' '\n' <<<"$keep")) \
+  && find . -maxdepth 1 -type f $(for k in $keep; do printf -- '! -name %s ' "$k"; done) -delete \
+  && mv /tmp/relora-gpu-raw.tar.gz raw.tar.gz )
 exit $tests_rc

@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Mixed precision: run matmuls in this dtype ("bf16") with fp32 masters.
     #[arg(long, default_value = "")]
     compute_dtype: String,
+    /// Use candle's composed operations instead of relora's fused kernels, to measure what the
+    /// kernels buy.
+    #[arg(long)]
+    composed_ops: bool,
     /// Modes to run, comma-separated.
     #[arg(long, default_value = "full,lora,relora")]
     modes: String,
@@ -99,6 +103,7 @@ fn median(v: &mut [f64]) -> f64 {
 fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     let device = parse_device(&a.device)?;
     relora::device::set_tf32(a.tf32);
+    relora::ops::set_fused_kernels(!a.composed_ops);
     let mut model = ModelConfig::preset(&a.preset)?;
     let tok = inputs::tokenizer("bytes")?;
     model.vocab_size = tok.vocab_size();
@@ -221,6 +226,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.tf32 {
             cmd.arg("--tf32");
         }
+        if a.composed_ops {
+            cmd.arg("--composed-ops");
+        }
         if !a.compute_dtype.is_empty() {
             cmd.args(["--compute-dtype", &a.compute_dtype]);
         }
@@ -292,6 +300,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "preset": a.preset, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
             "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
+            "fused_kernels": !a.composed_ops,
             "compute_dtype": a.compute_dtype, "results": results,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
