@@ -17,6 +17,9 @@ use candle_core::{CpuStorage, CustomOp3, InplaceOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 const CHUNK: usize = 16_384;
+/// Below this many elements one thread does the pass: the adapters' and norms' tensors are small,
+/// and handing each to the thread pool cost more than the arithmetic.
+const SERIAL_MAX: usize = 4 * CHUNK;
 
 /// The constants of one update, computed by the optimizer from its hyper-parameters and step.
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +47,17 @@ fn moments<T: Float>(g: &[T], m: &[T], v: &[T], c: &AdamWConstants) -> Vec<T> {
     let (b2, b2c) = (T::from_f64(c.beta2), T::from_f64(1.0 - c.beta2));
     let mut out = vec![T::ZERO; 2 * n];
     let (mo, vo) = out.split_at_mut(n);
+    let chunk = |mo: &mut [T], vo: &mut [T], g: &[T], m: &[T], v: &[T]| {
+        for i in 0..g.len() {
+            // Each product plus the zero `affine` adds, as the composed ops round them.
+            mo[i] = (m[i] * b1 + T::ZERO) + (g[i] * b1c + T::ZERO);
+            vo[i] = (v[i] * b2 + T::ZERO) + ((g[i] * g[i]) * b2c + T::ZERO);
+        }
+    };
+    if n <= SERIAL_MAX {
+        chunk(mo, vo, g, m, v);
+        return out;
+    }
     mo.par_chunks_mut(CHUNK)
         .zip(vo.par_chunks_mut(CHUNK))
         .zip(
@@ -51,13 +65,7 @@ fn moments<T: Float>(g: &[T], m: &[T], v: &[T], c: &AdamWConstants) -> Vec<T> {
                 .zip(m.par_chunks(CHUNK))
                 .zip(v.par_chunks(CHUNK)),
         )
-        .for_each(|((mo, vo), ((g, m), v))| {
-            for i in 0..g.len() {
-                // Each product plus the zero `affine` adds, as the composed ops round them.
-                mo[i] = (m[i] * b1 + T::ZERO) + (g[i] * b1c + T::ZERO);
-                vo[i] = (v[i] * b2 + T::ZERO) + ((g[i] * g[i]) * b2c + T::ZERO);
-            }
-        });
+        .for_each(|((mo, vo), ((g, m), v))| chunk(mo, vo, g, m, v));
     out
 }
 
@@ -65,18 +73,23 @@ fn apply<T: Float>(p: &mut [T], m: &[T], v: &[T], c: &AdamWConstants) {
     let (inv, eps) = (T::from_f64(c.inv_sqrt_bc2), T::from_f64(c.eps));
     let k = T::from_f64(c.step_size);
     let d = c.decay.map(T::from_f64);
+    let chunk = |p: &mut [T], m: &[T], v: &[T]| {
+        for i in 0..p.len() {
+            let update = (m[i] / (v[i].sqrt() * inv + eps)) * k + T::ZERO;
+            let kept = match d {
+                Some(d) => p[i] * d + T::ZERO,
+                None => p[i],
+            };
+            p[i] = kept - update;
+        }
+    };
+    if p.len() <= SERIAL_MAX {
+        chunk(p, m, v);
+        return;
+    }
     p.par_chunks_mut(CHUNK)
         .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-        .for_each(|(p, (m, v))| {
-            for i in 0..p.len() {
-                let update = (m[i] / (v[i].sqrt() * inv + eps)) * k + T::ZERO;
-                let kept = match d {
-                    Some(d) => p[i] * d + T::ZERO,
-                    None => p[i],
-                };
-                p[i] = kept - update;
-            }
-        });
+        .for_each(|(p, (m, v))| chunk(p, m, v));
 }
 
 fn same_shapes(op: &str, ls: &[&Layout]) -> candle_core::Result<()> {

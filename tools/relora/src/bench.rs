@@ -1,7 +1,7 @@
 //! `relora bench`: tokens/s and peak memory of full-rank, LoRA and ReLoRA-phase training steps
 //! for one model size, each mode in its own child process so peak RSS is per mode.
 
-use crate::inputs;
+use crate::{flops, inputs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use relora::config::{Mode, ModelConfig, TrainConfig};
@@ -78,7 +78,13 @@ pub struct ModeResult {
     tokens_per_s_amortised: f64,
     trainable_params: usize,
     optimizer_state_bytes: usize,
+    /// Bytes of the gradients a step holds (one per trainable parameter).
+    gradient_bytes: usize,
     peak_rss_mib: f64,
+    /// Matmul FLOPs per token of a step in this mode (see `flops::per_token`).
+    flops_per_token: f64,
+    /// Achieved model matmul rate: `flops_per_token * tokens_per_s`.
+    model_gflops: f64,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -147,6 +153,13 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
         None
     };
     let tokens_per_step = a.batch_size * a.seq_len;
+    let trainable_params: usize = trainer
+        .model
+        .trainable_params()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let fpt = flops::per_token(&model, mode, a.seq_len, a.rank);
     let med = median(&mut times);
     let tokens_per_s = tokens_per_step as f64 / (med / 1e3);
     let cycle = a.reset_every.max(2) as f64;
@@ -165,14 +178,12 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
         backward_ms: median(&mut bwd),
         optimizer_ms: median(&mut opt),
         tokens_per_s_amortised: amortised,
-        trainable_params: trainer
-            .model
-            .trainable_params()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum(),
+        trainable_params,
         optimizer_state_bytes: trainer.optimizer().state_bytes(),
+        gradient_bytes: trainable_params * trainer.model.weights()[0].1.dtype().size_in_bytes(),
         peak_rss_mib: peak_rss_mib(),
+        flops_per_token: fpt,
+        model_gflops: fpt * tokens_per_s / 1e9,
     })
 }
 
@@ -195,6 +206,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
+    // The machine's matmul rate, measured in this run, for the utilisation column.
+    let device = parse_device(&a.device)?;
+    relora::device::set_tf32(a.tf32);
+    let gemm_dtype = match a.compute_dtype.as_str() {
+        "bf16" => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
+    };
+    let peak_gflops = flops::gemm_peak_gflops(&device, gemm_dtype)?;
+    drop(device);
     let exe = std::env::current_exe().context("locating the relora binary")?;
     let mut results: Vec<ModeResult> = Vec::new();
     for mode in a.modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
@@ -262,8 +282,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.device,
         cpu_model()
     );
+    println!("gemm peak ({gemm_dtype:?}, measured now): {peak_gflops:.1} GFLOP/s");
     println!(
-        "{:<8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>15} {:>8} {:>11} {:>8} {:>9}",
+        "{:<8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>15} {:>8} {:>11} {:>8} {:>8} {:>9} {:>9} {:>7}",
         "mode",
         "step ms",
         "fwd ms",
@@ -274,14 +295,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "vs full",
         "trainable",
         "opt MiB",
-        "peak MiB"
+        "grad MiB",
+        "peak MiB",
+        "GFLOP/s",
+        "of peak"
     );
     for r in &results {
         let ratio = full
             .map(|f| r.tokens_per_s_amortised / f)
             .unwrap_or(f64::NAN);
         println!(
-            "{:<8} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>15.0} {:>7.2}x {:>11} {:>8.1} {:>9.1}",
+            "{:<8} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>15.0} {:>7.2}x {:>11} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>6.1}%",
             r.mode,
             r.median_step_ms,
             r.forward_ms,
@@ -292,7 +316,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ratio,
             r.trainable_params,
             r.optimizer_state_bytes as f64 / (1 << 20) as f64,
-            r.peak_rss_mib
+            r.gradient_bytes as f64 / (1 << 20) as f64,
+            r.peak_rss_mib,
+            r.model_gflops,
+            100.0 * r.model_gflops / peak_gflops
         );
     }
     if let Some(path) = &a.json {
@@ -300,7 +327,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "preset": a.preset, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
             "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
-            "fused_kernels": !a.composed_ops,
+            "fused_kernels": !a.composed_ops, "gemm_peak_gflops": peak_gflops,
             "compute_dtype": a.compute_dtype, "results": results,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)

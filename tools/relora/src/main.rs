@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod flops;
 mod generate;
 mod inputs;
 mod plot;
