@@ -2,13 +2,14 @@
 //! them: `tests/c/` (a training host, a misuse suite, a two-thread all-reduce) and `tests/cpp/`
 //! (the C++ wrapper from two translation units), each against the static and the shared library
 //! with `-Wall -Wextra -Werror` and AddressSanitizer + UndefinedBehaviorSanitizer; the C host and
-//! the misuse suite under valgrind; and `tests/cmake-host/` plus a pkg-config build against a
-//! prefix laid out by `scripts/install.sh`.
+//! the misuse suite under valgrind; `tests/cpp/mpi_host.cpp` (a host passing its MPI
+//! communicator through the reduce callback) under `mpirun -np 2`; and `tests/cmake-host/` plus a
+//! pkg-config build against a prefix laid out by `scripts/install.sh`.
 //!
-//! Needs gcc and g++ (or `CC` / `CXX`), valgrind, cmake and pkg-config; a missing tool fails the
-//! test that needs it with a message saying what to install. The libraries are the ones cargo
-//! built from the same sources as this test (see [`libs`]). The training text is `../shared/data/austen-train.txt` when it exists, else the
-//! built-in corpus.
+//! Needs gcc and g++ (or `CC` / `CXX`), valgrind, cmake, pkg-config and Open MPI (`mpicxx`,
+//! `mpirun`); a missing tool fails the test that needs it with a message saying what to install.
+//! The libraries are the ones cargo built from the same sources as this test (see [`libs`]). The
+//! training text is `../shared/data/austen-train.txt` when it exists, else the built-in corpus.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -191,6 +192,18 @@ enum Link {
 /// the library.
 fn build(lang_cpp: bool, sources: &[&str], out: &Path, link: Link, sanitize: bool) {
     let compiler = if lang_cpp { cxx() } else { cc() };
+    build_with(&compiler, lang_cpp, sources, out, link, sanitize);
+}
+
+/// [`build`] with a given compiler driver (e.g. `mpicxx`).
+fn build_with(
+    compiler: &str,
+    lang_cpp: bool,
+    sources: &[&str],
+    out: &Path,
+    link: Link,
+    sanitize: bool,
+) {
     let mut cmd = Command::new(compiler);
     cmd.arg(if lang_cpp { "-std=c++17" } else { "-std=c99" })
         .args(WARNINGS)
@@ -284,6 +297,38 @@ fn cpp_host_through_the_wrapper_from_two_translation_units() {
         true,
         &["tests/cpp/host.cpp", "tests/cpp/second_tu.cpp"],
         |work| vec![s(corpus()), s(work)],
+    );
+}
+
+#[test]
+fn cpp_host_passing_its_mpi_communicator_matches_one_process() {
+    require("mpicxx", "libopenmpi-dev");
+    require("mpirun", "openmpi-bin");
+    let bin = tempdir();
+    let exe = bin.path().join("mpi_host");
+    build_with(
+        "mpicxx",
+        true,
+        &["tests/cpp/mpi_host.cpp"],
+        &exe,
+        Link::Static,
+        false,
+    );
+    // Two ranks on this machine, as root if need be, one compute thread each; `timeout` ends
+    // a hung collective instead of the test run.
+    let out = run(
+        Command::new("timeout")
+            .args(["300", "mpirun", "--oversubscribe", "-np", "2"])
+            .arg(&exe)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("RAYON_NUM_THREADS", "1"),
+        "tests/cpp/mpi_host.cpp under mpirun -np 2",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("all checks passed") && stdout.contains("2 ranks"),
+        "the MPI host did not report success:\n{stdout}"
     );
 }
 

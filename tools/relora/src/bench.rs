@@ -207,14 +207,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     // The machine's matmul rate, measured in this run, for the utilisation column.
-    let device = parse_device(&a.device)?;
     relora::device::set_tf32(a.tf32);
     let gemm_dtype = match a.compute_dtype.as_str() {
         "bf16" => candle_core::DType::BF16,
         _ => candle_core::DType::F32,
     };
-    let peak_gflops = flops::gemm_peak_gflops(&device, gemm_dtype)?;
-    drop(device);
+    // The device goes out of scope before the children start.
+    let peak_gflops = flops::gemm_peak_gflops(&parse_device(&a.device)?, gemm_dtype)?;
     let exe = std::env::current_exe().context("locating the relora binary")?;
     let mut results: Vec<ModeResult> = Vec::new();
     for mode in a.modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
