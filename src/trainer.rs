@@ -531,6 +531,14 @@ impl Trainer {
         let started = Instant::now();
         let params = self.model.trainable_params();
         if let Some(r) = reducer {
+            if pending.non_finite {
+                // A non-finite loss here must skip the step on every rank, not only this one:
+                // poisoned, this rank's gradient makes the reduced gradients, and so every
+                // rank's norm, non-finite too.
+                if let Some(g) = pending.grads.first_mut() {
+                    *g = g.affine(0.0, f64::NAN).ctx("marking a non-finite step")?;
+                }
+            }
             let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
             r.reduce_all(&names, &mut pending.grads)?;
         }
@@ -652,5 +660,56 @@ impl Trainer {
     /// Restores the random streams (checkpoint loading).
     pub fn set_rngs(&mut self, rngs: TrainerRngs) {
         self.rngs = rngs;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Mode, ModelConfig};
+
+    /// Records whether any gradient it reduced held a non-finite value.
+    struct Recorder {
+        saw_non_finite: bool,
+    }
+
+    impl GradientReducer for Recorder {
+        fn reduce(&mut self, _name: &str, grad: &mut [f32]) -> Result<()> {
+            self.saw_non_finite |= grad.iter().any(|v| !v.is_finite());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_non_finite_loss_reaches_the_other_ranks_through_the_reduction() {
+        let mut model = ModelConfig::preset("tiny").unwrap();
+        model.vocab_size = 32;
+        let cfg = TrainConfig {
+            mode: Mode::Full,
+            batch_size: 1,
+            seq_len: 4,
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(&model, &cfg, &Device::Cpu).unwrap();
+        let batch = Batch {
+            inputs: vec![1, 2, 3, 4],
+            targets: vec![2, 3, 4, 5],
+            batch: 1,
+            seq_len: 4,
+        };
+        // A finite step first: the reducer sees finite gradients and the update applies.
+        t.accumulate(&batch).unwrap();
+        let mut r = Recorder {
+            saw_non_finite: false,
+        };
+        assert!(!t.apply(Some(&mut r)).unwrap().skipped);
+        assert!(!r.saw_non_finite);
+        // The same batch with this rank's loss marked non-finite (an overflow the gradients did
+        // not show): what the other ranks receive must carry it, and the step is skipped.
+        t.accumulate(&batch).unwrap();
+        t.pending.as_mut().unwrap().non_finite = true;
+        let st = t.apply(Some(&mut r)).unwrap();
+        assert!(r.saw_non_finite, "the reduction carried only finite values");
+        assert!(st.skipped);
     }
 }
