@@ -4,9 +4,14 @@
 //! adapter export equals our merge; and a Llama saved by transformers imports, re-exports exactly
 //! and runs in our model with transformers' logits.
 //!
+//! llama.cpp's own converter turns the export into GGUF, and llama-cpp-python runs it with our
+//! logits and tokenization.
+//!
 //! These tests need a Python with torch, transformers, safetensors and peft, named by the
-//! environment variable `RELORA_PYTHON` (e.g. `/work/venv-hf/bin/python`). Without it each test
-//! prints a SKIP line and passes.
+//! environment variable `RELORA_PYTHON` (e.g. `/work/venv-hf/bin/python`); the llama.cpp check
+//! also needs `gguf` and `llama-cpp-python` there and `RELORA_LLAMA_CONVERT` naming llama.cpp's
+//! `convert_hf_to_gguf.py` (`.ci/run` sets all of this up). Without them each test prints a SKIP
+//! line and passes.
 
 mod common;
 
@@ -205,6 +210,57 @@ fn transformers_loads_merged_exports_with_our_logits_and_tokenizer() {
         write_reference(&reference16, &ids, &forward(&cfg, &rounded, &ids));
         let rel = check_model(&py, &bf, &reference16, None);
         println!("tie={tie}: bf16 export: max relative difference {rel:.2e}");
+    }
+}
+
+#[test]
+fn llama_cpp_converts_and_runs_the_export_with_our_logits_and_tokenizer() {
+    let test = "llama_cpp_converts_and_runs_the_export_with_our_logits_and_tokenizer";
+    let Some(py) = python(test) else {
+        return;
+    };
+    let Some(convert) = std::env::var_os("RELORA_LLAMA_CONVERT").filter(|c| !c.is_empty()) else {
+        println!(
+            "SKIP {test}: set RELORA_LLAMA_CONVERT to llama.cpp's convert_hf_to_gguf.py (with gguf \
+             and llama-cpp-python installed in RELORA_PYTHON) to run the llama.cpp check"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tok_check = dir.path().join("bytes.json");
+    tokenizer_cases(&Tokenizer::bytes(), &tok_check);
+    for tie in [false, true] {
+        let (trainer, ckpt) = trained(dir.path(), tie);
+        let merged = trainer.merged_weights().unwrap();
+        let ids = random_ids(258, 11);
+        let reference = dir.path().join(format!("ref-llama-{tie}.safetensors"));
+        write_reference(
+            &reference,
+            &ids,
+            &forward(&trainer.model.config, &merged, &ids),
+        );
+        let out = dir.path().join(format!("hf-llama-{tie}"));
+        merge_checkpoint(&ckpt, &out, None, &HfExportOptions::default()).unwrap();
+        let checker = script("check_llama_cpp.py");
+        let report = run_py(
+            &py,
+            &[
+                os(&checker),
+                out.as_os_str(),
+                reference.as_os_str(),
+                os("--convert"),
+                convert.as_os_str(),
+                os("--rtol"),
+                os("1e-5"),
+                os("--tokenizer-check"),
+                tok_check.as_os_str(),
+            ],
+        );
+        assert_eq!(report["failures"], serde_json::json!([]), "{report}");
+        println!(
+            "tie={tie}: llama.cpp vs relora logits: max relative difference {:.2e}",
+            report["max_rel_diff"].as_f64().unwrap()
+        );
     }
 }
 

@@ -1,11 +1,17 @@
 //! The tokenizer files of an exported model: `tokenizer.json` (what `AutoTokenizer` and
 //! llama.cpp's converter read), `tokenizer_config.json` and `special_tokens_map.json`.
 //!
-//! - `bytes`: a Llama-style byte-fallback BPE: vocabulary `<0x00>`..`<0xFF>` (ids 0..=255), `<s>`
-//!   (256) and `</s>` (257), no merges, no normaliser or pre-tokeniser, so every byte of the text
-//!   becomes the token of that byte, exactly as the crate's byte tokenizer does; a `ByteFallback` +
-//!   `Fuse` decoder turns ids back into the same text. Models whose `vocab_size` exceeds 258 get
-//!   `<extra_N>` special tokens so the vocabulary size equals `vocab_size` (llama.cpp requires it).
+//! - `bytes`: a Llama-style byte-fallback BPE: vocabulary `<0x00>`..`<0xFF>` (ids 0..=255) except
+//!   that the space (32) is the piece `▁` (U+2581), `<s>` (256) and `</s>` (257), no merges, a
+//!   normaliser that writes spaces as `▁` and no pre-tokeniser, so every byte of the text becomes
+//!   the token of that byte, exactly as the crate's byte tokenizer does; a `▁`-to-space,
+//!   `ByteFallback` and `Fuse` decoder turns ids back into the same text. The space is a piece
+//!   because llama.cpp tokenizes such a vocabulary the sentencepiece way, always writing spaces as
+//!   `▁` first (and, unless `add_prefix_space` is false, adding one in front): with a `<0x20>`
+//!   token every space became the three bytes of `▁`. The one text this cannot round-trip is a
+//!   literal `▁`, which both tokenizers then read as a space. Models whose `vocab_size` exceeds 258
+//!   get `<extra_N>` special tokens so the vocabulary size equals `vocab_size` (llama.cpp requires
+//!   it).
 //! - `gpt2`: GPT-2's byte-level BPE rebuilt from the `r50k_base` ranks that ship with
 //!   `tiktoken-rs`: the vocabulary is each rank's bytes in GPT-2's printable byte alphabet, and
 //!   the merges are derived by replaying BPE on each token with only lower ranks available.
@@ -63,13 +69,15 @@ fn added_token(id: u32, content: &str, normalized: bool) -> Value {
            "rstrip": false, "normalized": normalized, "special": true})
 }
 
-/// `tokenizer_config.json` and `special_tokens_map.json` for special tokens `(id, text)`.
+/// `tokenizer_config.json` (with the `extra` entries) and `special_tokens_map.json` for special
+/// tokens `(id, text)`.
 fn config_files(
     bos: &str,
     eos: &str,
     specials: &[(u32, String)],
     class: &str,
     max_len: usize,
+    extra: &[(&str, Value)],
 ) -> Vec<(String, Vec<u8>)> {
     let decoder: serde_json::Map<String, Value> = specials
         .iter()
@@ -81,7 +89,7 @@ fn config_files(
             )
         })
         .collect();
-    let config = json!({
+    let mut config = json!({
         "add_bos_token": false,
         "add_eos_token": false,
         "added_tokens_decoder": decoder,
@@ -91,6 +99,9 @@ fn config_files(
         "model_max_length": max_len,
         "tokenizer_class": class,
     });
+    for (key, value) in extra {
+        config[*key] = value.clone();
+    }
     let map = json!({"bos_token": bos, "eos_token": eos});
     vec![
         ("tokenizer_config.json".into(), pretty(&config)),
@@ -98,11 +109,19 @@ fn config_files(
     ]
 }
 
+/// The piece that stands for the space byte in the byte tokenizer's export (sentencepiece's `▁`).
+const SPACE_PIECE: &str = "\u{2581}";
+
 /// The byte tokenizer as a byte-fallback BPE of exactly `vocab_size` tokens.
 fn byte_files(vocab_size: usize, max_len: usize) -> TokenizerFiles {
     let mut vocab = serde_json::Map::new();
     for b in 0..256u32 {
-        vocab.insert(format!("<0x{b:02X}>"), json!(b));
+        let piece = if b == u32::from(b' ') {
+            SPACE_PIECE.to_string()
+        } else {
+            format!("<0x{b:02X}>")
+        };
+        vocab.insert(piece, json!(b));
     }
     let mut specials: Vec<(u32, String)> = vec![
         (BYTE_BOS_ID, "<s>".to_string()),
@@ -119,10 +138,14 @@ fn byte_files(vocab_size: usize, max_len: usize) -> TokenizerFiles {
         "truncation": null,
         "padding": null,
         "added_tokens": specials.iter().map(|(id, t)| added_token(*id, t, false)).collect::<Vec<_>>(),
-        "normalizer": null,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPACE_PIECE},
         "pre_tokenizer": null,
         "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": SPACE_PIECE}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"}
+        ]},
         "model": {
             "type": "BPE",
             "dropout": null,
@@ -143,6 +166,9 @@ fn byte_files(vocab_size: usize, max_len: usize) -> TokenizerFiles {
         &specials,
         "PreTrainedTokenizerFast",
         max_len,
+        // llama.cpp's converter reads this; without it llama.cpp puts a space in front of every
+        // text.
+        &[("add_prefix_space", json!(false))],
     ));
     TokenizerFiles {
         files,
@@ -267,6 +293,7 @@ fn gpt2_files(max_len: usize) -> Result<TokenizerFiles> {
         &[(GPT2_EOT_ID, eot.to_string())],
         "GPT2Tokenizer",
         max_len,
+        &[],
     ));
     debug_assert_eq!(GPT2_VOCAB_SIZE, n + 1);
     Ok(TokenizerFiles {
@@ -310,6 +337,7 @@ fn copied_files(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Tokenize
             &specials,
             "PreTrainedTokenizerFast",
             max_len,
+            &[],
         ));
     }
     Ok(TokenizerFiles {
