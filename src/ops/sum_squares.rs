@@ -21,6 +21,9 @@ pub(crate) fn dense_range(l: &Layout) -> Option<(usize, usize)> {
     if let Some(r) = l.contiguous_offsets() {
         return Some(r);
     }
+    if l.shape().elem_count() == 0 {
+        return Some((l.start_offset(), l.start_offset()));
+    }
     let mut dims: Vec<(usize, usize)> = l
         .stride()
         .iter()
@@ -178,5 +181,7 @@ mod tests {
         assert_eq!(dense_range(p.layout()), Some((0, 60)));
         let n = t.narrow(2, 1, 3).unwrap();
         assert_eq!(dense_range(n.layout()), None);
+        let empty = t.narrow(2, 0, 0).unwrap();
+        assert_eq!(dense_range(empty.layout()).map(|(a, b)| b - a), Some(0));
     }
 }

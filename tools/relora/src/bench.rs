@@ -153,11 +153,11 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
         None
     };
     let tokens_per_step = a.batch_size * a.seq_len;
-    let trainable_params: usize = trainer
-        .model
-        .trainable_params()
+    let trainable = trainer.model.trainable_params();
+    let trainable_params: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+    let gradient_bytes: usize = trainable
         .iter()
-        .map(|(_, v)| v.elem_count())
+        .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
         .sum();
     let fpt = flops::per_token(&model, mode, a.seq_len, a.rank);
     let med = median(&mut times);
@@ -180,7 +180,7 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
         tokens_per_s_amortised: amortised,
         trainable_params,
         optimizer_state_bytes: trainer.optimizer().state_bytes(),
-        gradient_bytes: trainable_params * trainer.model.weights()[0].1.dtype().size_in_bytes(),
+        gradient_bytes,
         peak_rss_mib: peak_rss_mib(),
         flops_per_token: fpt,
         model_gflops: fpt * tokens_per_s / 1e9,
