@@ -6,7 +6,7 @@
 //! allocates and accumulates full-size buffers. Fused: one pass forward, one pass backward,
 //! `ds = scale * y * (dy - sum_j(y dy))`.
 
-use super::float::{contiguous, rows_per_task, Float};
+use super::float::{contiguous, rows_per_task, task_len, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -17,8 +17,8 @@ struct CausalSoftmax {
 
 fn forward<T: Float>(x: &[T], t: usize, scale: T) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
-    y.par_chunks_mut(t * rows_per_task(t))
-        .zip(x.par_chunks(t * rows_per_task(t)))
+    y.par_chunks_mut(task_len(t))
+        .zip(x.par_chunks(task_len(t)))
         .enumerate()
         .for_each(|(chunk, (yc, xc))| {
             let first_row = chunk * rows_per_task(t);
@@ -49,7 +49,7 @@ fn forward<T: Float>(x: &[T], t: usize, scale: T) -> Vec<T> {
 
 fn backward<T: Float>(y: &[T], dy: &[T], t: usize, scale: T) -> Vec<T> {
     let mut dx = vec![T::ZERO; y.len()];
-    let step = t * rows_per_task(t);
+    let step = task_len(t);
     dx.par_chunks_mut(step)
         .zip(y.par_chunks(step).zip(dy.par_chunks(step)))
         .for_each(|(dxc, (yc, dyc))| {

@@ -104,6 +104,12 @@ pub fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
 }
 
+/// Elements handed to each rayon task: [`rows_per_task`] whole rows, and never zero, so an empty
+/// row width (nothing to compute) does not make a zero chunk size.
+pub fn task_len(row_len: usize) -> usize {
+    (row_len * rows_per_task(row_len)).max(1)
+}
+
 /// Gradients of `sum(fused * probe)` and `sum(composed * probe)` for one random `probe` of their
 /// shape (a non-uniform upstream gradient, so every term of a backward is exercised), for the
 /// ops' tests comparing a fused op with its composed reference.

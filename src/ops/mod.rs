@@ -55,3 +55,35 @@ pub fn has_kernel(t: &Tensor) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Zero-width rows (and no rows) give empty results and gradients, not a panic.
+    #[test]
+    fn empty_inputs_give_empty_results() {
+        let var = |s: &[usize]| Var::zeros(s, DType::F32, &Device::Cpu).unwrap();
+        let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
+        let backward = |y: &Tensor| y.sum_all().unwrap().backward().unwrap();
+        let x = var(&[1, 1, 0, 0]);
+        let y = causal_softmax(&x, 1.0).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 0, 0]);
+        backward(&y);
+        for (n, h) in [(2, 0), (0, 4)] {
+            let x = var(&[n, h]);
+            let y = rms_norm_fused(&x, &z(&[h]), 1e-5).unwrap();
+            assert_eq!(y.dims(), &[n, h]);
+            backward(&y);
+        }
+        let x = var(&[0, 3]);
+        backward(&swiglu(&x, &z(&[0, 3])).unwrap());
+        for (t, d) in [(1, 0), (0, 4)] {
+            let x = var(&[1, 1, t, d]);
+            let y = rotary(&x, &z(&[4, d]), &z(&[4, d])).unwrap();
+            assert_eq!(y.dims(), &[1, 1, t, d]);
+            backward(&y);
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! each allocating and accumulating full-size gradients. Fused: one pass forward; one pass
 //! backward computing `dx = r (g - x r^2 mean(g x))` with `g = dy w`, and `dw = sum_rows(dy x r)`.
 
-use super::float::{contiguous, rows_per_task, Float};
+use super::float::{contiguous, task_len, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -23,7 +23,7 @@ fn inv_rms<T: Float>(row: &[T], eps: T) -> T {
 
 fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     let h = w.len();
-    let step = h * rows_per_task(h);
+    let step = task_len(h);
     let mut y = vec![T::ZERO; x.len()];
     y.par_chunks_mut(step)
         .zip(x.par_chunks(step))
@@ -41,13 +41,14 @@ fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
 /// `[n + 1, h]`: rows `0..n` are dx, row `n` is dw.
 fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: T) -> Vec<T> {
     let h = w.len();
-    let n = x.len() / h;
-    let rows = rows_per_task(h);
+    // (An empty width has no rows to speak of, and nothing to compute.)
+    let n = x.len().checked_div(h).unwrap_or(0);
+    let step = task_len(h);
     let mut out = vec![T::ZERO; (n + 1) * h];
     let (dx, _) = out.split_at_mut(n * h);
     let partial_dw: Vec<Vec<T>> = dx
-        .par_chunks_mut(h * rows)
-        .zip(x.par_chunks(h * rows).zip(dy.par_chunks(h * rows)))
+        .par_chunks_mut(step)
+        .zip(x.par_chunks(step).zip(dy.par_chunks(step)))
         .map(|(dxc, (xc, dyc))| {
             let mut dw = vec![T::ZERO; h];
             for ((dxr, xr), dyr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(dyc.chunks(h)) {

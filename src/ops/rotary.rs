@@ -8,7 +8,7 @@
 //! `dx[j] = dy[j] cos[j] + dy[j + h] sin[j + h]` for `j < h`, `dx[j] = dy[j] cos[j] -
 //! dy[j - h] sin[j - h]` for `j >= h`.
 
-use super::float::{contiguous, Float};
+use super::float::{contiguous, rows_per_task, task_len, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -26,9 +26,9 @@ struct Rotary {
 fn rotate<T: Float>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: bool) -> Vec<T> {
     let h = d / 2;
     let mut y = vec![T::ZERO; x.len()];
-    let rows_per_task = (16_384 / d.max(1)).max(1);
-    y.par_chunks_mut(d * rows_per_task)
-        .zip(x.par_chunks(d * rows_per_task))
+    let rows_per_task = rows_per_task(d);
+    y.par_chunks_mut(task_len(d))
+        .zip(x.par_chunks(task_len(d)))
         .enumerate()
         .for_each(|(chunk, (yc, xc))| {
             for (r, (yr, xr)) in yc.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
