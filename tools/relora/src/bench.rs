@@ -202,7 +202,7 @@ fn cpu_model() -> String {
 pub fn run(a: BenchArgs) -> Result<()> {
     inputs::set_threads(a.threads);
     if let Some(mode) = a.single {
-        let r = run_single(&a, mode)?;
+        let r = inputs::on_compute_pool(|| run_single(&a, mode))?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }

@@ -43,6 +43,10 @@ pub struct EvalArgs {
 /// Runs `relora eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
     inputs::set_threads(a.threads);
+    inputs::on_compute_pool(move || run_on_pool(a))
+}
+
+fn run_on_pool(a: EvalArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let dir = run_dir::resolve(&a.checkpoint)?;
     let (trainer, manifest) = checkpoint::load(&dir, &device)?;

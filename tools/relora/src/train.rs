@@ -190,6 +190,11 @@ fn resumed_run_dir(resume: &Path) -> PathBuf {
 /// and ends the whole job (so the other ranks don't wait for it in a collective call).
 pub fn run(a: TrainArgs) -> Result<()> {
     let comm = connect(&a)?;
+    if comm.is_none() {
+        inputs::set_threads(a.threads);
+        return inputs::on_compute_pool(move || run_with(a, None));
+    }
+    // (The communicator stays on the thread that created it, as MPI wants.)
     let result = run_with(a, comm.clone());
     if let (Err(e), Some(c)) = (&result, &comm) {
         if c.world() > 1 {
