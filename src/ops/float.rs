@@ -30,6 +30,8 @@ pub trait Float:
     fn exp(self) -> Self;
     /// Square root.
     fn sqrt(self) -> Self;
+    /// Natural logarithm.
+    fn ln(self) -> Self;
     /// The buffer of this type inside a CPU storage, if it holds this type.
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
     /// Wraps a vector as a CPU storage.
@@ -48,6 +50,9 @@ impl Float for f32 {
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {
@@ -72,6 +77,9 @@ impl Float for f64 {
     }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {

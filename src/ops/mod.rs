@@ -6,6 +6,7 @@
 
 pub mod adamw_update;
 pub mod causal_softmax;
+pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod float;
@@ -18,6 +19,7 @@ pub mod sum_squares;
 pub mod swiglu;
 
 pub use causal_softmax::causal_softmax;
+pub use cross_entropy::cross_entropy_rows;
 pub use frozen_matmul::frozen_matmul;
 pub use lora_linear::lora_linear;
 pub use mixed_linear::mixed_linear;
@@ -79,6 +81,13 @@ mod tests {
         }
         let x = var(&[0, 3]);
         backward(&swiglu(&x, &z(&[0, 3])).unwrap());
+        let logits = var(&[0, 5]);
+        let targets = Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap();
+        let loss = cross_entropy_rows(&logits, &targets).unwrap();
+        assert_eq!(loss.dims(), &[0]);
+        backward(&loss);
+        let no_vocab = Tensor::zeros(2, DType::U32, &Device::Cpu).unwrap();
+        assert!(cross_entropy_rows(&var(&[2, 0]), &no_vocab).is_err());
         for (t, d) in [(1, 0), (0, 4)] {
             let x = var(&[1, 1, t, d]);
             let y = rotary(&x, &z(&[4, d]), &z(&[4, d])).unwrap();
