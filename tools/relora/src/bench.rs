@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// kernels buy.
     #[arg(long)]
     composed_ops: bool,
+    /// Tokenizer ("bytes": 258 tokens, "gpt2": 50257), which sets the vocabulary size.
+    #[arg(long, default_value = "bytes")]
+    tokenizer: String,
     /// Modes to run, comma-separated.
     #[arg(long, default_value = "full,lora,relora")]
     modes: String,
@@ -111,7 +114,7 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     relora::device::set_tf32(a.tf32);
     relora::ops::set_fused_kernels(!a.composed_ops);
     let mut model = ModelConfig::preset(&a.preset)?;
-    let tok = inputs::tokenizer("bytes")?;
+    let tok = inputs::tokenizer(&a.tokenizer)?;
     model.vocab_size = tok.vocab_size();
     model.max_position_embeddings = model.max_position_embeddings.max(a.seq_len);
     let cfg = TrainConfig {
@@ -248,6 +251,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.composed_ops {
             cmd.arg("--composed-ops");
         }
+        cmd.args(["--tokenizer", &a.tokenizer]);
         if !a.compute_dtype.is_empty() {
             cmd.args(["--compute-dtype", &a.compute_dtype]);
         }
@@ -327,6 +331,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
             "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
             "fused_kernels": !a.composed_ops, "gemm_peak_gflops": peak_gflops,
+            "tokenizer": a.tokenizer,
             "compute_dtype": a.compute_dtype, "results": results,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
