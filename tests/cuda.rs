@@ -184,7 +184,10 @@ fn fused_lora_linear_in_bf16_stays_within_bf16_rounding_of_the_f32_cpu() {
 
 #[test]
 fn fused_rotary_kernel_matches_the_cpu() {
-    let (cos, sin) = rope_tables(64, 600);
+    let rope =
+        relora::model::rope::Rope::new(64, 600, 10_000.0, candle_core::DType::F32, &Device::Cpu)
+            .unwrap();
+    let (cos, sin) = rope.tables();
     for (b, h, t) in [(1, 1, 1), (2, 3, 17), (2, 4, 512)] {
         let inputs = [randn(&[b, h, t, 64], 0.0, 1.0)];
         gpu_op_agrees(
@@ -197,22 +200,6 @@ fn fused_rotary_kernel_matches_the_cpu() {
             1e-5,
         );
     }
-}
-
-/// Hugging Face's rotary tables `[positions, d]` (frequencies repeated over both halves).
-fn rope_tables(d: usize, positions: usize) -> (Tensor, Tensor) {
-    let (mut c, mut s) = (Vec::new(), Vec::new());
-    for p in 0..positions {
-        for j in 0..d {
-            let f = 1.0 / 10_000f64.powf((2 * (j % (d / 2))) as f64 / d as f64);
-            c.push((p as f64 * f).cos() as f32);
-            s.push((p as f64 * f).sin() as f32);
-        }
-    }
-    (
-        Tensor::from_vec(c, (positions, d), &Device::Cpu).unwrap(),
-        Tensor::from_vec(s, (positions, d), &Device::Cpu).unwrap(),
-    )
 }
 
 #[test]

@@ -38,6 +38,11 @@ impl Rope {
         })
     }
 
+    /// The `(cos, sin)` tables, `[max_positions, head_dim]` each.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x [b, heads, t, d]` by its positions `0..t`: the fused op where it has a kernel,
     /// the composed ops elsewhere.
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
