@@ -12,6 +12,7 @@ use crate::model::loss::{cross_entropy, cross_entropy_sum};
 use crate::model::Llama;
 use crate::optim::{clip, AdamW, AdamWConfig, ResetReport};
 use crate::relora::cycle::{attach_adapters, merge_and_reinit};
+use crate::relora::BaseWeights;
 use crate::rng::Rng;
 use crate::schedule::{RestartCycle, Schedule};
 use candle_core::{DType, Device, Tensor};
@@ -154,8 +155,8 @@ pub struct Trainer {
     schedule: Schedule,
     counters: TrainerCounters,
     rngs: TrainerRngs,
-    /// Target projection weights at the switch to adapters (`{module}.weight`), deep copies.
-    base: Option<Vec<(String, Tensor)>>,
+    /// Target projection weights at the switch to adapters (`{module}.weight`), on disk.
+    base: Option<BaseWeights>,
     phases: Vec<Phase>,
     /// Gradients summed over the micro-batches of the step being built, in trainable order.
     pending: Option<Pending>,
@@ -293,8 +294,8 @@ impl Trainer {
     }
 
     /// Target weights as of the switch to adapters, if it has happened.
-    pub fn base_weights(&self) -> Option<&[(String, Tensor)]> {
-        self.base.as_deref()
+    pub fn base_weights(&self) -> Option<&BaseWeights> {
+        self.base.as_ref()
     }
 
     /// Whether adapters are attached.
@@ -303,9 +304,21 @@ impl Trainer {
     }
 
     /// Restores the ReLoRA history (checkpoint loading): the base weights and completed phases.
-    pub fn restore_history(&mut self, base: Option<Vec<(String, Tensor)>>, phases: Vec<Phase>) {
-        self.base = base;
+    /// The base weights are written to a temporary file ([`BaseWeights`]); failing to write it
+    /// is an error and leaves the trainer as it was.
+    pub fn restore_history(
+        &mut self,
+        base: Option<Vec<(String, Tensor)>>,
+        phases: Vec<Phase>,
+    ) -> Result<()> {
+        self.base = match base {
+            Some(list) => Some(BaseWeights::spill(
+                list.iter().map(|(n, t)| (n.clone(), t)),
+            )?),
+            None => None,
+        };
         self.phases = phases;
+        Ok(())
     }
 
     /// The learning rate for the step about to be taken: the schedule's multiplier times `lr`, or
@@ -372,14 +385,12 @@ impl Trainer {
         for p in self.model.projections() {
             if p.adapter.is_some() {
                 let name = format!("{}.weight", p.name);
-                base.push((
-                    name.clone(),
-                    p.weight.as_tensor().copy().with_ctx(|| name.clone())?,
-                ));
+                // Freed before the weights are spilled, so the switch never holds both.
                 self.optimizer.remove(&name);
+                base.push((name, p.weight.as_tensor()));
             }
         }
-        self.base = Some(base);
+        self.base = Some(BaseWeights::spill(base)?);
         Ok(())
     }
 

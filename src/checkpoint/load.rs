@@ -222,7 +222,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Trainer, Manifest)> {
 
     let mut trainer =
         Trainer::from_parts(model, m.train.clone(), m.counters.clone(), m.rngs.clone())?;
-    trainer.restore_history(base_list, phases);
+    trainer.restore_history(base_list, phases)?;
 
     let opt_path = dir.join("optimizer.safetensors");
     let mut opt = read_file(dir, &m, "optimizer.safetensors", device)?;

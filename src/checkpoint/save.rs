@@ -70,14 +70,15 @@ fn write_all(
 ) -> Result<()> {
     std::fs::create_dir_all(tmp.join("phases")).map_err(|e| Error::io(tmp, e))?;
     let mut files: BTreeMap<String, FileInfo> = BTreeMap::new();
-    let mut put = |rel: &str, tensors: &[(String, Tensor)]| -> Result<()> {
+    // Writes one file through `write` and records it (or fails as injected, for the tests).
+    let mut put = |rel: &str, write: &dyn Fn(&Path) -> Result<FileInfo>| -> Result<()> {
         if fail_after.is_some_and(|n| files.len() >= n) {
             return Err(Error::io(
                 tmp.join(rel),
                 std::io::Error::other("injected write failure"),
             ));
         }
-        files.insert(rel.to_string(), write_tensors(&tmp.join(rel), tensors)?);
+        files.insert(rel.to_string(), write(&tmp.join(rel))?);
         Ok(())
     };
 
@@ -98,12 +99,12 @@ fn write_all(
             }
         }
     }
-    put("params.safetensors", &params)?;
+    put("params.safetensors", &|p| write_tensors(p, &params))?;
     if let Some(base) = trainer.base_weights() {
-        put("base.safetensors", base)?;
+        put("base.safetensors", &|p| base.write_copy(p))?;
     }
     if !adapters.is_empty() {
-        put("adapters.safetensors", &adapters)?;
+        put("adapters.safetensors", &|p| write_tensors(p, &adapters))?;
     }
     let mut phase_entries = Vec::new();
     for phase in trainer.phases() {
@@ -116,7 +117,7 @@ fn write_all(
                 .map_err(|e| Error::tensor("phase scale", e))?;
             t.push((format!("{}.scale", ad.module), scale));
         }
-        put(&rel, &t)?;
+        put(&rel, &|p| write_tensors(p, &t))?;
         phase_entries.push(PhaseEntry {
             index: phase.index,
             step: phase.step,
@@ -130,7 +131,7 @@ fn write_all(
         opt.push((format!("{name}.exp_avg_sq"), st.exp_avg_sq.clone()));
         steps.insert(name.clone(), st.step);
     }
-    put("optimizer.safetensors", &opt)?;
+    put("optimizer.safetensors", &|p| write_tensors(p, &opt))?;
 
     let manifest = Manifest {
         format: FORMAT.to_string(),

@@ -77,7 +77,13 @@ impl SafetensorsFile {
     /// offsets, and that the entries tile the data to the last byte (so a truncated or padded
     /// file is an error here, naming the file).
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        Self::from_file(file, path)
+    }
+
+    /// [`SafetensorsFile::open`] for a file already open for reading and positioned at its
+    /// start (an unlinked temporary file, say); `path` only names it in errors.
+    pub fn from_file(mut file: File, path: &Path) -> Result<Self> {
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
             return Err(bad(
@@ -166,6 +172,11 @@ impl SafetensorsFile {
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The file's length in bytes.
@@ -412,16 +423,20 @@ impl SafetensorsWriter {
         plan: Vec<PlannedTensor>,
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self> {
-        let mut seen = std::collections::HashSet::new();
-        for t in &plan {
-            if !seen.insert(t.name.as_str()) {
-                return Err(Error::Shape {
-                    name: t.name.clone(),
-                    message: format!("listed twice for {}", path.display()),
-                });
-            }
-        }
+        check_unique(&plan, path)?;
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        Self::from_file(file, path, plan, metadata)
+    }
+
+    /// [`SafetensorsWriter::create`] into a file already open for writing (an unlinked temporary
+    /// file, say); `path` only names it in errors.
+    pub fn from_file(
+        file: File,
+        path: &Path,
+        plan: Vec<PlannedTensor>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        check_unique(&plan, path)?;
         // Small: big chunks bypass the buffer (a chunk larger than it is written directly), so
         // only headers and small tensors are copied through it.
         let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -479,7 +494,15 @@ impl SafetensorsWriter {
     }
 
     /// Checks every tensor was written in full, flushes and syncs the file.
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(self) -> Result<()> {
+        let path = self.path.clone();
+        let file = self.into_file()?;
+        file.sync_all().map_err(|e| Error::io(&path, e))
+    }
+
+    /// Checks every tensor was written in full and flushes the buffer, without syncing, and
+    /// hands back the file (a temporary file that is read back needs no trip to the disk).
+    pub fn into_file(mut self) -> Result<File> {
         if let Some(t) = self.plan.get(self.index) {
             return Err(Error::Shape {
                 name: t.name.clone(),
@@ -492,12 +515,24 @@ impl SafetensorsWriter {
             });
         }
         self.out.flush().map_err(|e| Error::io(&self.path, e))?;
-        let file = self
-            .out
+        self.out
             .into_inner()
-            .map_err(|e| Error::io(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e.into_error()))
     }
+}
+
+/// A plan naming one tensor twice would make an ambiguous header.
+fn check_unique(plan: &[PlannedTensor], path: &Path) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for t in plan {
+        if !seen.insert(t.name.as_str()) {
+            return Err(Error::Shape {
+                name: t.name.clone(),
+                message: format!("listed twice for {}", path.display()),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `{"format": "pt"}`, the metadata older transformers versions insist on.
