@@ -13,6 +13,13 @@ rm -rf gpu-bundle && mkdir -p gpu-bundle
 cp "$TARGET/release/relora" gpu-bundle/relora
 test_bin=$(ls -t "$TARGET"/release/deps/cuda-* | grep -v '\.d$' | head -n 1)
 cp "$test_bin" gpu-bundle/cuda-tests
-strip gpu-bundle/relora gpu-bundle/cuda-tests
+# The NCCL build separately: it needs libnccl.so.2 at load time, and a machine without it must
+# still run everything else.
+NCCL=1 bash scripts/build-for-device.sh . "$TARGET" -p relora-cli --features nccl
+NCCL=1 bash scripts/build-for-device.sh . "$TARGET" -p relora --features nccl --test nccl
+cp "$TARGET/release/relora" gpu-bundle/relora-nccl
+test_bin=$(ls -t "$TARGET"/release/deps/nccl-* | grep -v '\.d$' | head -n 1)
+cp "$test_bin" gpu-bundle/nccl-tests
+strip gpu-bundle/relora gpu-bundle/cuda-tests gpu-bundle/relora-nccl gpu-bundle/nccl-tests
 tar -C . -cf - gpu-bundle | xz -9e -T0 > gpu-bundle.tar.xz
 ls -l gpu-bundle gpu-bundle.tar.xz

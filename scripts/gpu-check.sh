@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 BUNDLE=${BUNDLE:-gpu-bundle}
 OUT=${OUT:-/tmp/relora-gpu-out}
 PY=${TORCH_PYTHON:-/opt/torch/.venv/bin/python}
-STAGES=${STAGES:-tests peak bench torch}
+STAGES=${STAGES:-tests nccl peak bench torch}
 BUDGET_S=${BUDGET_S:-480}
 SEQ=${SEQ:-512}; BATCH=${BATCH:-8}; RANK=${RANK:-128}; STEPS=${STEPS:-6}
 mkdir -p "$OUT"
@@ -48,6 +48,25 @@ if stage tests; then
   timeout 240 $RUN "$BUNDLE/cuda-tests" --test-threads=1 --nocapture > "$OUT/cuda-tests.txt" 2>&1
   tests_rc=$?
   grep -E '^test |test result|worst|panicked|differ' "$OUT/cuda-tests.txt" | tail -n 30
+fi
+
+if stage nccl; then
+  log "NCCL: one-rank tests and a one-rank training run (relora-nccl, nccl-tests)"
+  ls /opt/torch/.venv/lib/python3*/site-packages/nvidia/nccl/lib 2>&1 | head -n 3
+  if [ -x "$BUNDLE/nccl-tests" ]; then
+    timeout 180 $RUN "$BUNDLE/nccl-tests" --test-threads=1 --nocapture > "$OUT/nccl-tests.txt" 2>&1
+    echo "nccl-tests exit $?" | tee -a "$OUT/nccl-tests.txt"
+    grep -E '^test |test result|panicked|error' "$OUT/nccl-tests.txt" | tail -n 15
+    rm -rf "$OUT/nccl-run"
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 SKIP_CHECKS=1 timeout 120 $RUN "$BUNDLE/relora-nccl" train \
+      --distributed nccl --preset tiny --steps 40 --set warmup_full_steps=10 --set reset_every=10 \
+      --eval-every 0 --quiet --out "$OUT/nccl-run" > "$OUT/nccl-train.txt" 2>&1
+    echo "nccl train exit $?" | tee -a "$OUT/nccl-train.txt"
+    tail -n 4 "$OUT/nccl-train.txt"
+    grep -o '"reduced_bytes":[0-9]*' "$OUT/nccl-run/metrics.jsonl" 2>/dev/null | sort | uniq -c | head -n 4
+  else
+    echo "no nccl-tests in the bundle"
+  fi
 fi
 
 if stage peak; then
@@ -198,7 +217,7 @@ for p in sizes:
 PY
 log "done (CUDA tests exit status $tests_rc)"
 # The device tool returns at most 8 files: keep the readable ones, pack the raw data.
-keep="summary.txt summary.json log.txt cuda-tests.txt"
+keep="summary.txt summary.json log.txt cuda-tests.txt nccl-tests.txt nccl-train.txt"
 ( cd "$OUT" && tar -czf /tmp/relora-gpu-raw.tar.gz $(ls | grep -vxF -f <(tr ' ' '\n' <<<"$keep")) \
   && find . -maxdepth 1 -type f $(for k in $keep; do printf -- '! -name %s ' "$k"; done) -delete \
   && mv /tmp/relora-gpu-raw.tar.gz raw.tar.gz )

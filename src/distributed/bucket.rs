@@ -79,7 +79,7 @@ impl BucketReducer {
     }
 
     /// All-reduces `send` into `recv` and divides by the number of ranks.
-    fn average(&mut self, what: impl Fn() -> String) -> Result<()> {
+    fn average(&mut self, what: &dyn Fn() -> String) -> Result<()> {
         self.recv.clear();
         self.recv.resize(self.send.len(), 0.0);
         self.comm
@@ -100,11 +100,52 @@ impl BucketReducer {
     }
 }
 
+impl BucketReducer {
+    /// Averages one bucket of gradients over the ranks: on their device when the backend can,
+    /// else through host buffers. Returns the averaged values as one flat f32 tensor on the
+    /// gradients' device.
+    fn reduce_bucket(&mut self, grads: &[Tensor], what: &dyn Fn() -> String) -> Result<Tensor> {
+        let flat: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.flatten_all().and_then(|t| t.to_dtype(DType::F32)))
+            .collect::<candle_core::Result<_>>()
+            .with_ctx(|| format!("packing {}", what()))?;
+        let packed = Tensor::cat(&flat, 0).with_ctx(|| format!("packing {}", what()))?;
+        let distributed = |e: Error| {
+            Error::Distributed(format!(
+                "rank {} of {}: all-reduce of {}: {e}",
+                self.comm.rank(),
+                self.comm.world(),
+                what()
+            ))
+        };
+        let world = self.comm.world() as f64;
+        if let Some(sum) = self
+            .comm
+            .all_reduce_sum_tensor(&packed)
+            .map_err(distributed)?
+        {
+            return sum
+                .affine(1.0 / world, 0.0)
+                .with_ctx(|| format!("averaging {}", what()));
+        }
+        self.send.clear();
+        self.send.extend(
+            packed
+                .to_vec1::<f32>()
+                .with_ctx(|| format!("packing {}", what()))?,
+        );
+        self.average(what)?;
+        Tensor::from_slice(&self.recv, self.recv.len(), packed.device())
+            .with_ctx(|| format!("unpacking {}", what()))
+    }
+}
+
 impl GradientReducer for BucketReducer {
     fn reduce(&mut self, name: &str, grad: &mut [f32]) -> Result<()> {
         self.send.clear();
         self.send.extend_from_slice(grad);
-        self.average(|| format!("the gradient of {name}"))?;
+        self.average(&|| format!("the gradient of {name}"))?;
         grad.copy_from_slice(&self.recv);
         self.last = ReduceStats {
             bytes: 4 * grad.len() as u64,
@@ -122,34 +163,26 @@ impl GradientReducer for BucketReducer {
         };
         for (b, range) in plan_buckets(&lens, self.cap_elems).into_iter().enumerate() {
             let name = |i: usize| names.get(i).copied().unwrap_or("?");
-            self.send.clear();
-            for i in range.clone() {
-                let v: Vec<f32> = grads[i]
-                    .flatten_all()
-                    .and_then(|t| t.to_dtype(DType::F32))
-                    .and_then(|t| t.to_vec1())
-                    .with_ctx(|| format!("packing the gradient of {}", name(i)))?;
-                self.send.extend_from_slice(&v);
-            }
-            let (first, last) = (range.start, range.end - 1);
-            self.average(|| {
+            let what = || {
                 format!(
                     "bucket {b} ({} values, {} to {})",
                     lens[range.clone()].iter().sum::<usize>(),
-                    name(first),
-                    name(last)
+                    name(range.start),
+                    name(range.end - 1)
                 )
-            })?;
+            };
+            let values = self.reduce_bucket(&grads[range.clone()], &what)?;
             let mut off = 0;
             for i in range {
                 let g = &grads[i];
-                let values = &self.recv[off..off + lens[i]];
-                grads[i] = Tensor::from_slice(values, g.shape(), g.device())
+                grads[i] = values
+                    .narrow(0, off, lens[i])
+                    .and_then(|t| t.reshape(g.shape()))
                     .and_then(|t| t.to_dtype(g.dtype()))
                     .with_ctx(|| format!("unpacking the gradient of {}", name(i)))?;
                 off += lens[i];
             }
-            stats.bytes += 4 * self.send.len() as u64;
+            stats.bytes += 4 * values.elem_count() as u64;
             stats.buckets += 1;
         }
         self.last = stats;

@@ -8,18 +8,24 @@
 //! rank runs `grad_accum` micro-batches of `batch_size` rows. A run on `N` ranks therefore
 //! matches a single-process run with `grad_accum x N` (same seed, same other options).
 //!
-//! The backend is behind [`Communicator`]; the MPI one ([`mpi`], feature `mpi`) serves CPU
-//! clusters (`mpirun -np N relora train --distributed mpi ...`).
+//! The backend is behind [`Communicator`]; the MPI one (module `mpi`, feature `mpi`) serves CPU
+//! clusters (`mpirun -np N relora train --distributed mpi ...`), the NCCL one (module `nccl`,
+//! feature `nccl`) GPUs, one process per GPU, reducing on the GPU.
 
 pub mod bucket;
+pub mod id_file;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod shard;
+pub mod watchdog;
 
 pub use bucket::{BucketReducer, ReduceStats};
 pub use shard::Shard;
 
 use crate::error::Result;
+use candle_core::Tensor;
 
 /// The collective operations data-parallel training needs. All ranks must call the same
 /// operations in the same order with buffers of the same length.
@@ -32,6 +38,13 @@ pub trait Communicator {
     fn backend(&self) -> &str;
     /// Sums `send` element-wise over all ranks into `recv` (same length as `send`), on every rank.
     fn all_reduce_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
+    /// Sums the f32 tensor `t` over all ranks on its own device, where the backend can (NCCL on
+    /// CUDA buffers), and returns the sum; `None` sends the caller through the host buffers of
+    /// [`Communicator::all_reduce_sum`]. The default is `None`.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Option<Tensor>> {
+        let _ = t;
+        Ok(None)
+    }
     /// Waits until every rank has reached this call.
     fn barrier(&self) -> Result<()>;
     /// Ends the whole job (all ranks) with `code`, after this rank printed why. Used when one
@@ -80,6 +93,9 @@ impl<C: Communicator + ?Sized> Communicator for std::rc::Rc<C> {
     }
     fn all_reduce_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
         (**self).all_reduce_sum(send, recv)
+    }
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Option<Tensor>> {
+        (**self).all_reduce_sum_tensor(t)
     }
     fn barrier(&self) -> Result<()> {
         (**self).barrier()

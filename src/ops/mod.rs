@@ -9,7 +9,7 @@ pub mod adamw_update;
 pub mod causal_softmax;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod float;
 pub mod frozen_matmul;
 pub mod lora_linear;

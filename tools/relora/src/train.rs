@@ -2,6 +2,7 @@
 
 use crate::inputs;
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use relora::checkpoint::run_dir;
@@ -104,8 +105,10 @@ pub struct TrainArgs {
     /// are deleted), and replace an existing --export directory.
     #[arg(long)]
     force: bool,
-    /// Data-parallel training: "none", or "mpi" under `mpirun -np N` (builds with the `mpi`
-    /// feature). Each rank runs grad_accum micro-batches of batch_size sequences per step, so
+    /// Data-parallel training: "none"; "mpi" under `mpirun -np N` (builds with the `mpi`
+    /// feature); or "nccl", one process per GPU (builds with the `nccl` feature), rank and job
+    /// size from RANK/WORLD_SIZE/LOCAL_RANK (torchrun, or set by hand), Open MPI's or Slurm's
+    /// variables. Each rank runs grad_accum micro-batches of batch_size sequences per step, so
     /// the global batch is batch_size x grad_accum x N; only rank 0 writes files.
     #[arg(long, default_value = "none")]
     distributed: String,
@@ -114,15 +117,84 @@ pub struct TrainArgs {
     /// longest time rank 0 spends evaluating or saving between two steps.
     #[arg(long, default_value_t = 900)]
     dist_timeout: u64,
+    /// --distributed nccl: the file through which rank 0 hands NCCL's id to the other ranks, on
+    /// a filesystem they all see; it must not exist at the start [default: OUT/nccl-id].
+    #[arg(long)]
+    nccl_id_file: Option<PathBuf>,
 }
 
-/// The communicator `--distributed` asks for (None for a single process).
-fn connect(a: &TrainArgs) -> Result<Option<Rc<dyn Communicator>>> {
+/// The communicator `--distributed` asks for (None for a single process), and the device this
+/// process trains on.
+fn connect(a: &TrainArgs) -> Result<(Option<Rc<dyn Communicator>>, Device)> {
+    let timeout = std::time::Duration::from_secs(a.dist_timeout.max(1));
     match a.distributed.as_str() {
-        "none" => Ok(None),
-        "mpi" => connect_mpi(std::time::Duration::from_secs(a.dist_timeout.max(1))).map(Some),
-        other => bail!("--distributed expects none or mpi, got '{other}'"),
+        "none" => Ok((None, parse_device(&a.device)?)),
+        "mpi" => Ok((Some(connect_mpi(timeout)?), parse_device(&a.device)?)),
+        "nccl" => connect_nccl(a, timeout),
+        other => bail!("--distributed expects none, mpi or nccl, got '{other}'"),
     }
+}
+
+/// The first of the environment variables `names` that is set, as a number.
+fn env_number(names: &[&str]) -> Result<Option<usize>> {
+    for n in names {
+        if let Ok(v) = std::env::var(n) {
+            let parsed = v
+                .trim()
+                .parse()
+                .with_context(|| format!("environment variable {n}='{v}' is not a number"))?;
+            return Ok(Some(parsed));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(feature = "nccl")]
+fn connect_nccl(
+    a: &TrainArgs,
+    timeout: std::time::Duration,
+) -> Result<(Option<Rc<dyn Communicator>>, Device)> {
+    let rank = env_number(&["RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"])?;
+    let world = env_number(&["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"])?;
+    let (Some(rank), Some(world)) = (rank, world) else {
+        bail!(
+            "--distributed nccl: set RANK and WORLD_SIZE (and LOCAL_RANK for the GPU) for each \
+             process, or start it with torchrun, mpirun or srun, which set them"
+        );
+    };
+    let local =
+        env_number(&["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"])?.unwrap_or(rank);
+    // One GPU per process: "cpu" (the default) or a bare "cuda" means this rank's own GPU.
+    let spec = match a.device.trim() {
+        "cpu" | "cuda" => format!("cuda:{local}"),
+        other => other.to_string(),
+    };
+    let device = parse_device(&spec)?;
+    let id_file = match &a.nccl_id_file {
+        Some(p) => p.clone(),
+        None => out_dir_of(a).join("nccl-id"),
+    };
+    if rank == 0 {
+        if let Some(dir) = id_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    let comm =
+        relora::distributed::nccl::NcclCommunicator::join(&id_file, rank, world, &device, timeout)?;
+    Ok((Some(Rc::new(comm)), device))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn connect_nccl(
+    _a: &TrainArgs,
+    _timeout: std::time::Duration,
+) -> Result<(Option<Rc<dyn Communicator>>, Device)> {
+    let _ = env_number;
+    bail!(
+        "--distributed nccl: this relora was built without NCCL support; rebuild with \
+         `cargo build --release -p relora-cli --features nccl` (needs the CUDA toolkit and \
+         libnccl) and start one process per GPU"
+    )
 }
 
 #[cfg(feature = "mpi")]
@@ -174,6 +246,15 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
+/// The run directory: --out, else the one a resumed run continues in, else runs/default.
+fn out_dir_of(a: &TrainArgs) -> PathBuf {
+    match (&a.out, &a.resume) {
+        (Some(out), _) => out.clone(),
+        (None, Some(r)) => resumed_run_dir(r),
+        (None, None) => PathBuf::from("runs/default"),
+    }
+}
+
 /// The run directory a resumed run continues in when `--out` is not given: `RUN` for `RUN` or
 /// `RUN/checkpoints/step-N`.
 fn resumed_run_dir(resume: &Path) -> PathBuf {
@@ -189,13 +270,13 @@ fn resumed_run_dir(resume: &Path) -> PathBuf {
 /// Runs `relora train`. In a data-parallel run, an error on one rank is printed with its rank
 /// and ends the whole job (so the other ranks don't wait for it in a collective call).
 pub fn run(a: TrainArgs) -> Result<()> {
-    let comm = connect(&a)?;
+    let (comm, device) = connect(&a)?;
     if comm.is_none() {
         inputs::set_threads(a.threads);
-        return inputs::on_compute_pool(move || run_with(a, None));
+        return inputs::on_compute_pool(move || run_with(a, None, device));
     }
     // (The communicator stays on the thread that created it, as MPI wants.)
-    let result = run_with(a, comm.clone());
+    let result = run_with(a, comm.clone(), device);
     if let (Err(e), Some(c)) = (&result, &comm) {
         if c.world() > 1 {
             eprintln!("error: rank {} of {}: {e:#}", c.rank(), c.world());
@@ -206,7 +287,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     result
 }
 
-fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>) -> Result<()> {
+fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device) -> Result<()> {
     let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
     let writer = rank == 0;
     let barrier = || -> Result<()> {
@@ -216,14 +297,10 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>) -> Result<()> 
         Ok(())
     };
     if a.out.is_none() {
-        a.out = Some(match &a.resume {
-            Some(r) => resumed_run_dir(r),
-            None => PathBuf::from("runs/default"),
-        });
+        a.out = Some(out_dir_of(&a));
     }
     let out_dir = a.out.clone().unwrap_or_default();
     inputs::set_threads(a.threads);
-    let device = parse_device(&a.device)?;
     let opts = RunOptions {
         out_dir: out_dir.clone(),
         save_every: a.save_every,
