@@ -52,6 +52,18 @@ pub trait Communicator {
     fn abort(&self, code: i32) -> !;
 }
 
+/// The buffers of [`Communicator::all_reduce_sum`] must be the same length.
+pub(crate) fn check_lengths(send: &[f32], recv: &[f32]) -> Result<()> {
+    if send.len() != recv.len() {
+        return Err(crate::error::Error::Distributed(format!(
+            "all-reduce buffers differ in length ({} and {})",
+            send.len(),
+            recv.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Where this process stands in the job, for logs and for deciding who writes files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RankInfo {

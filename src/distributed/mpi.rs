@@ -53,13 +53,7 @@ impl Communicator for MpiCommunicator {
     }
 
     fn all_reduce_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        if send.len() != recv.len() {
-            return Err(Error::Distributed(format!(
-                "all-reduce buffers differ in length ({} and {})",
-                send.len(),
-                recv.len()
-            )));
-        }
+        super::check_lengths(send, recv)?;
         // MPI counts are C ints: split larger buffers.
         const CHUNK: usize = 1 << 30;
         for (s, r) in send.chunks(CHUNK).zip(recv.chunks_mut(CHUNK)) {

@@ -116,13 +116,7 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_reduce_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        if send.len() != recv.len() {
-            return Err(Error::Distributed(format!(
-                "all-reduce buffers differ in length ({} and {})",
-                send.len(),
-                recv.len()
-            )));
-        }
+        super::check_lengths(send, recv)?;
         let t = Tensor::from_slice(send, send.len(), &self.device)
             .map_err(|e| Error::Distributed(format!("NCCL all-reduce upload: {e}")))?;
         let sum = self.reduce_on_device(&t, Collective::AllReduce)?;
