@@ -53,6 +53,7 @@ pub trait Communicator {
 }
 
 /// The buffers of [`Communicator::all_reduce_sum`] must be the same length.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 pub(crate) fn check_lengths(send: &[f32], recv: &[f32]) -> Result<()> {
     if send.len() != recv.len() {
         return Err(crate::error::Error::Distributed(format!(

@@ -3,9 +3,14 @@
 //! A checkpoint stores them (`base.safetensors`) so `relora-convert` can replay the merges from
 //! the start of the adapter phase. Nothing in training reads them, yet an in-memory copy is as
 //! large as the frozen weights themselves: 101 MB on the 60m preset, 1.4 GB of GPU memory on 350m.
-//! So the switch writes them once to an unlinked temporary file (under `$TMPDIR`, or the system's
-//! temporary directory): no name is left behind when the process dies, and the pages are the page
-//! cache's, not the process's. A checkpoint copies the file's bytes as they are.
+//! So the switch writes them once to an unlinked temporary file: no name is left behind when the
+//! process dies, and the pages are the page cache's, not the process's. A checkpoint copies the
+//! file's bytes as they are.
+//!
+//! Where the file goes ([`spill_dir`]): the directory set with [`set_spill_dir`] (`relora train`
+//! sets its run directory), else `$RELORA_SPILL_DIR`, else the system's temporary directory.
+//! A `/tmp` on tmpfs would keep the weights in memory after all, only no longer counted as the
+//! process's: the run directory is on the disk that holds the checkpoints anyway.
 
 use crate::checkpoint::files::FileInfo;
 use crate::error::{Error, Result};
@@ -18,9 +23,27 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 
 /// Chunk copied at a time when the file is written into a checkpoint.
 const COPY_CHUNK: usize = 8 << 20;
+
+/// The directory set for this process, if any.
+static SPILL_DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
+
+/// Sets (or with `None` clears) the directory where this process writes base weights from now on.
+pub fn set_spill_dir(dir: Option<PathBuf>) {
+    let mut guard = SPILL_DIR.write().unwrap_or_else(|e| e.into_inner());
+    *guard = dir;
+}
+
+/// The directory base weights are written to: the one set with [`set_spill_dir`], else
+/// `$RELORA_SPILL_DIR`, else the system's temporary directory (`$TMPDIR` or `/tmp`).
+pub fn spill_dir() -> PathBuf {
+    let set = SPILL_DIR.read().unwrap_or_else(|e| e.into_inner()).clone();
+    set.or_else(|| std::env::var_os("RELORA_SPILL_DIR").map(PathBuf::from))
+        .unwrap_or_else(std::env::temp_dir)
+}
 
 /// Frozen base weights in an unlinked temporary safetensors file.
 pub struct BaseWeights {
@@ -39,10 +62,10 @@ impl std::fmt::Debug for BaseWeights {
 }
 
 impl BaseWeights {
-    /// Writes `tensors` (any device; f32, f64, bf16 or f16) to a new unlinked file in the
-    /// temporary directory, bit for bit.
+    /// Writes `tensors` (any device; f32, f64, bf16 or f16) to a new unlinked file in
+    /// [`spill_dir`], bit for bit.
     pub fn spill<'a>(tensors: impl IntoIterator<Item = (String, &'a Tensor)>) -> Result<Self> {
-        Self::spill_in(&std::env::temp_dir(), tensors)
+        Self::spill_in(&spill_dir(), tensors)
     }
 
     /// [`BaseWeights::spill`] into the directory `dir`.
@@ -253,6 +276,20 @@ mod tests {
         for (n, t) in &ts {
             assert_eq!(bits(t), bits(&loaded[n]), "{n}");
         }
+    }
+
+    #[test]
+    fn the_set_directory_takes_the_spill_and_nothing_is_left_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        set_spill_dir(Some(dir.path().to_path_buf()));
+        assert_eq!(spill_dir(), dir.path());
+        let t = Tensor::ones((3, 3), DType::F32, &Device::Cpu).unwrap();
+        let base = BaseWeights::spill([("w".to_string(), &t)]);
+        set_spill_dir(None);
+        let base = base.unwrap();
+        assert_eq!(bits(&base.tensor("w").unwrap()), bits(&t));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_ne!(spill_dir(), dir.path());
     }
 
     #[test]

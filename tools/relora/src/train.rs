@@ -300,6 +300,13 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
         a.out = Some(out_dir_of(&a));
     }
     let out_dir = a.out.clone().unwrap_or_default();
+    if writer {
+        // The base weights of the adapter phase go next to the checkpoints, on their disk,
+        // rather than to a /tmp that may be memory (the other ranks keep the default).
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("creating {}", out_dir.display()))?;
+        relora::relora::base_weights::set_spill_dir(Some(out_dir.clone()));
+    }
     inputs::set_threads(a.threads);
     let opts = RunOptions {
         out_dir: out_dir.clone(),
