@@ -385,7 +385,6 @@ impl Trainer {
         for p in self.model.projections() {
             if p.adapter.is_some() {
                 let name = format!("{}.weight", p.name);
-                // Freed before the weights are spilled, so the switch never holds both.
                 self.optimizer.remove(&name);
                 base.push((name, p.weight.as_tensor()));
             }

@@ -98,9 +98,7 @@ impl BucketReducer {
         }
         Ok(())
     }
-}
 
-impl BucketReducer {
     /// Averages one bucket of gradients over the ranks: on their device when the backend can,
     /// else through host buffers. Returns the averaged values as one flat f32 tensor on the
     /// gradients' device.
@@ -129,12 +127,9 @@ impl BucketReducer {
                 .affine(1.0 / world, 0.0)
                 .with_ctx(|| format!("averaging {}", what()));
         }
-        self.send.clear();
-        self.send.extend(
-            packed
-                .to_vec1::<f32>()
-                .with_ctx(|| format!("packing {}", what()))?,
-        );
+        self.send = packed
+            .to_vec1::<f32>()
+            .with_ctx(|| format!("packing {}", what()))?;
         self.average(what)?;
         Tensor::from_slice(&self.recv, self.recv.len(), packed.device())
             .with_ctx(|| format!("unpacking {}", what()))

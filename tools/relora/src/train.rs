@@ -136,6 +136,7 @@ fn connect(a: &TrainArgs) -> Result<(Option<Rc<dyn Communicator>>, Device)> {
 }
 
 /// The first of the environment variables `names` that is set, as a number.
+#[cfg(feature = "nccl")]
 fn env_number(names: &[&str]) -> Result<Option<usize>> {
     for n in names {
         if let Ok(v) = std::env::var(n) {
@@ -189,7 +190,6 @@ fn connect_nccl(
     _a: &TrainArgs,
     _timeout: std::time::Duration,
 ) -> Result<(Option<Rc<dyn Communicator>>, Device)> {
-    let _ = env_number;
     bail!(
         "--distributed nccl: this relora was built without NCCL support; rebuild with \
          `cargo build --release -p relora-cli --features nccl` (needs the CUDA toolkit and \

@@ -188,6 +188,11 @@ fn bad_input_exits_nonzero_with_a_message() {
         ),
         (vec!["train", "--mode", "fullish", "--out", run], "fullish"),
         (vec!["train", "--device", "cuda:0", "--out", run], "CUDA"),
+        (
+            vec!["train", "--distributed", "nccl", "--out", run],
+            "--distributed nccl",
+        ),
+        (vec!["train", "--distributed", "gloo", "--out", run], "gloo"),
         (vec!["train", "--preset", "7b", "--out", run], "7b"),
         (
             vec![
