@@ -304,21 +304,9 @@ impl Trainer {
     }
 
     /// Restores the ReLoRA history (checkpoint loading): the base weights and completed phases.
-    /// The base weights are written to a temporary file ([`BaseWeights`]); failing to write it
-    /// is an error and leaves the trainer as it was.
-    pub fn restore_history(
-        &mut self,
-        base: Option<Vec<(String, Tensor)>>,
-        phases: Vec<Phase>,
-    ) -> Result<()> {
-        self.base = match base {
-            Some(list) => Some(BaseWeights::spill(
-                list.iter().map(|(n, t)| (n.clone(), t)),
-            )?),
-            None => None,
-        };
+    pub fn restore_history(&mut self, base: Option<BaseWeights>, phases: Vec<Phase>) {
+        self.base = base;
         self.phases = phases;
-        Ok(())
     }
 
     /// The learning rate for the step about to be taken: the schedule's multiplier times `lr`, or

@@ -10,6 +10,7 @@ use crate::model::llama::set_checked;
 use crate::model::Llama;
 use crate::optim::ParamState;
 use crate::relora::cycle::{attach_adapters, short_name};
+use crate::relora::BaseWeights;
 use crate::rng::Rng;
 use crate::trainer::Trainer;
 use candle_core::{DType, Device, Tensor};
@@ -206,23 +207,25 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Trainer, Manifest)> {
                 format!("unexpected tensor {extra}"),
             ));
         }
+        let base_path = dir.join("base.safetensors");
         let base = base.unwrap_or_default();
-        let mut list: Vec<(String, Tensor)> = Vec::with_capacity(base.len());
+        let mut names = Vec::new();
         for p in model.projections() {
             if p.adapter.is_some() {
                 let key = format!("{}.weight", p.name);
-                let t = base.get(&key).ok_or_else(|| {
-                    Error::checkpoint(dir.join("base.safetensors"), format!("{key} is missing"))
-                })?;
-                list.push((key, t.clone()));
+                if !base.contains_key(&key) {
+                    return Err(Error::checkpoint(&base_path, format!("{key} is missing")));
+                }
+                names.push(key);
             }
         }
-        base_list = Some(list);
+        // The trainer reads the verified file itself when it saves, rather than a copy.
+        base_list = Some(BaseWeights::open(&base_path, names)?);
     }
 
     let mut trainer =
         Trainer::from_parts(model, m.train.clone(), m.counters.clone(), m.rngs.clone())?;
-    trainer.restore_history(base_list, phases)?;
+    trainer.restore_history(base_list, phases);
 
     let opt_path = dir.join("optimizer.safetensors");
     let mut opt = read_file(dir, &m, "optimizer.safetensors", device)?;
