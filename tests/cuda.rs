@@ -11,8 +11,8 @@ use common::{random_batch, tiny, train_cfg, values};
 use relora::config::{Mode, ModelConfig};
 use relora::ops::adamw_update::{adamw_update, AdamWConstants};
 use relora::ops::{
-    causal_softmax, frozen_matmul, lora_linear, mixed_linear, rms_norm_fused, rotary, sum_squares,
-    swiglu,
+    causal_attention, causal_softmax, frozen_matmul, lora_linear, mixed_linear, rms_norm_fused,
+    rotary, sum_squares, swiglu, Heads,
 };
 use relora::{checkpoint, Trainer};
 
@@ -198,6 +198,48 @@ fn fused_rotary_kernel_matches_the_cpu() {
                 rotary(&x[0], &cos.to_device(dev)?, &sin.to_device(dev)?)
             },
             1e-5,
+        );
+    }
+}
+
+/// The fused attention node (rotation, both products, the causal softmax, its own backward) on
+/// the GPU against the CPU: f32 products to rounding, and the mixed-precision path (bf16
+/// products and a bf16 softmax on the GPU) to bf16 rounding, with shared key/value heads.
+#[test]
+fn fused_attention_node_matches_the_cpu() {
+    let rope =
+        relora::model::rope::Rope::new(64, 600, 10_000.0, candle_core::DType::F32, &Device::Cpu)
+            .unwrap();
+    let (cos, sin) = rope.tables();
+    for (b, t, heads, kv_heads, bf16) in [
+        (1, 1, 1, 1, false),
+        (2, 17, 4, 2, false),
+        (2, 512, 8, 8, false),
+        (2, 33, 4, 1, true),
+        (2, 512, 8, 4, true),
+    ] {
+        let h = Heads {
+            batch: b,
+            seq: t,
+            heads,
+            kv_heads,
+            head_dim: 64,
+        };
+        let inputs = [
+            randn(&[b * t, heads * 64], 0.0, 1.0),
+            randn(&[b * t, kv_heads * 64], 0.0, 1.0),
+            randn(&[b * t, kv_heads * 64], 0.0, 1.0),
+        ];
+        gpu_op_agrees(
+            &format!("attention b {b} t {t} heads {heads}/{kv_heads} bf16 {bf16}"),
+            &inputs,
+            |x| {
+                let dev = x[0].device();
+                let mm = (bf16 && dev.is_cuda()).then_some(candle_core::DType::BF16);
+                let (c, s) = (cos.to_device(dev)?, sin.to_device(dev)?);
+                causal_attention(&x[0], &x[1], &x[2], &c, &s, h, mm)
+            },
+            if bf16 { 3e-2 } else { 1e-5 },
         );
     }
 }

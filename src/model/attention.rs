@@ -3,7 +3,8 @@
 
 use super::rope::Rope;
 use crate::error::{Result, TensorContext};
-use crate::ops::causal_softmax;
+use crate::ops::attention::repeat_kv;
+use crate::ops::{causal_softmax, Heads};
 use crate::relora::linear::reborrow;
 use crate::relora::AdaptableLinear;
 use crate::rng::Rng;
@@ -75,20 +76,47 @@ impl Attention {
             .v_proj
             .forward(&flat, reborrow(&mut dropout), self.compute)?;
         let ctx = "attention";
+        let (cos, sin) = rope.tables();
+        let out = if crate::ops::fused_attention_applies(&q, cos) {
+            let heads = Heads {
+                batch: b,
+                seq: t,
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                head_dim: self.head_dim,
+            };
+            crate::ops::causal_attention(&q, &k, &v, cos, sin, heads, self.compute).ctx(ctx)?
+        } else {
+            self.attend_composed(q, k, v, (b, t), rope, mask).ctx(ctx)?
+        };
+        let y = self
+            .o_proj
+            .forward(&out, reborrow(&mut dropout), self.compute)?;
+        y.reshape((b, t, h)).ctx(ctx)
+    }
+
+    /// The attention between the projections from candle's differentiable ops, for devices and
+    /// dtypes without the fused node's kernels (and for `--composed-ops`):
+    /// `q [b*t, heads*d]`, `k`, `v [b*t, kv_heads*d]` -> `[b*t, heads*d]`.
+    fn attend_composed(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        (b, t): (usize, usize),
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         // [b*t, heads*d] -> [b, heads, t, d]
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rope
-            .apply(&split(q, self.heads).ctx(ctx)?)
-            .ctx("rotary q")?;
-        let k = rope
-            .apply(&split(k, self.kv_heads).ctx(ctx)?)
-            .ctx("rotary k")?;
-        let v = split(v, self.kv_heads).ctx(ctx)?;
-        let (k, v) = (self.repeat_kv(k).ctx(ctx)?, self.repeat_kv(v).ctx(ctx)?);
+        let q = rope.apply(&split(q, self.heads)?)?;
+        let k = rope.apply(&split(k, self.kv_heads)?)?;
+        let v = split(v, self.kv_heads)?;
+        let (k, v) = (repeat_kv(k, self.heads)?, repeat_kv(v, self.heads)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // [b, heads, t, d] x [b, heads, d, t] -> [b, heads, t, t]
         let dtype = q.dtype();
@@ -97,49 +125,19 @@ impl Attention {
             _ => Ok(t.clone()),
         };
         // The two attention matmuls run in the compute dtype; scores and softmax in the
-        // parameter dtype, except with the fused bf16 softmax on CUDA.
-        let (qc, kc, vc) = (cast(&q).ctx(ctx)?, cast(&k).ctx(ctx)?, cast(&v).ctx(ctx)?);
-        let raw = qc.matmul(&kc.t().ctx(ctx)?).ctx(ctx)?;
-        let probs = if raw.dtype() == DType::BF16
-            && raw.device().is_cuda()
-            && crate::ops::fused_kernels()
-        {
-            // bf16 mixed precision on CUDA: the fused softmax reads and writes bf16 (its
-            // arithmetic is f32), so the `[b, heads, t, t]` scores never exist in f32.
-            causal_softmax(&raw, scale).ctx(ctx)?
+        // parameter dtype.
+        let (qc, kc, vc) = (cast(&q)?, cast(&k)?, cast(&v)?);
+        let raw = qc.matmul(&kc.t()?)?.to_dtype(dtype)?;
+        let probs = if crate::ops::has_kernel(&raw) {
+            causal_softmax(&raw, scale)?
         } else {
-            let raw = raw.to_dtype(dtype).ctx(ctx)?;
-            let probs = if crate::ops::has_kernel(&raw) {
-                causal_softmax(&raw, scale).ctx(ctx)?
-            } else {
-                let scores = (raw * scale).ctx(ctx)?;
-                softmax_last_dim(&scores.broadcast_add(mask).ctx(ctx)?).ctx(ctx)?
-            };
-            cast(&probs).ctx(ctx)?
+            softmax_last_dim(&(raw * scale)?.broadcast_add(mask)?)?
         };
         // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, hidden]
-        let out = probs
-            .matmul(&vc)
-            .and_then(|o| o.to_dtype(dtype))
-            .and_then(|o| o.transpose(1, 2))
-            .and_then(|o| o.reshape((b * t, self.heads * self.head_dim)))
-            .ctx(ctx)?;
-        let y = self
-            .o_proj
-            .forward(&out, reborrow(&mut dropout), self.compute)?;
-        y.reshape((b, t, h)).ctx(ctx)
-    }
-
-    /// `[b, kv_heads, t, d] -> [b, heads, t, d]`, each key/value head shared by a group of queries.
-    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        let rep = self.heads / self.kv_heads;
-        if rep == 1 {
-            return Ok(x);
-        }
-        let (b, kv, t, d) = x.dims4()?;
-        x.unsqueeze(2)?
-            .broadcast_as((b, kv, rep, t, d))?
-            .contiguous()?
-            .reshape((b, kv * rep, t, d))
+        cast(&probs)?
+            .matmul(&vc)?
+            .to_dtype(dtype)?
+            .transpose(1, 2)?
+            .reshape((b * t, self.heads * self.head_dim))
     }
 }

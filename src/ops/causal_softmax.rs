@@ -237,6 +237,18 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor
     scores.contiguous()?.apply_op1(CausalSoftmax { scale })
 }
 
+/// The backward of [`causal_softmax`] from its output `y` and the gradient `dy` of that output:
+/// `ds = scale * y * (dy - sum_j(y dy))`, for ops that differentiate through a softmax inside their
+/// own backward.
+pub(crate) fn causal_softmax_backward(
+    y: &Tensor,
+    dy: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&dy.contiguous()?, &CausalSoftmaxBwd { scale })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,10 +2,13 @@
 //! composed operations would compute work we do not want. Each has a CPU kernel (f32, f64) and,
 //! in builds with the `cuda` feature, a CUDA kernel (f32; `kernels.cu`, compiled with NVRTC at
 //! run time), except cross-entropy, which is CPU-only until a CUDA kernel can be tested on a GPU.
+//! The attention node ([`attention`]) has no kernel of its own: it runs these kernels and the
+//! matmuls outside the graph and differentiates them by hand.
 //! Where no kernel applies the model uses the composed operations, which these are tested
 //! against.
 
 pub mod adamw_update;
+pub mod attention;
 pub mod causal_softmax;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -19,6 +22,7 @@ pub mod rotary;
 pub mod sum_squares;
 pub mod swiglu;
 
+pub use attention::{causal_attention, fused_attention_applies, Heads};
 pub use causal_softmax::causal_softmax;
 pub use cross_entropy::cross_entropy_rows;
 pub use frozen_matmul::frozen_matmul;
@@ -95,5 +99,17 @@ mod tests {
             assert_eq!(y.dims(), &[1, 1, t, d]);
             backward(&y);
         }
+        let no_positions = Heads {
+            batch: 2,
+            seq: 0,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        };
+        let (q, kv) = (var(&[0, 8]), var(&[0, 4]));
+        let y =
+            causal_attention(&q, &kv, &kv, &z(&[4, 4]), &z(&[4, 4]), no_positions, None).unwrap();
+        assert_eq!(y.dims(), &[0, 8]);
+        backward(&y);
     }
 }

@@ -162,6 +162,20 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
     })
 }
 
+/// The backward of [`rotary`]: rotates a gradient `dy [.., t, d]` by the opposite angles, for
+/// ops that differentiate through a rotation inside their own backward.
+pub(crate) fn rotary_inverse(
+    dy: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Tensor> {
+    dy.contiguous()?.apply_op1_no_bwd(&Rotary {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        inverse: true,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
