@@ -11,8 +11,8 @@ use common::{random_batch, tiny, train_cfg, values};
 use relora::config::{Mode, ModelConfig};
 use relora::ops::adamw_update::{adamw_update, AdamWConstants};
 use relora::ops::{
-    causal_attention, causal_softmax, frozen_matmul, lora_linear, mixed_linear, rms_norm_fused,
-    rotary, sum_squares, swiglu, Heads,
+    causal_attention, causal_softmax, cross_entropy_rows, frozen_matmul, lora_linear, mixed_linear,
+    rms_norm_fused, rotary, sum_squares, swiglu, Heads,
 };
 use relora::{checkpoint, Trainer};
 
@@ -242,6 +242,27 @@ fn fused_attention_node_matches_the_cpu() {
             if bf16 { 3e-2 } else { 1e-5 },
         );
     }
+}
+
+/// The fused cross-entropy's CUDA kernels against the CPU kernels, up to GPT-2's vocabulary and
+/// a row wider than a block of threads; a target outside the vocabulary gives a NaN loss on the
+/// GPU (the CPU refuses it), never a read out of bounds.
+#[test]
+fn fused_cross_entropy_kernel_matches_the_cpu() {
+    for (n, vocab) in [(1, 1), (33, 258), (5, 1100), (64, 50257)] {
+        let t: Vec<u32> = (0..n).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
+        let targets = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
+        gpu_op_agrees(
+            &format!("cross-entropy [{n}, {vocab}]"),
+            &[randn(&[n, vocab], 0.0, 3.0)],
+            |x| cross_entropy_rows(&x[0], &targets.to_device(x[0].device())?),
+            1e-5,
+        );
+    }
+    let logits = randn(&[2, 4], 0.0, 1.0).to_device(&gpu()).unwrap();
+    let bad = Tensor::new(&[1u32, 4], &gpu()).unwrap();
+    let loss = values(&cross_entropy_rows(&logits, &bad).unwrap());
+    assert!(loss[0].is_finite() && loss[1].is_nan(), "{loss:?}");
 }
 
 #[test]

@@ -56,25 +56,33 @@ pub fn causal_mask(t: usize, x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Attention {
-    /// `x [b, t, hidden] -> [b, t, hidden]`.
+    /// `x [b*t, hidden]`, `b` sequences of `t` positions each, `-> [b*t, hidden]`. Flat rows in
+    /// and out: a reshape is one more graph node, whose backward costs a zero-filled buffer and
+    /// an add of the whole activation.
     pub fn forward(
         &self,
         x: &Tensor,
+        (b, t): (usize, usize),
         rope: &Rope,
         mask: &Tensor,
         mut dropout: Option<(&mut Rng, f64)>,
     ) -> Result<Tensor> {
-        let (b, t, h) = x.dims3().ctx("attention input")?;
-        let flat = x.reshape((b * t, h)).ctx("attention input")?;
+        let (rows, _) = x.dims2().ctx("attention input")?;
+        if rows != b * t {
+            return Err(crate::error::Error::Shape {
+                name: self.q_proj.name.clone(),
+                message: format!("input has {rows} rows, expected {b} x {t}"),
+            });
+        }
         let q = self
             .q_proj
-            .forward(&flat, reborrow(&mut dropout), self.compute)?;
+            .forward(x, reborrow(&mut dropout), self.compute)?;
         let k = self
             .k_proj
-            .forward(&flat, reborrow(&mut dropout), self.compute)?;
+            .forward(x, reborrow(&mut dropout), self.compute)?;
         let v = self
             .v_proj
-            .forward(&flat, reborrow(&mut dropout), self.compute)?;
+            .forward(x, reborrow(&mut dropout), self.compute)?;
         let ctx = "attention";
         let (cos, sin) = rope.tables();
         let out = if crate::ops::fused_attention_applies(&q, cos) {
@@ -89,10 +97,8 @@ impl Attention {
         } else {
             self.attend_composed(q, k, v, (b, t), rope, mask).ctx(ctx)?
         };
-        let y = self
-            .o_proj
-            .forward(&out, reborrow(&mut dropout), self.compute)?;
-        y.reshape((b, t, h)).ctx(ctx)
+        self.o_proj
+            .forward(&out, reborrow(&mut dropout), self.compute)
     }
 
     /// The attention between the projections from candle's differentiable ops, for devices and

@@ -161,7 +161,6 @@ impl Llama {
                 self.config.max_position_embeddings
             )));
         }
-        let h = self.config.hidden_size;
         let eps = self.config.rms_norm_eps;
         let flat_ids = ids.flatten_all().ctx("ids")?;
         // [b*t] -> [b*t, hidden]
@@ -174,13 +173,14 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&x, layer.input_layernorm.as_tensor(), eps)
                 .with_ctx(|| format!("layer {i} input_layernorm"))?;
-            let normed = normed.reshape((b, t, h)).ctx("reshape")?;
-            let attn =
-                layer
-                    .self_attn
-                    .forward(&normed, &self.rope, &mask, reborrow(&mut dropout))?;
-            x = (x + attn.reshape((b * t, h)).ctx("reshape")?)
-                .with_ctx(|| format!("layer {i} attention residual"))?;
+            let attn = layer.self_attn.forward(
+                &normed,
+                (b, t),
+                &self.rope,
+                &mask,
+                reborrow(&mut dropout),
+            )?;
+            x = (x + attn).with_ctx(|| format!("layer {i} attention residual"))?;
             let normed = rms_norm(&x, layer.post_attention_layernorm.as_tensor(), eps)
                 .with_ctx(|| format!("layer {i} post_attention_layernorm"))?;
             let mlp = layer.mlp.forward(&normed, reborrow(&mut dropout))?;

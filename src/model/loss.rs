@@ -1,11 +1,11 @@
-//! Next-token cross-entropy: the fused op on the CPU ([`crate::ops::cross_entropy`]), composed
-//! differentiable ops elsewhere.
+//! Next-token cross-entropy: the fused op where it has a kernel ([`crate::ops::cross_entropy`]:
+//! f32/f64 on the CPU, f32 on CUDA), composed differentiable ops elsewhere.
 
 use candle_core::{Tensor, D};
 
 /// Per-token cross-entropy `[n]` of `logits [n, vocab]` against `targets [n]` (u32).
 fn per_token(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    if logits.device().is_cpu() && crate::ops::has_kernel(logits) {
+    if crate::ops::has_kernel(logits) {
         crate::ops::cross_entropy_rows(logits, targets)
     } else {
         cross_entropy_composed_rows(logits, targets)

@@ -8,8 +8,10 @@
 //! exponentials) and writes each row's loss and log-sum-exp; the backward writes
 //! `dlogits = dloss (softmax(logits) - onehot(target))` in one pass from those log-sum-exps.
 //!
-//! CPU only for now: a CUDA kernel is left for a session that can test it on a GPU, and the model
-//! uses the composed form there.
+//! CPU kernels (f32, f64) and CUDA kernels (f32). The CPU checks every target against the
+//! vocabulary; the CUDA kernel, which cannot report an error without a synchronisation, gives a
+//! NaN loss for a target outside it (the trainer checks every batch's token ids on the host
+//! before they reach the device).
 
 use super::float::{contiguous, Float};
 use candle_core::backend::BackendStorage;
@@ -115,6 +117,40 @@ impl CustomOp2 for CrossEntropy {
         Ok((out, Shape::from((2, n))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let (n, vocab) = ll.shape().dims2()?;
+        if vocab == 0 && n > 0 {
+            candle_core::bail!("cross-entropy: logits have an empty vocabulary");
+        }
+        let x = cuda::input(self.name(), ls, ll)?;
+        let t = cuda_targets(ts, tl, n)?;
+        let dev = ls.device();
+        let out = cuda::output::<f32>(dev, 2 * n)?;
+        let (vi, rows) = (cuda::int(self.name(), "vocabulary", vocab)?, n as u64);
+        cuda::int(self.name(), "rows", n)?;
+        if n > 0 {
+            cuda::launch!(
+                dev,
+                "cross_entropy_fwd",
+                cuda::rows(n, vocab),
+                &x,
+                &t,
+                &out,
+                &vi,
+                &rows
+            );
+        }
+        Ok((cuda::storage(out, dev), Shape::from((2, n))))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -171,10 +207,70 @@ impl CustomOp3 for CrossEntropyBwd {
         };
         Ok((out, ll.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let (n, vocab) = ll.shape().dims2()?;
+        if dl.shape().dims() != [2, n] {
+            candle_core::bail!(
+                "cross-entropy: gradient {:?} for {n} rows",
+                dl.shape().dims()
+            );
+        }
+        let x = cuda::input(self.name(), ls, ll)?;
+        let t = cuda_targets(ts, tl, n)?;
+        let d = cuda::input(self.name(), ds, dl)?;
+        let dev = ls.device();
+        let dx = cuda::output::<f32>(dev, n * vocab)?;
+        let (vi, rows) = (cuda::int(self.name(), "vocabulary", vocab)?, n as u64);
+        cuda::int(self.name(), "rows", n)?;
+        if n > 0 && vocab > 0 {
+            cuda::launch!(
+                dev,
+                "cross_entropy_bwd",
+                cuda::rows(n, vocab),
+                &x,
+                &t,
+                &d,
+                &dx,
+                &vi,
+                &rows
+            );
+        }
+        Ok((cuda::storage(dx, dev), ll.shape().clone()))
+    }
 }
 
-/// Per-row cross-entropy `[n]` of `logits [n, vocab]` (f32 or f64, on the CPU) against
-/// `targets [n]` (u32, each below `vocab`).
+/// The targets' device buffer, checked: u32, contiguous, one per row.
+#[cfg(feature = "cuda")]
+fn cuda_targets<'a>(
+    s: &'a candle_core::CudaStorage,
+    l: &Layout,
+    n: usize,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>> {
+    if s.dtype() != candle_core::DType::U32 {
+        candle_core::bail!("cross-entropy: targets must be u32, got {:?}", s.dtype());
+    }
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("cross-entropy: targets are not contiguous");
+    };
+    if b - a != n {
+        candle_core::bail!("cross-entropy: {} targets for {n} rows of logits", b - a);
+    }
+    Ok(s.as_cuda_slice::<u32>()?.slice(a..b))
+}
+
+/// Per-row cross-entropy `[n]` of `logits [n, vocab]` (f32 or f64 on the CPU, f32 on CUDA)
+/// against `targets [n]` (u32, each below `vocab`).
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     logits
         .contiguous()?

@@ -117,3 +117,22 @@ pub(crate) fn rows(blocks: usize, width: usize) -> LaunchConfig {
 pub(crate) fn int(op: &str, what: &str, v: usize) -> candle_core::Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {what} {v} is too large")))
 }
+
+#[cfg(test)]
+mod tests {
+    /// NVRTC accepts `kernels.cu`. It needs only libnvrtc, not a GPU, so the CUDA compile check
+    /// (scripts/check-cuda.sh) runs it on a CPU machine and a kernel that does not compile is
+    /// caught before a GPU session.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        let ptx = super::ptx().unwrap();
+        for kernel in [
+            "causal_softmax_fwd",
+            "cross_entropy_fwd",
+            "cross_entropy_bwd",
+            "rotary",
+        ] {
+            assert!(ptx.contains(kernel), "{kernel} missing from the PTX");
+        }
+    }
+}

@@ -270,3 +270,43 @@ extern "C" __global__ void causal_softmax_bwd_bf16(const unsigned short* y,
     for (int j = threadIdx.x; j < t; j += blockDim.x)
         dxr[j] = f32_to_bf16(scale * bf16_to_f32(yr[j]) * (bf16_to_f32(dr[j]) - dot));
 }
+
+// Cross-entropy of each row of logits [n, vocab] against its target: out [2, n] holds the loss
+// (log-sum-exp minus the target's logit), then the log-sum-exp for the backward. One block per
+// row. A target outside the vocabulary (the host checks the batch before it gets here) gives a
+// NaN loss instead of a read out of bounds.
+extern "C" __global__ void cross_entropy_fwd(const float* x, const unsigned int* t, float* out,
+                                             int vocab, unsigned long long n) {
+    __shared__ float sh[WARP];
+    unsigned long long row = blockIdx.x;
+    const float* xr = x + row * vocab;
+    float m = __int_as_float(0xff800000);
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, xr[j]);
+    m = block_max(m, sh);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(xr[j] - m);
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) {
+        float lse = m + logf(s);
+        unsigned int target = t[row];
+        out[row] = target < (unsigned int)vocab ? lse - xr[target] : __int_as_float(0x7fc00000);
+        out[n + row] = lse;
+    }
+}
+
+// dlogits = dloss (softmax(row) - onehot(target)) from dl [2, n]: each row's dloss, then its
+// log-sum-exp from the forward.
+extern "C" __global__ void cross_entropy_bwd(const float* x, const unsigned int* t,
+                                             const float* dl, float* dx, int vocab,
+                                             unsigned long long n) {
+    unsigned long long row = blockIdx.x;
+    const float* xr = x + row * vocab;
+    float* dxr = dx + row * vocab;
+    float d = dl[row];
+    float lse = dl[n + row];
+    unsigned int target = t[row];
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float g = d * expf(xr[j] - lse);
+        dxr[j] = (unsigned int)j == target ? g - d : g;
+    }
+}

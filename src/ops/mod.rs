@@ -1,7 +1,7 @@
 //! Custom tensor operations with hand-written backward passes, for the places where candle's
 //! composed operations would compute work we do not want. Each has a CPU kernel (f32, f64) and,
 //! in builds with the `cuda` feature, a CUDA kernel (f32; `kernels.cu`, compiled with NVRTC at
-//! run time), except cross-entropy, which is CPU-only until a CUDA kernel can be tested on a GPU.
+//! run time).
 //! The attention node ([`attention`]) has no kernel of its own: it runs these kernels and the
 //! matmuls outside the graph and differentiates them by hand.
 //! Where no kernel applies the model uses the composed operations, which these are tested
