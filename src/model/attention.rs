@@ -64,7 +64,6 @@ impl Attention {
         x: &Tensor,
         (b, t): (usize, usize),
         rope: &Rope,
-        mask: &Tensor,
         mut dropout: Option<(&mut Rng, f64)>,
     ) -> Result<Tensor> {
         let (rows, _) = x.dims2().ctx("attention input")?;
@@ -95,7 +94,7 @@ impl Attention {
             };
             crate::ops::causal_attention(&q, &k, &v, cos, sin, heads, self.compute).ctx(ctx)?
         } else {
-            self.attend_composed(q, k, v, (b, t), rope, mask).ctx(ctx)?
+            self.attend_composed(q, k, v, (b, t), rope).ctx(ctx)?
         };
         self.o_proj
             .forward(&out, reborrow(&mut dropout), self.compute)
@@ -111,7 +110,6 @@ impl Attention {
         v: Tensor,
         (b, t): (usize, usize),
         rope: &Rope,
-        mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
         // [b*t, heads*d] -> [b, heads, t, d]
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
@@ -137,7 +135,7 @@ impl Attention {
         let probs = if crate::ops::has_kernel(&raw) {
             causal_softmax(&raw, scale)?
         } else {
-            softmax_last_dim(&(raw * scale)?.broadcast_add(mask)?)?
+            softmax_last_dim(&(&raw * scale)?.broadcast_add(&causal_mask(t, &raw)?)?)?
         };
         // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, hidden]
         cast(&probs)?

@@ -1,7 +1,7 @@
 //! The LLaMA decoder: token embedding, `num_hidden_layers` pre-norm blocks of attention and
 //! SwiGLU, a final RMSNorm and the language-model head, with Hugging Face tensor names.
 
-use super::attention::{causal_mask, Attention};
+use super::attention::Attention;
 use super::init;
 use super::mlp::Mlp;
 use super::norm::rms_norm;
@@ -169,17 +169,13 @@ impl Llama {
             .as_tensor()
             .embedding(&flat_ids)
             .ctx("embedding lookup")?;
-        let mask = causal_mask(t, &x).ctx("causal mask")?;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&x, layer.input_layernorm.as_tensor(), eps)
                 .with_ctx(|| format!("layer {i} input_layernorm"))?;
-            let attn = layer.self_attn.forward(
-                &normed,
-                (b, t),
-                &self.rope,
-                &mask,
-                reborrow(&mut dropout),
-            )?;
+            let attn =
+                layer
+                    .self_attn
+                    .forward(&normed, (b, t), &self.rope, reborrow(&mut dropout))?;
             x = (x + attn).with_ctx(|| format!("layer {i} attention residual"))?;
             let normed = rms_norm(&x, layer.post_attention_layernorm.as_tensor(), eps)
                 .with_ctx(|| format!("layer {i} post_attention_layernorm"))?;

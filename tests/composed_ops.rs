@@ -1,0 +1,82 @@
+//! The whole model with relora's fused ops (the attention node, RMSNorm, SwiGLU, the LoRA
+//! projection, cross-entropy) against the same model on candle's composed ops, in float64:
+//! equal losses and equal gradients for every trainable parameter, full rank and with
+//! adapters, with grouped-query attention (the tiny preset shares each key/value head between
+//! two query heads). The switch is process-wide, so this file holds a single test.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{random_batch, tiny, values};
+use relora::model::loss::cross_entropy;
+use relora::model::Llama;
+use relora::relora::cycle::attach_adapters;
+use relora::rng::Rng;
+
+/// The loss and the gradient of every trainable parameter, by name.
+fn loss_and_grads(model: &Llama, ids: &Tensor, targets: &Tensor) -> (f64, Vec<(String, Vec<f64>)>) {
+    let logits = model.forward(ids, None).unwrap();
+    let (b, t, v) = logits.dims3().unwrap();
+    let loss = cross_entropy(&logits.reshape((b * t, v)).unwrap(), targets).unwrap();
+    let grads = loss.backward().unwrap();
+    let named = model
+        .trainable_params()
+        .into_iter()
+        .map(|(name, var)| {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            (name, values(g))
+        })
+        .collect();
+    (loss.to_scalar::<f64>().unwrap(), named)
+}
+
+#[test]
+fn fused_and_composed_ops_give_the_same_loss_and_gradients() {
+    for adapters in [false, true] {
+        let cfg = tiny(40);
+        assert_eq!(cfg.num_key_value_heads, Some(cfg.num_attention_heads / 2));
+        let mut model = Llama::new(&cfg, DType::F64, &Device::Cpu, &mut Rng::new(21)).unwrap();
+        if adapters {
+            let targets: Vec<String> = relora::config::ALL_TARGETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            attach_adapters(&mut model, &targets, 4, 2.0, &mut Rng::new(22)).unwrap();
+            // A random B, so the adapters' A receives a non-zero gradient.
+            let mut rng = Rng::new(23);
+            for p in model.projections() {
+                let b = &p.adapter.as_ref().unwrap().b;
+                let v: Vec<f64> = (0..b.elem_count()).map(|_| rng.normal() * 0.1).collect();
+                b.set(&Tensor::from_vec(v, b.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let batch = random_batch(3, 7, 40, 24);
+        let ids = Tensor::from_slice(&batch.inputs, (3, 7), &Device::Cpu).unwrap();
+        let targets = Tensor::from_slice(&batch.targets, 21, &Device::Cpu).unwrap();
+        relora::ops::set_fused_kernels(true);
+        let (fused_loss, fused) = loss_and_grads(&model, &ids, &targets);
+        relora::ops::set_fused_kernels(false);
+        let (composed_loss, composed) = loss_and_grads(&model, &ids, &targets);
+        relora::ops::set_fused_kernels(true);
+        assert!(
+            (fused_loss - composed_loss).abs() < 1e-12,
+            "loss {fused_loss} vs {composed_loss} (adapters: {adapters})"
+        );
+        assert_eq!(fused.len(), composed.len());
+        for ((name, a), (_, b)) in fused.iter().zip(&composed) {
+            let scale = b.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                diff <= 1e-10 * scale,
+                "{name}: gradients differ by {diff} (largest {scale}, adapters: {adapters})"
+            );
+        }
+    }
+}
