@@ -9,7 +9,7 @@ use crate::error::{Error, Result, TensorContext};
 use crate::export::Phase;
 use crate::model::llama::is_decayed;
 use crate::model::loss::{cross_entropy, cross_entropy_sum};
-use crate::model::Llama;
+use crate::model::{Llama, ParamGrads};
 use crate::optim::{clip, AdamW, AdamWConfig, ResetReport};
 use crate::relora::cycle::{attach_adapters, merge_and_reinit};
 use crate::relora::BaseWeights;
@@ -459,7 +459,10 @@ impl Trainer {
         let params = self.model.trainable_params();
         let p = self.config.lora_dropout;
         let dropout = (p > 0.0).then_some((&mut self.rngs.dropout, p));
-        let logits = self.model.forward(&ids, dropout)?;
+        let layer_grads = ParamGrads::new();
+        let logits = self
+            .model
+            .forward_for_training(&ids, dropout, &layer_grads)?;
         let v = self.model.config.vocab_size;
         let logits = logits
             .reshape((batch.batch * batch.seq_len, v))
@@ -475,7 +478,10 @@ impl Trainer {
             .ctx("loss scale")?;
         let forward_ms = started.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
-        let grads = scaled.backward().ctx("backward")?;
+        let mut grads = scaled.backward().ctx("backward")?;
+        layer_grads
+            .merge_into(&mut grads)
+            .ctx("gradients of the decoder layers")?;
         let mut step_grads = Vec::with_capacity(params.len());
         for (name, var) in &params {
             let g = match grads.get(var.as_tensor()) {

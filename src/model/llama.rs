@@ -3,6 +3,7 @@
 
 use super::attention::Attention;
 use super::init;
+use super::layer_node::{layer_node, layer_node_applies, ParamGrads};
 use super::mlp::Mlp;
 use super::norm::rms_norm;
 use super::rope::Rope;
@@ -153,7 +154,32 @@ impl Llama {
     }
 
     /// Logits `[b, t, vocab]` for token ids `[b, t]` (u32). `dropout` applies to adapter inputs.
-    pub fn forward(&self, ids: &Tensor, mut dropout: Option<(&mut Rng, f64)>) -> Result<Tensor> {
+    /// Every op is a node of candle's graph, so `backward()` on a loss of these logits gives
+    /// every parameter's gradient.
+    pub fn forward(&self, ids: &Tensor, dropout: Option<(&mut Rng, f64)>) -> Result<Tensor> {
+        self.forward_impl(ids, dropout, None)
+    }
+
+    /// [`Self::forward`] for training: each decoder layer whose ops all have fused kernels runs
+    /// as one graph node with a hand-chained backward (`model/layer_node.rs`), which saves
+    /// candle's per-edge gradient buffers. Those layers' parameter gradients arrive in `grads`
+    /// during `backward()`; [`ParamGrads::merge_into`] then moves them into the gradient store,
+    /// which afterwards holds what [`Self::forward`]'s graph would have given.
+    pub fn forward_for_training(
+        &self,
+        ids: &Tensor,
+        dropout: Option<(&mut Rng, f64)>,
+        grads: &ParamGrads,
+    ) -> Result<Tensor> {
+        self.forward_impl(ids, dropout, Some(grads))
+    }
+
+    fn forward_impl(
+        &self,
+        ids: &Tensor,
+        mut dropout: Option<(&mut Rng, f64)>,
+        sink: Option<&ParamGrads>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2().ctx("token ids must be [batch, seq]")?;
         if t > self.config.max_position_embeddings {
             return Err(Error::Data(format!(
@@ -169,7 +195,16 @@ impl Llama {
             .as_tensor()
             .embedding(&flat_ids)
             .ctx("embedding lookup")?;
+        let dropout_p = dropout.as_ref().map_or(0.0, |d| d.1);
+        let (cos, sin) = self.rope.tables();
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(sink) = sink {
+                if layer_node_applies(layer, &x, cos, dropout_p) {
+                    x = layer_node(layer, &x, (b, t), (cos, sin), eps, sink)
+                        .with_ctx(|| format!("layer {i}"))?;
+                    continue;
+                }
+            }
             let normed = rms_norm(&x, layer.input_layernorm.as_tensor(), eps)
                 .with_ctx(|| format!("layer {i} input_layernorm"))?;
             let attn =

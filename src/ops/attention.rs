@@ -12,10 +12,9 @@
 //! the same products candle's backward would, so the result matches the composed ops to rounding.
 
 use super::causal_softmax::{causal_softmax, causal_softmax_backward};
+use super::precomputed::Precomputed;
 use super::rotary::{rotary, rotary_inverse};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// The head layout of one attention layer for a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,8 +31,15 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// What the backward pass reads, all computed outside the graph.
-struct Saved {
+/// What the backward pass reads, all computed outside the graph by [`attention_forward`].
+pub(crate) struct AttentionSaved {
+    heads: Heads,
+    scale: f64,
+    /// Rotary tables `[positions >= t, d]`, in the parameter dtype.
+    cos: Tensor,
+    sin: Tensor,
+    /// dtype of the inputs and of the result.
+    param: DType,
     /// Rotated queries `[b, heads, t, d]`, matmul dtype.
     q: Tensor,
     /// Rotated keys, repeated to the query heads, `[b, heads, t, d]`, matmul dtype.
@@ -47,39 +53,9 @@ struct Saved {
 }
 
 struct AttentionNode {
-    heads: Heads,
-    scale: f64,
-    /// Rotary tables `[positions >= t, d]`, in the parameter dtype.
-    cos: Tensor,
-    sin: Tensor,
-    /// dtype of the inputs and of the result.
-    param: DType,
-    saved: Saved,
-    /// The result, computed before the node was built; the forward hands it over once.
-    out: Mutex<Option<Tensor>>,
-}
-
-impl AttentionNode {
-    /// The precomputed result's storage, checked to be exactly the `[b*t, heads*d]` result.
-    fn take_out(&self) -> candle_core::Result<Tensor> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: result lock poisoned".into()))?
-            .take();
-        let Some(out) = out else {
-            candle_core::bail!("attention: the node's forward ran twice");
-        };
-        let h = self.heads;
-        let l = out.layout();
-        if out.dims() != [h.batch * h.seq, h.heads * h.head_dim]
-            || !l.is_contiguous()
-            || l.start_offset() != 0
-        {
-            candle_core::bail!("attention: internal result has layout {l:?}");
-        }
-        Ok(out)
-    }
+    saved: AttentionSaved,
+    /// The result, computed before the node was built.
+    out: Precomputed,
 }
 
 impl CustomOp3 for AttentionNode {
@@ -96,12 +72,7 @@ impl CustomOp3 for AttentionNode {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = self.take_out()?;
-        let (s, l) = out.storage_and_layout();
-        let Storage::Cpu(s) = &*s else {
-            candle_core::bail!("attention: result is not on the CPU");
-        };
-        Ok((s.try_clone(l)?, l.shape().clone()))
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -114,12 +85,7 @@ impl CustomOp3 for AttentionNode {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.take_out()?;
-        let (s, l) = out.storage_and_layout();
-        let Storage::Cuda(s) = &*s else {
-            candle_core::bail!("attention: result is not on the GPU");
-        };
-        Ok((s.try_clone(l)?, l.shape().clone()))
+        self.out.cuda()
     }
 
     fn bwd(
@@ -130,6 +96,15 @@ impl CustomOp3 for AttentionNode {
         _out: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = self.saved.backward(dout)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl AttentionSaved {
+    /// `(dq, dk, dv)`, shaped as the forward's inputs, from the gradient of its result
+    /// `dout [b*t, heads*d]`.
+    pub(crate) fn backward(&self, dout: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let Heads {
             batch: b,
             seq: t,
@@ -137,7 +112,7 @@ impl CustomOp3 for AttentionNode {
             kv_heads,
             head_dim: d,
         } = self.heads;
-        let s = &self.saved;
+        let s = self;
         let mm = s.q.dtype();
         // [b*t, heads*d] -> [b, heads, t, d] in the matmul dtype.
         let dout = cast(&dout.reshape((b, t, heads, d))?.transpose(1, 2)?, mm)?.contiguous()?;
@@ -167,7 +142,7 @@ impl CustomOp3 for AttentionNode {
             kv_heads,
         )?;
         let dv = merge(unshare(dv)?, kv_heads)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok((dq, dk, dv))
     }
 }
 
@@ -210,6 +185,25 @@ pub fn causal_attention(
     h: Heads,
     matmul: Option<DType>,
 ) -> candle_core::Result<Tensor> {
+    let (out, saved) = attention_forward(q, k, v, cos, sin, h, matmul)?;
+    let node = AttentionNode {
+        saved,
+        out: Precomputed::new("attention", out),
+    };
+    q.apply_op3(k, v, node)
+}
+
+/// [`causal_attention`] outside the graph: the result and what [`AttentionSaved::backward`]
+/// needs, for code that chains backward passes by hand.
+pub(crate) fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    h: Heads,
+    matmul: Option<DType>,
+) -> candle_core::Result<(Tensor, AttentionSaved)> {
     let Heads {
         batch: b,
         seq: t,
@@ -260,22 +254,19 @@ pub fn causal_attention(
         .transpose(1, 2)?
         .reshape((b * t, heads * d))?
         .contiguous()?;
-    let node = AttentionNode {
+    let saved = AttentionSaved {
         heads: h,
         scale,
         cos: cos.clone(),
         sin: sin.clone(),
         param,
-        saved: Saved {
-            q: qr,
-            k: kr,
-            v: vr,
-            probs,
-            probs_mm,
-        },
-        out: Mutex::new(Some(out)),
+        q: qr,
+        k: kr,
+        v: vr,
+        probs,
+        probs_mm,
     };
-    q.apply_op3(k, v, node)
+    Ok((out, saved))
 }
 
 #[cfg(test)]

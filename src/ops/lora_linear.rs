@@ -158,6 +158,20 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, da, db) = self.backward(x, a, b, grad_y)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+impl LoraLinear {
+    /// `(dx, da, db)` from the inputs and the output's gradient.
+    fn backward(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let s = self.scale;
         // Detached so the gradients computed here are plain tensors: results that referenced the
         // (tracked) inputs would keep their whole forward graph alive inside the gradient store.
@@ -185,11 +199,7 @@ impl CustomOp3 for LoraLinear {
                 g.to_dtype(like.dtype())
             }
         };
-        Ok((
-            Some(back(grad_x, x)?),
-            Some(back(grad_a, a)?),
-            Some(back(grad_b, b)?),
-        ))
+        Ok((back(grad_x, x)?, back(grad_a, a)?, back(grad_b, b)?))
     }
 }
 
@@ -214,6 +224,24 @@ pub fn lora_linear(
             compute: compute.filter(|&dt| dt != x.dtype()),
         },
     )
+}
+
+/// The backward of [`lora_linear`] with the same arguments and the output's gradient `dy`:
+/// `(dx, da, db)`, for code that chains backward passes by hand.
+pub(crate) fn lora_linear_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    compute: Option<DType>,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let op = LoraLinear {
+        weight: weight.detach(),
+        scale,
+        compute: compute.filter(|&dt| dt != x.dtype()),
+    };
+    op.backward(x, a, b, dy)
 }
 
 #[cfg(test)]

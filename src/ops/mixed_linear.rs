@@ -70,17 +70,28 @@ impl CustomOp2 for MixedLinear {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let c = self.compute;
-        let (xc, wc, gc) = (
-            x.detach().to_dtype(c)?,
-            w.detach().to_dtype(c)?,
-            grad_y.to_dtype(c)?,
-        );
-        // [n, out] x [out, in] and [out, n] x [n, in]
-        let dx = gc.matmul(&wc)?.to_dtype(x.dtype())?;
-        let dw = gc.t()?.matmul(&xc)?.to_dtype(w.dtype())?;
+        let (dx, dw) = mixed_linear_backward(x, w, grad_y, self.compute)?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// The backward of [`mixed_linear`]: `(dx, dweight)` from the inputs and the output's gradient,
+/// with both products in `compute`, for code that chains backward passes by hand.
+pub(crate) fn mixed_linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    grad_y: &Tensor,
+    compute: DType,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (xc, wc, gc) = (
+        x.detach().to_dtype(compute)?,
+        w.detach().to_dtype(compute)?,
+        grad_y.to_dtype(compute)?,
+    );
+    // [n, out] x [out, in] and [out, n] x [n, in]
+    let dx = gc.matmul(&wc)?.to_dtype(x.dtype())?;
+    let dw = gc.t()?.matmul(&xc)?.to_dtype(w.dtype())?;
+    Ok((dx, dw))
 }
 
 /// `x [n, in] -> x W^T [n, out]` with the product in `compute` and the result in `x`'s dtype;

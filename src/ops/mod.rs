@@ -17,6 +17,7 @@ mod float;
 pub mod frozen_matmul;
 pub mod lora_linear;
 pub mod mixed_linear;
+pub(crate) mod precomputed;
 pub mod rms_norm;
 pub mod rotary;
 pub mod sum_squares;

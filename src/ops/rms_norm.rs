@@ -150,14 +150,25 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, _) = x.dims2()?;
-        let both = x.detach().apply_op3_no_bwd(
-            &w.detach(),
-            &dy.contiguous()?,
-            &RmsNormBwd { eps: self.eps },
-        )?;
-        Ok((Some(both.narrow(0, 0, n)?), Some(both.get(n)?)))
+        let (dx, dw) = rms_norm_backward(x, w, dy, self.eps)?;
+        Ok((Some(dx), Some(dw)))
     }
+}
+
+/// The backward of [`rms_norm_fused`]: `(dx [n, h], dweight [h])` from the input `x [n, h]`,
+/// the weight and the output's gradient `dy [n, h]`, for code that chains backward passes by
+/// hand.
+pub(crate) fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (n, _) = x.dims2()?;
+    let both = x
+        .detach()
+        .apply_op3_no_bwd(&w.detach(), &dy.contiguous()?, &RmsNormBwd { eps })?;
+    Ok((both.narrow(0, 0, n)?, both.get(n)?))
 }
 
 struct RmsNormBwd {

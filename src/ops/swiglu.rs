@@ -121,11 +121,22 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = g
-            .detach()
-            .apply_op3_no_bwd(&u.detach(), &dy.contiguous()?, &SwiGluBwd)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dg, du) = swiglu_backward(g, u, dy)?;
+        Ok((Some(dg), Some(du)))
     }
+}
+
+/// The backward of [`swiglu`]: `(dgate, dup)` from the inputs and the output's gradient, for
+/// code that chains backward passes by hand.
+pub(crate) fn swiglu_backward(
+    g: &Tensor,
+    u: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let both = g
+        .detach()
+        .apply_op3_no_bwd(&u.detach(), &dy.contiguous()?, &SwiGluBwd)?;
+    Ok((both.get(0)?, both.get(1)?))
 }
 
 struct SwiGluBwd;

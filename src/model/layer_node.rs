@@ -1,0 +1,318 @@
+//! A whole decoder layer as one autograd node, for training.
+//!
+//! candle's backward pass adds the gradient of every node into a freshly zeroed buffer, so each
+//! edge of the graph costs an allocation, a fill and a full read-add-write of the activation, and
+//! on a GPU two more kernel launches. A layer built from the fused ops is still about seventeen
+//! such edges (the residual stream, the normalised inputs that three or two projections read,
+//! each projection's output, the MLP's `[n, intermediate]` activations). As one node the layer's
+//! forward runs the same ops outside the graph and keeps what the backward reads; the backward
+//! chains the ops' own backward functions by hand, adds each activation's gradients directly,
+//! and hands the parameters' gradients to a [`ParamGrads`] collector, since a custom op passes
+//! gradients only to its (at most three) inputs. The trainer merges them into candle's gradient
+//! store after `backward()`.
+//!
+//! The node applies where every op of the layer has its fused kernel and no adapter input is
+//! dropped out (dropout masks would have to be saved too); elsewhere the layer runs on the graph.
+
+use super::llama::Layer;
+use crate::ops::attention::{attention_forward, fused_attention_applies, AttentionSaved};
+use crate::ops::lora_linear::lora_linear_backward;
+use crate::ops::mixed_linear::mixed_linear_backward;
+use crate::ops::precomputed::Precomputed;
+use crate::ops::rms_norm::rms_norm_backward;
+use crate::ops::swiglu::swiglu_backward;
+use crate::ops::{lora_linear, mixed_linear, rms_norm_fused, swiglu, Heads};
+use crate::relora::AdaptableLinear;
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// Gradients of parameters computed inside hand-chained backward passes, collected during
+/// `backward()` and merged into its gradient store afterwards.
+#[derive(Clone, Default)]
+pub struct ParamGrads(Arc<Mutex<Vec<(Tensor, Tensor)>>>);
+
+impl ParamGrads {
+    /// An empty collector.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `grad` for the parameter tensor `param`.
+    fn push(&self, param: &Tensor, grad: Tensor) -> candle_core::Result<()> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("parameter gradients lock poisoned".into()))?
+            .push((param.clone(), grad));
+        Ok(())
+    }
+
+    /// Moves every collected gradient into `grads`, adding to a gradient the store already has
+    /// for the same parameter.
+    pub fn merge_into(&self, grads: &mut GradStore) -> candle_core::Result<()> {
+        let collected =
+            std::mem::take(&mut *self.0.lock().map_err(|_| {
+                candle_core::Error::Msg("parameter gradients lock poisoned".into())
+            })?);
+        for (param, grad) in collected {
+            let grad = match grads.remove(&param) {
+                Some(existing) => (existing + grad)?,
+                None => grad,
+            };
+            grads.insert(&param, grad);
+        }
+        Ok(())
+    }
+}
+
+/// How one projection ran forward, and what its backward needs besides its input.
+enum Projection {
+    /// `x Wᵀ` in the parameter dtype; `W` trainable.
+    Plain { weight: Tensor },
+    /// `x Wᵀ` with the product in `compute` (bf16 mixed precision); `W` trainable.
+    Mixed { weight: Tensor, compute: DType },
+    /// `x Wᵀ + s (x Aᵀ) Bᵀ` with `W` frozen.
+    Adapter {
+        weight: Tensor,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        compute: Option<DType>,
+    },
+}
+
+impl Projection {
+    /// Runs `p` on `x [n, in]` outside the graph, as `AdaptableLinear::forward` does without
+    /// dropout: `[n, out]` and how to differentiate it.
+    fn forward(
+        p: &AdaptableLinear,
+        x: &Tensor,
+        compute: Option<DType>,
+    ) -> candle_core::Result<(Tensor, Self)> {
+        let weight = p.weight.as_tensor().clone();
+        match &p.adapter {
+            Some(ad) => {
+                let (a, b) = (ad.a.as_tensor().clone(), ad.b.as_tensor().clone());
+                let y = lora_linear(x, &weight, &a.detach(), &b.detach(), ad.scale, compute)?;
+                let back = Projection::Adapter {
+                    weight,
+                    a,
+                    b,
+                    scale: ad.scale,
+                    compute,
+                };
+                Ok((y, back))
+            }
+            None => match compute {
+                Some(dt) if dt != x.dtype() => {
+                    let y = mixed_linear(x, &weight.detach(), dt)?;
+                    Ok((
+                        y,
+                        Projection::Mixed {
+                            weight,
+                            compute: dt,
+                        },
+                    ))
+                }
+                _ => {
+                    let y = x.matmul(&weight.detach().t()?)?;
+                    Ok((y, Projection::Plain { weight }))
+                }
+            },
+        }
+    }
+
+    /// The input's gradient from the output's `dy`; the parameters' gradients go to `sink`.
+    fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ParamGrads) -> candle_core::Result<Tensor> {
+        match self {
+            Projection::Plain { weight } => {
+                let w = weight.detach();
+                // [n, out] x [out, in] and [out, n] x [n, in]
+                sink.push(weight, dy.t()?.matmul(x)?)?;
+                dy.matmul(&w)
+            }
+            Projection::Mixed { weight, compute } => {
+                let (dx, dw) = mixed_linear_backward(x, weight, dy, *compute)?;
+                sink.push(weight, dw)?;
+                Ok(dx)
+            }
+            Projection::Adapter {
+                weight,
+                a,
+                b,
+                scale,
+                compute,
+            } => {
+                let (dx, da, db) = lora_linear_backward(
+                    x,
+                    weight,
+                    (&a.detach(), &b.detach()),
+                    *scale,
+                    *compute,
+                    dy,
+                )?;
+                sink.push(a, da)?;
+                sink.push(b, db)?;
+                Ok(dx)
+            }
+        }
+    }
+}
+
+/// Whether [`layer_node`] can run `layer` on `x [n, hidden]`: every op has its fused kernel for
+/// `x`'s device and dtype, and no adapter input is dropped out.
+pub(crate) fn layer_node_applies(layer: &Layer, x: &Tensor, cos: &Tensor, dropout_p: f64) -> bool {
+    if !fused_attention_applies(x, cos) {
+        return false;
+    }
+    let adapters_fit = |p: &AdaptableLinear, compute: Option<DType>| {
+        p.adapter.is_none()
+            || (dropout_p == 0.0
+                && match compute {
+                    None => true,
+                    Some(dt) => dt == x.dtype() || (dt == DType::BF16 && x.device().is_cuda()),
+                })
+    };
+    let (att, mlp) = (&layer.self_attn, &layer.mlp);
+    [&att.q_proj, &att.k_proj, &att.v_proj, &att.o_proj]
+        .into_iter()
+        .all(|p| adapters_fit(p, att.compute))
+        && [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj]
+            .into_iter()
+            .all(|p| adapters_fit(p, mlp.compute))
+}
+
+/// Everything the layer's backward reads, computed by its forward outside the graph.
+struct LayerNode {
+    eps: f64,
+    /// The layer's input `[n, hidden]`, detached.
+    x: Tensor,
+    /// RMSNorm weights (the parameters, for their gradients' keys).
+    input_norm: Tensor,
+    post_norm: Tensor,
+    /// `rmsnorm(x)`, the input of q, k and v `[n, hidden]`.
+    normed: Tensor,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    attention: AttentionSaved,
+    /// The attention's result, the input of o `[n, heads*d]`.
+    attended: Tensor,
+    o: Projection,
+    /// `x + o(attended)`, the residual stream after attention `[n, hidden]`.
+    mid: Tensor,
+    /// `rmsnorm(mid)`, the input of gate and up `[n, hidden]`.
+    normed_mid: Tensor,
+    gate: Projection,
+    up: Projection,
+    /// gate and up outputs `[n, intermediate]`.
+    g: Tensor,
+    u: Tensor,
+    /// `swiglu(g, u)`, the input of down `[n, intermediate]`.
+    act: Tensor,
+    down: Projection,
+    sink: ParamGrads,
+    out: Precomputed,
+}
+
+impl CustomOp1 for LayerNode {
+    fn name(&self) -> &'static str {
+        "decoder-layer"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let s = &self.sink;
+        // y = mid + down(swiglu(gate(c), up(c))), c = rmsnorm(mid)
+        let dact = self.down.backward(&self.act, dy, s)?;
+        let (dg, du) = swiglu_backward(&self.g, &self.u, &dact)?;
+        let dc = (self.gate.backward(&self.normed_mid, &dg, s)?
+            + self.up.backward(&self.normed_mid, &du, s)?)?;
+        let (dmid, dw) = rms_norm_backward(&self.mid, &self.post_norm, &dc, self.eps)?;
+        s.push(&self.post_norm, dw)?;
+        let dmid = (dy + dmid)?;
+        // mid = x + o(attention(q(a), k(a), v(a))), a = rmsnorm(x)
+        let dattended = self.o.backward(&self.attended, &dmid, s)?;
+        let (dq, dk, dv) = self.attention.backward(&dattended)?;
+        let da = ((self.q.backward(&self.normed, &dq, s)?
+            + self.k.backward(&self.normed, &dk, s)?)?
+            + self.v.backward(&self.normed, &dv, s)?)?;
+        let (dx, dw) = rms_norm_backward(&self.x, &self.input_norm, &da, self.eps)?;
+        s.push(&self.input_norm, dw)?;
+        Ok(Some((dmid + dx)?))
+    }
+}
+
+/// `layer` on `x [b*t, hidden]` as one node of the graph (see the module documentation); the
+/// parameters' gradients go to `sink` during `backward()`. Needs [`layer_node_applies`].
+pub(crate) fn layer_node(
+    layer: &Layer,
+    x: &Tensor,
+    (b, t): (usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
+    eps: f64,
+    sink: &ParamGrads,
+) -> candle_core::Result<Tensor> {
+    let (att, mlp) = (&layer.self_attn, &layer.mlp);
+    let xd = x.detach();
+    let input_norm = layer.input_layernorm.as_tensor().clone();
+    let post_norm = layer.post_attention_layernorm.as_tensor().clone();
+    let normed = rms_norm_fused(&xd, &input_norm.detach(), eps)?;
+    let (q_out, q) = Projection::forward(&att.q_proj, &normed, att.compute)?;
+    let (k_out, k) = Projection::forward(&att.k_proj, &normed, att.compute)?;
+    let (v_out, v) = Projection::forward(&att.v_proj, &normed, att.compute)?;
+    let heads = Heads {
+        batch: b,
+        seq: t,
+        heads: att.heads,
+        kv_heads: att.kv_heads,
+        head_dim: att.head_dim,
+    };
+    let (attended, attention) =
+        attention_forward(&q_out, &k_out, &v_out, cos, sin, heads, att.compute)?;
+    drop((q_out, k_out, v_out));
+    let (o_out, o) = Projection::forward(&att.o_proj, &attended, att.compute)?;
+    let mid = (&xd + o_out)?;
+    let normed_mid = rms_norm_fused(&mid, &post_norm.detach(), eps)?;
+    let (g, gate) = Projection::forward(&mlp.gate_proj, &normed_mid, mlp.compute)?;
+    let (u, up) = Projection::forward(&mlp.up_proj, &normed_mid, mlp.compute)?;
+    let act = swiglu(&g, &u)?;
+    let (down_out, down) = Projection::forward(&mlp.down_proj, &act, mlp.compute)?;
+    let y = (&mid + down_out)?;
+    let node = LayerNode {
+        eps,
+        x: xd,
+        input_norm,
+        post_norm,
+        normed,
+        q,
+        k,
+        v,
+        attention,
+        attended,
+        o,
+        mid,
+        normed_mid,
+        gate,
+        up,
+        g,
+        u,
+        act,
+        down,
+        sink: sink.clone(),
+        out: Precomputed::new("decoder layer", y),
+    };
+    x.apply_op1(node)
+}
