@@ -4,7 +4,8 @@
 #      checkpoints moving between devices);
 #   2. the card's bf16 matmul rate, measured here, for model-FLOP utilisation;
 #   3. `relora bench` of the 130m and 350m presets, full and relora, bf16 mixed precision and
-#      f32 (TF32), and at 350m bf16 once more with candle's composed ops instead of the kernels;
+#      f32 (TF32), and at 350m bf16 again with the decoder layers on candle's graph
+#      (`--graph-layers`) and with candle's composed ops instead of the kernels;
 #   4. the same configurations through PyTorch + transformers (eager attention) + peft;
 # then one table last, with the raw JSON and summary.json under $OUT.
 #
@@ -135,6 +136,9 @@ if stage bench; then
     done
   done
   for mode in full relora; do
+    in_budget "relora 350m graph layers $mode" && { log "relora 350m bf16 graph layers $mode"; bench 350m bf16-graph "$mode" --compute-dtype bf16 --graph-layers; }
+  done
+  for mode in full relora; do
     in_budget "relora 350m composed $mode" && { log "relora 350m bf16 composed ops $mode"; bench 350m bf16-composed "$mode" --compute-dtype bf16 --composed-ops; }
   done
 fi
@@ -173,6 +177,7 @@ def mem_peak(name):
 rows = []
 for p in sizes:
     for label, eng in (("bf16", "relora bf16"), ("tf32", "relora tf32"),
+                       ("bf16-graph", "relora bf16 graph layers"),
                        ("bf16-composed", "relora bf16 composed"), ("bf16-b16", "relora bf16 batch16")):
         for mode in ("full", "relora"):
             f = out / f"relora-{p}-{label}-{mode}.json"

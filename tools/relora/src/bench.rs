@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// kernels buy.
     #[arg(long)]
     composed_ops: bool,
+    /// Train every decoder layer on candle's autograd graph instead of as one node with a
+    /// hand-chained backward, to measure what the layer nodes buy.
+    #[arg(long)]
+    graph_layers: bool,
     /// Tokenizer ("bytes": 258 tokens, "gpt2": 50257), which sets the vocabulary size.
     #[arg(long, default_value = "bytes")]
     tokenizer: String,
@@ -113,6 +117,7 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     let device = parse_device(&a.device)?;
     relora::device::set_tf32(a.tf32);
     relora::ops::set_fused_kernels(!a.composed_ops);
+    relora::model::layer_node::set_layer_nodes(!a.graph_layers);
     let mut model = ModelConfig::preset(&a.preset)?;
     let tok = inputs::tokenizer(&a.tokenizer)?;
     model.vocab_size = tok.vocab_size();
@@ -251,6 +256,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.composed_ops {
             cmd.arg("--composed-ops");
         }
+        if a.graph_layers {
+            cmd.arg("--graph-layers");
+        }
         cmd.args(["--tokenizer", &a.tokenizer]);
         if !a.compute_dtype.is_empty() {
             cmd.args(["--compute-dtype", &a.compute_dtype]);
@@ -330,7 +338,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "preset": a.preset, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
             "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
-            "fused_kernels": !a.composed_ops, "gemm_peak_gflops": peak_gflops,
+            "fused_kernels": !a.composed_ops, "layer_nodes": !a.graph_layers,
+            "gemm_peak_gflops": peak_gflops,
             "tokenizer": a.tokenizer,
             "compute_dtype": a.compute_dtype, "results": results,
         });

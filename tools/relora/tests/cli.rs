@@ -169,6 +169,30 @@ fn eval_generate_and_bench_work_on_a_trained_checkpoint() {
     let full = &doc["results"][0];
     let relora = &doc["results"][2];
     assert!(relora["trainable_params"].as_u64() < full["trainable_params"].as_u64());
+    assert_eq!(doc["layer_nodes"], true);
+
+    // The same with every layer on candle's graph (the A/B switch of the GPU check).
+    ok(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--modes",
+        "relora",
+        "--graph-layers",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(doc["layer_nodes"], false);
+    assert!(doc["results"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
