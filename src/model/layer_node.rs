@@ -22,6 +22,7 @@ use crate::ops::precomputed::Precomputed;
 use crate::ops::rms_norm::rms_norm_backward;
 use crate::ops::swiglu::swiglu_backward;
 use crate::ops::{lora_linear, mixed_linear, rms_norm_fused, swiglu, Heads};
+use crate::relora::linear::lora_kernel_applies;
 use crate::relora::AdaptableLinear;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
@@ -177,12 +178,7 @@ pub(crate) fn layer_node_applies(layer: &Layer, x: &Tensor, cos: &Tensor, dropou
         return false;
     }
     let adapters_fit = |p: &AdaptableLinear, compute: Option<DType>| {
-        p.adapter.is_none()
-            || (dropout_p == 0.0
-                && match compute {
-                    None => true,
-                    Some(dt) => dt == x.dtype() || (dt == DType::BF16 && x.device().is_cuda()),
-                })
+        p.adapter.is_none() || (dropout_p == 0.0 && lora_kernel_applies(x, compute))
     };
     let (att, mlp) = (&layer.self_attn, &layer.mlp);
     [&att.q_proj, &att.k_proj, &att.v_proj, &att.o_proj]

@@ -69,13 +69,7 @@ impl AdaptableLinear {
             },
             Some(ad) => {
                 let drop = dropout.filter(|(_, p)| *p > 0.0);
-                // The fused op computes in the parameter dtype anywhere it has a kernel, and in
-                // bf16 on CUDA.
-                let fused_compute = match compute {
-                    None => true,
-                    Some(dt) => dt == x.dtype() || (dt == DType::BF16 && x.device().is_cuda()),
-                };
-                if drop.is_none() && fused_compute && crate::ops::has_kernel(x) {
+                if drop.is_none() && lora_kernel_applies(x, compute) {
                     return lora_linear(
                         x,
                         self.weight.as_tensor(),
@@ -162,6 +156,16 @@ impl AdaptableLinear {
 }
 
 /// Inverted dropout with a mask drawn from the crate's generator (deterministic per seed).
+/// Whether the fused LoRA projection ([`lora_linear`]) has a kernel for `x` with products in
+/// `compute`: it computes in the parameter dtype anywhere it has a kernel, and in bf16 on CUDA.
+pub(crate) fn lora_kernel_applies(x: &Tensor, compute: Option<DType>) -> bool {
+    let computes = match compute {
+        None => true,
+        Some(dt) => dt == x.dtype() || (dt == DType::BF16 && x.device().is_cuda()),
+    };
+    computes && crate::ops::has_kernel(x)
+}
+
 fn apply_dropout(x: &Tensor, rng: &mut Rng, p: f64) -> candle_core::Result<Tensor> {
     let keep = 1.0 - p;
     let mask: Vec<f32> = (0..x.elem_count())
