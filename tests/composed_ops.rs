@@ -8,10 +8,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{random_batch, tiny, values};
+use common::{attach_random_adapters, random_batch, tiny, values};
 use relora::model::loss::cross_entropy;
 use relora::model::{Llama, ParamGrads};
-use relora::relora::cycle::attach_adapters;
 use relora::rng::Rng;
 
 /// The loss and the gradient of every trainable parameter, by name: through the graph
@@ -52,19 +51,7 @@ fn fused_and_composed_ops_give_the_same_loss_and_gradients() {
         assert_eq!(cfg.num_key_value_heads, Some(cfg.num_attention_heads / 2));
         let mut model = Llama::new(&cfg, DType::F64, &Device::Cpu, &mut Rng::new(21)).unwrap();
         if adapters {
-            let targets: Vec<String> = relora::config::ALL_TARGETS
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            attach_adapters(&mut model, &targets, 4, 2.0, &mut Rng::new(22)).unwrap();
-            // A random B, so the adapters' A receives a non-zero gradient.
-            let mut rng = Rng::new(23);
-            for p in model.projections() {
-                let b = &p.adapter.as_ref().unwrap().b;
-                let v: Vec<f64> = (0..b.elem_count()).map(|_| rng.normal() * 0.1).collect();
-                b.set(&Tensor::from_vec(v, b.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-            }
+            attach_random_adapters(&mut model, 22);
         }
         let batch = random_batch(3, 7, 40, 24);
         let ids = Tensor::from_slice(&batch.inputs, (3, 7), &Device::Cpu).unwrap();

@@ -4,10 +4,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{random_batch, tiny, values};
+use common::{attach_random_adapters, random_batch, tiny, values};
 use relora::model::loss::cross_entropy;
 use relora::model::Llama;
-use relora::relora::cycle::attach_adapters;
 use relora::rng::Rng;
 
 fn loss(model: &Llama, ids: &Tensor, targets: &Tensor) -> Tensor {
@@ -63,19 +62,8 @@ fn setup(adapters: bool) -> (Llama, Tensor, Tensor) {
     let cfg = tiny(48);
     let mut model = Llama::new(&cfg, DType::F64, &Device::Cpu, &mut Rng::new(5)).unwrap();
     if adapters {
-        let targets: Vec<String> = relora::config::ALL_TARGETS
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        attach_adapters(&mut model, &targets, 4, 2.0, &mut Rng::new(6)).unwrap();
-        // B starts at zero, which would make A's gradient exactly zero; use a random B.
-        let mut rng = Rng::new(7);
-        for p in model.projections() {
-            let b = &p.adapter.as_ref().unwrap().b;
-            let vals: Vec<f64> = (0..b.elem_count()).map(|_| rng.normal() * 0.1).collect();
-            b.set(&Tensor::from_vec(vals, b.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
+        // B starts at zero, which would make A's gradient exactly zero; a random B instead.
+        attach_random_adapters(&mut model, 6);
     }
     let batch = random_batch(2, 6, 48, 11);
     let ids = Tensor::from_slice(&batch.inputs, (2, 6), &Device::Cpu).unwrap();

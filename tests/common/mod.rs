@@ -52,3 +52,24 @@ pub fn values(t: &candle_core::Tensor) -> Vec<f64> {
         .to_vec1()
         .unwrap()
 }
+
+/// Attaches rank-4 adapters (alpha 2) to every projection of `model`, with `seed`, and sets each
+/// B to random values (seed `seed + 1`) instead of zero, so the adapters' A matrices receive
+/// non-zero gradients in gradient checks.
+pub fn attach_random_adapters(model: &mut relora::model::Llama, seed: u64) {
+    use candle_core::{Device, Tensor};
+    let targets: Vec<String> = relora::config::ALL_TARGETS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    relora::relora::cycle::attach_adapters(model, &targets, 4, 2.0, &mut Rng::new(seed)).unwrap();
+    let mut rng = Rng::new(seed + 1);
+    for p in model.projections() {
+        let b = &p.adapter.as_ref().unwrap().b;
+        let v: Vec<f64> = (0..b.elem_count()).map(|_| rng.normal() * 0.1).collect();
+        let v = Tensor::from_vec(v, b.shape(), &Device::Cpu)
+            .and_then(|t| t.to_dtype(b.dtype()))
+            .unwrap();
+        b.set(&v).unwrap();
+    }
+}
