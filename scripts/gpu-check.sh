@@ -7,19 +7,20 @@
 #      f32 (TF32), and at 350m bf16 again with the decoder layers on candle's graph
 #      (`--graph-layers`) and with candle's composed ops instead of the kernels;
 #   4. the same configurations through PyTorch + transformers (eager attention) + peft;
+#   5. a profiled 350m bf16 run (`relora bench --profile`): where a step goes, region by region;
 # then one table last, with the raw JSON and summary.json under $OUT.
 #
 # Inputs: gpu-bundle.tar.xz (or an unpacked gpu-bundle/) with the `relora` binary and the `cuda`
 # test binary, built by scripts/build-gpu-bundle.sh on a CPU machine.
 # Knobs: OUT, BUNDLE, TORCH_PYTHON, SEQ (512), BATCH (8), RANK (128), STEPS (6), STAGES
-# (default "tests peak bench torch"), BUDGET_S (seconds after which optional stages are skipped).
+# (default "tests nccl peak bench torch profile"), BUDGET_S (seconds after which optional stages are skipped).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 BUNDLE=${BUNDLE:-gpu-bundle}
 OUT=${OUT:-/tmp/relora-gpu-out}
 PY=${TORCH_PYTHON:-/opt/torch/.venv/bin/python}
-STAGES=${STAGES:-tests nccl peak bench torch}
+STAGES=${STAGES:-tests nccl peak bench torch profile}
 BUDGET_S=${BUDGET_S:-480}
 SEQ=${SEQ:-512}; BATCH=${BATCH:-8}; RANK=${RANK:-128}; STEPS=${STEPS:-6}
 mkdir -p "$OUT"
@@ -118,6 +119,18 @@ for preset in 350m 130m; do
     done
   fi
 done
+if stage profile; then
+  # Where the 350m bf16 step goes, region by region (the waits around each region slow the step:
+  # the tokens/s above come from unprofiled runs).
+  in_budget "profile 350m bf16" && {
+    log "relora 350m bf16 profiled (full, relora)"
+    timeout 150 $RUN "$BUNDLE/relora" bench --device cuda:0 --preset 350m --seq-len "$SEQ" \
+      --batch-size "$BATCH" --rank "$RANK" --modes full,relora --steps 3 --warmup 2 --profile \
+      --compute-dtype bf16 --json "$OUT/profile-350m-bf16.json" > "$OUT/profile-350m-bf16.txt" 2>&1 \
+      || tail -n 5 "$OUT/profile-350m-bf16.txt"
+    sed -n '/where a profiled step goes/,$p' "$OUT/profile-350m-bf16.txt"
+  }
+fi
 if stage bench; then
   for mode in full relora; do
     in_budget "relora 350m bf16 batch 16 $mode" && { log "relora 350m bf16 batch 16 $mode"; BATCH=16 bench 350m bf16-b16 "$mode" --compute-dtype bf16; }

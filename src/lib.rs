@@ -39,6 +39,8 @@ pub mod ops;
 /// cbindgen:ignore
 pub mod optim;
 /// cbindgen:ignore
+pub mod profile;
+/// cbindgen:ignore
 pub mod relora;
 /// cbindgen:ignore
 pub mod rng;

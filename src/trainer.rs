@@ -11,6 +11,7 @@ use crate::model::llama::is_decayed;
 use crate::model::loss::{cross_entropy, cross_entropy_sum};
 use crate::model::{Llama, ParamGrads};
 use crate::optim::{clip, AdamW, AdamWConfig, ResetReport};
+use crate::profile::region;
 use crate::relora::cycle::{attach_adapters, merge_and_reinit};
 use crate::relora::BaseWeights;
 use crate::rng::Rng;
@@ -467,31 +468,40 @@ impl Trainer {
         let logits = logits
             .reshape((batch.batch * batch.seq_len, v))
             .ctx("logits")?;
-        let loss = cross_entropy(&logits, &targets).ctx("cross-entropy")?;
-        let loss_value = loss
-            .to_dtype(DType::F64)
-            .and_then(|l| l.to_scalar::<f64>())
-            .ctx("loss")?;
+        let dev = self.model.device().clone();
+        let loss =
+            region("fwd loss", &dev, || cross_entropy(&logits, &targets)).ctx("cross-entropy")?;
+        let loss_value = region("fwd loss", &dev, || {
+            loss.to_dtype(DType::F64)?.to_scalar::<f64>()
+        })
+        .ctx("loss")?;
         // Average over micro-batches so the step's gradient is the mean over all of them.
         let scaled = loss
             .affine(1.0 / self.config.grad_accum as f64, 0.0)
             .ctx("loss scale")?;
         let forward_ms = started.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
-        let mut grads = scaled.backward().ctx("backward")?;
-        layer_grads
-            .merge_into(&mut grads)
-            .ctx("gradients of the decoder layers")?;
-        let mut step_grads = Vec::with_capacity(params.len());
-        for (name, var) in &params {
-            let g = match grads.get(var.as_tensor()) {
-                Some(g) => g.clone(),
-                None => var
-                    .zeros_like()
-                    .with_ctx(|| format!("zero gradient for {name}"))?,
-            };
-            step_grads.push(g);
-        }
+        // The layer nodes' backward runs inside, in regions of its own.
+        let mut grads = region("bwd graph (loss, head, embedding)", &dev, || {
+            scaled.backward()
+        })
+        .ctx("backward")?;
+        let step_grads = region("bwd collect gradients", &dev, || {
+            layer_grads
+                .merge_into(&mut grads)
+                .ctx("gradients of the decoder layers")?;
+            let mut step_grads = Vec::with_capacity(params.len());
+            for (name, var) in &params {
+                let g = match grads.get(var.as_tensor()) {
+                    Some(g) => g.clone(),
+                    None => var
+                        .zeros_like()
+                        .with_ctx(|| format!("zero gradient for {name}"))?,
+                };
+                step_grads.push(g);
+            }
+            Ok::<_, Error>(step_grads)
+        })?;
         drop(grads);
         // GPU kernels run asynchronously: wait for the backward pass so its time is not
         // counted as the optimizer's (the next host read would wait anyway).
@@ -510,9 +520,12 @@ impl Trainer {
         if pending.grads.is_empty() {
             pending.grads = step_grads;
         } else {
-            for (acc, g) in pending.grads.iter_mut().zip(step_grads) {
-                *acc = (&*acc + g).ctx("gradient accumulation")?;
-            }
+            region("bwd accumulate micro-batches", &dev, || {
+                for (acc, g) in pending.grads.iter_mut().zip(step_grads) {
+                    *acc = (&*acc + g).ctx("gradient accumulation")?;
+                }
+                Ok::<_, Error>(())
+            })?;
         }
         pending.loss_sum += loss_value;
         pending.micro_batches += 1;
@@ -533,6 +546,7 @@ impl Trainer {
             ));
         };
         let started = Instant::now();
+        let dev = self.model.device().clone();
         let params = self.model.trainable_params();
         if let Some(r) = reducer {
             if pending.non_finite {
@@ -544,10 +558,14 @@ impl Trainer {
                 }
             }
             let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
-            r.reduce_all(&names, &mut pending.grads)?;
+            region("opt reduce across ranks", &dev, || {
+                r.reduce_all(&names, &mut pending.grads)
+            })?;
         }
         let loss = (pending.loss_sum / pending.micro_batches as f64) as f32;
-        let grad_norm = clip::global_norm(&pending.grads)?;
+        let grad_norm = region("opt gradient norm", &dev, || {
+            clip::global_norm(&pending.grads)
+        })?;
         let lr = self.current_lr();
         let (switched, reset) = self.prepared_events;
         let mut stats = StepStats {
@@ -585,12 +603,16 @@ impl Trainer {
             }
             return Ok(stats);
         }
-        clip::clip(&mut pending.grads, grad_norm, self.config.grad_clip)?;
+        region("opt clip", &dev, || {
+            clip::clip(&mut pending.grads, grad_norm, self.config.grad_clip)
+        })?;
         let decay: Vec<bool> = params
             .iter()
             .map(|(n, v)| is_decayed(n, v.dims()))
             .collect();
-        self.optimizer.step(&params, &pending.grads, &decay, lr)?;
+        region("opt adamw", &dev, || {
+            self.optimizer.step(&params, &pending.grads, &decay, lr)
+        })?;
         self.model
             .device()
             .synchronize()

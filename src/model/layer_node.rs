@@ -22,6 +22,7 @@ use crate::ops::precomputed::Precomputed;
 use crate::ops::rms_norm::rms_norm_backward;
 use crate::ops::swiglu::swiglu_backward;
 use crate::ops::{lora_linear, mixed_linear, rms_norm_fused, swiglu, Heads};
+use crate::profile::region;
 use crate::relora::linear::lora_kernel_applies;
 use crate::relora::AdaptableLinear;
 use candle_core::backprop::GradStore;
@@ -242,23 +243,41 @@ impl CustomOp1 for LayerNode {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let s = &self.sink;
+        let dev = dy.device();
         // y = mid + down(swiglu(gate(c), up(c))), c = rmsnorm(mid)
-        let dact = self.down.backward(&self.act, dy, s)?;
-        let (dg, du) = swiglu_backward(&self.g, &self.u, &dact)?;
-        let dc = (self.gate.backward(&self.normed_mid, &dg, s)?
-            + self.up.backward(&self.normed_mid, &du, s)?)?;
-        let (dmid, dw) = rms_norm_backward(&self.mid, &self.post_norm, &dc, self.eps)?;
-        s.push(&self.post_norm, dw)?;
-        let dmid = (dy + dmid)?;
+        let dact = region("layer bwd down", dev, || {
+            self.down.backward(&self.act, dy, s)
+        })?;
+        let (dg, du) = region("layer bwd swiglu", dev, || {
+            swiglu_backward(&self.g, &self.u, &dact)
+        })?;
+        let dc = region("layer bwd gate up", dev, || {
+            self.gate.backward(&self.normed_mid, &dg, s)?
+                + self.up.backward(&self.normed_mid, &du, s)?
+        })?;
+        let dmid = region("layer bwd norm", dev, || {
+            let (dmid, dw) = rms_norm_backward(&self.mid, &self.post_norm, &dc, self.eps)?;
+            s.push(&self.post_norm, dw)?;
+            Ok::<_, candle_core::Error>(dmid)
+        })?;
+        let dmid = region("layer bwd residual", dev, || dy + dmid)?;
         // mid = x + o(attention(q(a), k(a), v(a))), a = rmsnorm(x)
-        let dattended = self.o.backward(&self.attended, &dmid, s)?;
-        let (dq, dk, dv) = self.attention.backward(&dattended)?;
-        let da = ((self.q.backward(&self.normed, &dq, s)?
-            + self.k.backward(&self.normed, &dk, s)?)?
-            + self.v.backward(&self.normed, &dv, s)?)?;
-        let (dx, dw) = rms_norm_backward(&self.x, &self.input_norm, &da, self.eps)?;
-        s.push(&self.input_norm, dw)?;
-        Ok(Some((dmid + dx)?))
+        let dattended = region("layer bwd o", dev, || {
+            self.o.backward(&self.attended, &dmid, s)
+        })?;
+        let (dq, dk, dv) = region("layer bwd attention", dev, || {
+            self.attention.backward(&dattended)
+        })?;
+        let da = region("layer bwd q k v", dev, || {
+            (self.q.backward(&self.normed, &dq, s)? + self.k.backward(&self.normed, &dk, s)?)?
+                + self.v.backward(&self.normed, &dv, s)?
+        })?;
+        let dx = region("layer bwd norm", dev, || {
+            let (dx, dw) = rms_norm_backward(&self.x, &self.input_norm, &da, self.eps)?;
+            s.push(&self.input_norm, dw)?;
+            Ok::<_, candle_core::Error>(dx)
+        })?;
+        Ok(Some(region("layer bwd residual", dev, || dmid + dx)?))
     }
 }
 
@@ -273,13 +292,20 @@ pub(crate) fn layer_node(
     sink: &ParamGrads,
 ) -> candle_core::Result<Tensor> {
     let (att, mlp) = (&layer.self_attn, &layer.mlp);
+    let dev = x.device();
     let xd = x.detach();
     let input_norm = layer.input_layernorm.as_tensor().clone();
     let post_norm = layer.post_attention_layernorm.as_tensor().clone();
-    let normed = rms_norm_fused(&xd, &input_norm.detach(), eps)?;
-    let (q_out, q) = Projection::forward(&att.q_proj, &normed, att.compute)?;
-    let (k_out, k) = Projection::forward(&att.k_proj, &normed, att.compute)?;
-    let (v_out, v) = Projection::forward(&att.v_proj, &normed, att.compute)?;
+    let normed = region("layer fwd norm", dev, || {
+        rms_norm_fused(&xd, &input_norm.detach(), eps)
+    })?;
+    let ((q_out, q), (k_out, k), (v_out, v)) = region("layer fwd q k v", dev, || {
+        Ok::<_, candle_core::Error>((
+            Projection::forward(&att.q_proj, &normed, att.compute)?,
+            Projection::forward(&att.k_proj, &normed, att.compute)?,
+            Projection::forward(&att.v_proj, &normed, att.compute)?,
+        ))
+    })?;
     let heads = Heads {
         batch: b,
         seq: t,
@@ -287,17 +313,28 @@ pub(crate) fn layer_node(
         kv_heads: att.kv_heads,
         head_dim: att.head_dim,
     };
-    let (attended, attention) =
-        attention_forward(&q_out, &k_out, &v_out, cos, sin, heads, att.compute)?;
+    let (attended, attention) = region("layer fwd attention", dev, || {
+        attention_forward(&q_out, &k_out, &v_out, cos, sin, heads, att.compute)
+    })?;
     drop((q_out, k_out, v_out));
-    let (o_out, o) = Projection::forward(&att.o_proj, &attended, att.compute)?;
-    let mid = (&xd + o_out)?;
-    let normed_mid = rms_norm_fused(&mid, &post_norm.detach(), eps)?;
-    let (g, gate) = Projection::forward(&mlp.gate_proj, &normed_mid, mlp.compute)?;
-    let (u, up) = Projection::forward(&mlp.up_proj, &normed_mid, mlp.compute)?;
-    let act = swiglu(&g, &u)?;
-    let (down_out, down) = Projection::forward(&mlp.down_proj, &act, mlp.compute)?;
-    let y = (&mid + down_out)?;
+    let (o_out, o) = region("layer fwd o", dev, || {
+        Projection::forward(&att.o_proj, &attended, att.compute)
+    })?;
+    let mid = region("layer fwd residual", dev, || &xd + o_out)?;
+    let normed_mid = region("layer fwd norm", dev, || {
+        rms_norm_fused(&mid, &post_norm.detach(), eps)
+    })?;
+    let ((g, gate), (u, up)) = region("layer fwd gate up", dev, || {
+        Ok::<_, candle_core::Error>((
+            Projection::forward(&mlp.gate_proj, &normed_mid, mlp.compute)?,
+            Projection::forward(&mlp.up_proj, &normed_mid, mlp.compute)?,
+        ))
+    })?;
+    let act = region("layer fwd swiglu", dev, || swiglu(&g, &u))?;
+    let (down_out, down) = region("layer fwd down", dev, || {
+        Projection::forward(&mlp.down_proj, &act, mlp.compute)
+    })?;
+    let y = region("layer fwd residual", dev, || &mid + down_out)?;
     let node = LayerNode {
         eps,
         x: xd,

@@ -9,6 +9,7 @@ use super::norm::rms_norm;
 use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result, TensorContext};
+use crate::profile::region;
 use crate::relora::linear::reborrow;
 use crate::relora::AdaptableLinear;
 use crate::rng::Rng;
@@ -190,11 +191,11 @@ impl Llama {
         let eps = self.config.rms_norm_eps;
         let flat_ids = ids.flatten_all().ctx("ids")?;
         // [b*t] -> [b*t, hidden]
-        let mut x = self
-            .embed_tokens
-            .as_tensor()
-            .embedding(&flat_ids)
-            .ctx("embedding lookup")?;
+        let dev = ids.device();
+        let mut x = region("fwd embedding", dev, || {
+            self.embed_tokens.as_tensor().embedding(&flat_ids)
+        })
+        .ctx("embedding lookup")?;
         let dropout_p = dropout.as_ref().map_or(0.0, |d| d.1);
         let (cos, sin) = self.rope.tables();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -205,31 +206,41 @@ impl Llama {
                     continue;
                 }
             }
-            let normed = rms_norm(&x, layer.input_layernorm.as_tensor(), eps)
-                .with_ctx(|| format!("layer {i} input_layernorm"))?;
-            let attn =
-                layer
-                    .self_attn
-                    .forward(&normed, (b, t), &self.rope, reborrow(&mut dropout))?;
-            x = (x + attn).with_ctx(|| format!("layer {i} attention residual"))?;
-            let normed = rms_norm(&x, layer.post_attention_layernorm.as_tensor(), eps)
-                .with_ctx(|| format!("layer {i} post_attention_layernorm"))?;
-            let mlp = layer.mlp.forward(&normed, reborrow(&mut dropout))?;
-            x = (x + mlp).with_ctx(|| format!("layer {i} mlp residual"))?;
+            x = region("graph layer fwd", dev, || {
+                let normed = rms_norm(&x, layer.input_layernorm.as_tensor(), eps)
+                    .with_ctx(|| format!("layer {i} input_layernorm"))?;
+                let attn =
+                    layer
+                        .self_attn
+                        .forward(&normed, (b, t), &self.rope, reborrow(&mut dropout))?;
+                let x = (&x + attn).with_ctx(|| format!("layer {i} attention residual"))?;
+                let normed = rms_norm(&x, layer.post_attention_layernorm.as_tensor(), eps)
+                    .with_ctx(|| format!("layer {i} post_attention_layernorm"))?;
+                let mlp = layer.mlp.forward(&normed, reborrow(&mut dropout))?;
+                (x + mlp).with_ctx(|| format!("layer {i} mlp residual"))
+            })?;
         }
-        let x = rms_norm(&x, self.norm.as_tensor(), eps).ctx("final norm")?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let x = region("fwd final norm", dev, || {
+            rms_norm(&x, self.norm.as_tensor(), eps)
+        })
+        .ctx("final norm")?;
+        let head = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed_tokens)
+            .as_tensor();
         // [b*t, hidden] x [hidden, vocab] -> [b, t, vocab]
-        let logits = match self.compute {
-            Some(dt) => x
-                .to_dtype(dt)
-                .and_then(|x| x.matmul(&head.as_tensor().to_dtype(dt)?.t()?))
-                .and_then(|l| l.to_dtype(self.dtype)),
-            None => x.matmul(&head.as_tensor().t().ctx("lm_head")?),
-        };
-        logits
-            .and_then(|l| l.reshape((b, t, self.config.vocab_size)))
-            .ctx("lm_head")
+        region("fwd lm_head", dev, || {
+            let logits = match self.compute {
+                Some(dt) => x
+                    .to_dtype(dt)?
+                    .matmul(&head.to_dtype(dt)?.t()?)?
+                    .to_dtype(self.dtype)?,
+                None => x.matmul(&head.t()?)?,
+            };
+            logits.reshape((b, t, self.config.vocab_size))
+        })
+        .ctx("lm_head")
     }
 
     /// Every projection, in a fixed order (layer by layer: q, k, v, o, gate, up, down).

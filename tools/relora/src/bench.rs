@@ -1,7 +1,7 @@
 //! `relora bench`: tokens/s and peak memory of full-rank, LoRA and ReLoRA-phase training steps
 //! for one model size, each mode in its own child process so peak RSS is per mode.
 
-use crate::{flops, inputs};
+use crate::{flops, inputs, regions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use relora::config::{Mode, ModelConfig, TrainConfig};
@@ -56,6 +56,11 @@ pub struct BenchArgs {
     /// hand-chained backward, to measure what the layer nodes buy.
     #[arg(long)]
     graph_layers: bool,
+    /// Time named regions of the step (each layer's projections, attention, norms; the loss; the
+    /// optimizer) and print where a step goes. Waits for the device around every region, so
+    /// the step itself is slower: take tokens/s from a run without it.
+    #[arg(long)]
+    profile: bool,
     /// Tokenizer ("bytes": 258 tokens, "gpt2": 50257), which sets the vocabulary size.
     #[arg(long, default_value = "bytes")]
     tokenizer: String,
@@ -92,6 +97,9 @@ pub struct ModeResult {
     flops_per_token: f64,
     /// Achieved model matmul rate: `flops_per_token * tokens_per_s`.
     model_gflops: f64,
+    /// With `--profile`: each region's milliseconds and calls per timed step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    profile: Option<regions::StepProfile>,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -140,10 +148,15 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     let mut trainer = Trainer::new(&model, &cfg, &device)?;
     let tokens = inputs::tokens("builtin", &tok)?;
     let mut batcher = Batcher::new(tokens, a.batch_size, a.seq_len, 1)?;
+    relora::profile::set_profiling(a.profile);
     let mut times = Vec::new();
     let (mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.warmup + a.steps {
         let b = batcher.next_batch();
+        if i == a.warmup {
+            // Only the timed steps count.
+            relora::profile::take_regions();
+        }
         let t0 = Instant::now();
         let stats = trainer.step(std::slice::from_ref(&b))?;
         if i >= a.warmup {
@@ -153,6 +166,10 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
             opt.push(stats.timings.optimizer_ms);
         }
     }
+    let profile = a
+        .profile
+        .then(|| regions::StepProfile::new(relora::profile::take_regions(), &times));
+    relora::profile::set_profiling(false);
     let merge_reset_ms = if mode == Mode::Relora {
         let t0 = Instant::now();
         trainer.merge_and_reset()?;
@@ -192,6 +209,7 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
         peak_rss_mib: peak_rss_mib(),
         flops_per_token: fpt,
         model_gflops: fpt * tokens_per_s / 1e9,
+        profile,
     })
 }
 
@@ -258,6 +276,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         if a.graph_layers {
             cmd.arg("--graph-layers");
+        }
+        if a.profile {
+            cmd.arg("--profile");
         }
         cmd.args(["--tokenizer", &a.tokenizer]);
         if !a.compute_dtype.is_empty() {
@@ -333,12 +354,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             100.0 * r.model_gflops / peak_gflops
         );
     }
+    let profiles: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.profile.as_ref().map(|p| (r.mode.as_str(), p)))
+        .collect();
+    if !profiles.is_empty() {
+        regions::print_table(&profiles);
+    }
     if let Some(path) = &a.json {
         let doc = serde_json::json!({
             "preset": a.preset, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
             "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
             "fused_kernels": !a.composed_ops, "layer_nodes": !a.graph_layers,
+            "profiled": a.profile,
             "gemm_peak_gflops": peak_gflops,
             "tokenizer": a.tokenizer,
             "compute_dtype": a.compute_dtype, "results": results,

@@ -6,6 +6,7 @@ mod flops;
 mod generate;
 mod inputs;
 mod plot;
+mod regions;
 mod train;
 
 use clap::{Parser, Subcommand};

@@ -193,6 +193,53 @@ fn eval_generate_and_bench_work_on_a_trained_checkpoint() {
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(doc["layer_nodes"], false);
     assert!(doc["results"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    // Profiled: every region of the step, per step, adding up to no more than the step.
+    let text = ok(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--modes",
+        "full,relora",
+        "--profile",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(text.contains("where a profiled step goes"), "{text}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(doc["profiled"], true);
+    for r in doc["results"].as_array().unwrap() {
+        let p = &r["profile"];
+        let regions = p["regions"].as_array().unwrap();
+        let calls = |name: &str| {
+            regions
+                .iter()
+                .find(|x| x["region"] == name)
+                .unwrap_or_else(|| panic!("no region {name} in {p}"))["calls"]
+                .as_f64()
+                .unwrap()
+        };
+        // The tiny preset has two layers, each with two norms and one attention.
+        assert_eq!(calls("layer fwd attention"), 2.0);
+        assert_eq!(calls("layer bwd attention"), 2.0);
+        assert_eq!(calls("layer fwd norm"), 4.0);
+        assert_eq!(calls("fwd loss"), 2.0);
+        assert_eq!(calls("opt adamw"), 1.0);
+        let sum: f64 = regions.iter().map(|x| x["ms"].as_f64().unwrap()).sum();
+        let step = p["mean_step_ms"].as_f64().unwrap();
+        assert!(
+            sum > 0.0 && sum <= step,
+            "regions {sum} ms in a {step} ms step"
+        );
+    }
 }
 
 #[test]
