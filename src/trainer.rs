@@ -603,15 +603,14 @@ impl Trainer {
             }
             return Ok(stats);
         }
-        region("opt clip", &dev, || {
-            clip::clip(&mut pending.grads, grad_norm, self.config.grad_clip)
-        })?;
+        let clip_scale = clip::coefficient(grad_norm, self.config.grad_clip);
         let decay: Vec<bool> = params
             .iter()
             .map(|(n, v)| is_decayed(n, v.dims()))
             .collect();
         region("opt adamw", &dev, || {
-            self.optimizer.step(&params, &pending.grads, &decay, lr)
+            self.optimizer
+                .step_scaled(&params, &pending.grads, &decay, lr, clip_scale)
         })?;
         self.model
             .device()

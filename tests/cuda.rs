@@ -314,6 +314,7 @@ fn fused_sum_of_squares_and_adamw_match_the_cpu() {
         eps: 1e-8,
         step_size: 1e-3 / (1.0 - 0.9f64.powi(3)),
         decay: Some(1.0 - 1e-4),
+        grad_scale: 0.6,
     };
     let (p, grad) = (randn(&[513, 77], 0.0, 1.0), randn(&[513, 77], 0.0, 0.1));
     let (m, v) = (

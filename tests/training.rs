@@ -312,3 +312,66 @@ fn bad_inputs_are_clear_errors() {
             .contains("CUDA"));
     }
 }
+
+/// Scales every gradient of a step by clipping's coefficient for `max_norm`, from the norm of
+/// the gradients it sees: clipping done by hand, outside the optimizer.
+struct ClipByHand {
+    max_norm: f64,
+    coefficients: Vec<f64>,
+}
+
+impl GradientReducer for ClipByHand {
+    fn reduce(&mut self, _name: &str, _grad: &mut [f32]) -> relora::Result<()> {
+        unreachable!("reduce_all is overridden")
+    }
+
+    fn reduce_all(&mut self, _names: &[&str], grads: &mut [Tensor]) -> relora::Result<()> {
+        let norm = relora::optim::clip::global_norm(grads)?;
+        let coef = relora::optim::clip::coefficient(norm, self.max_norm);
+        self.coefficients.push(coef);
+        for g in grads.iter_mut() {
+            *g = g.affine(coef, 0.0).unwrap();
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn clipping_inside_the_update_equals_scaling_the_gradients_first() {
+    // Through the switch to adapters (step 4) and a merge (step 9).
+    let run = |grad_clip: f64, by_hand: Option<f64>| {
+        let mut cfg = train_cfg(Mode::Relora, "f32");
+        cfg.grad_clip = grad_clip;
+        let mut t = Trainer::new(&tiny(40), &cfg, &Device::Cpu).unwrap();
+        let mut hand = by_hand.map(|max_norm| ClipByHand {
+            max_norm,
+            coefficients: Vec::new(),
+        });
+        for s in 0..12 {
+            t.accumulate(&random_batch(2, 8, 40, s)).unwrap();
+            let reducer = hand.as_mut().map(|h| h as &mut dyn GradientReducer);
+            assert!(!t.apply(reducer).unwrap().skipped);
+        }
+        let state: Vec<u64> = t
+            .model
+            .trainable_params()
+            .iter()
+            .flat_map(|(_, p)| values(p.as_tensor()))
+            .map(f64::to_bits)
+            .collect();
+        (state, hand.map(|h| h.coefficients))
+    };
+    let (clipped, _) = run(0.05, None);
+    let (by_hand, coefficients) = run(0.0, Some(0.05));
+    let coefficients = coefficients.unwrap();
+    assert!(
+        coefficients.iter().all(|&c| c < 0.5),
+        "the limit should clip every step: {coefficients:?}"
+    );
+    assert!(
+        clipped == by_hand,
+        "clipping in the update differs from clipping by hand"
+    );
+    let (unclipped, _) = run(0.0, None);
+    assert!(clipped != unclipped, "clipping changed nothing");
+}

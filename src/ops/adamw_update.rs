@@ -2,8 +2,9 @@
 //!
 //! Composed from candle ops the update is eleven element-wise ops and a copy, each a full pass
 //! over the parameter (and, on a GPU, a kernel launch with its allocation): at 350M parameters
-//! and a few hundred tensors that was most of a training step. Fused: one pass computes the new
-//! moments `m' = b1 m + (1 - b1) g`, `v' = b2 v + (1 - b2) g^2` into a fresh `[2, ..]` buffer
+//! and a few hundred tensors that was most of a training step. Fused: one pass scales the
+//! gradient (gradient clipping's coefficient, so clipping needs no pass of its own) and computes
+//! the new moments `m' = b1 m + (1 - b1) g`, `v' = b2 v + (1 - b2) g^2` into a fresh `[2, ..]` buffer
 //! (the old moments are never written, so state tensors that share storage stay correct), and one
 //! in-place pass updates the parameter, `p = p d - k m' / (sqrt(v') c + eps)`.
 //!
@@ -36,6 +37,9 @@ pub struct AdamWConstants {
     pub step_size: f64,
     /// `1 - lr * wd` for decayed parameters, `None` for the others.
     pub decay: Option<f64>,
+    /// The factor the gradient is multiplied by first (gradient clipping's coefficient; 1 for
+    /// none), rounded as `g.affine(grad_scale, 0)` rounds it.
+    pub grad_scale: f64,
 }
 
 struct Moments(AdamWConstants);
@@ -45,13 +49,15 @@ fn moments<T: Float>(g: &[T], m: &[T], v: &[T], c: &AdamWConstants) -> Vec<T> {
     let n = g.len();
     let (b1, b1c) = (T::from_f64(c.beta1), T::from_f64(1.0 - c.beta1));
     let (b2, b2c) = (T::from_f64(c.beta2), T::from_f64(1.0 - c.beta2));
+    let scale = T::from_f64(c.grad_scale);
     let mut out = vec![T::ZERO; 2 * n];
     let (mo, vo) = out.split_at_mut(n);
     let chunk = |mo: &mut [T], vo: &mut [T], g: &[T], m: &[T], v: &[T]| {
         for i in 0..g.len() {
             // Each product plus the zero `affine` adds, as the composed ops round them.
-            mo[i] = (m[i] * b1 + T::ZERO) + (g[i] * b1c + T::ZERO);
-            vo[i] = (v[i] * b2 + T::ZERO) + ((g[i] * g[i]) * b2c + T::ZERO);
+            let g = g[i] * scale + T::ZERO;
+            mo[i] = (m[i] * b1 + T::ZERO) + (g * b1c + T::ZERO);
+            vo[i] = (v[i] * b2 + T::ZERO) + ((g * g) * b2c + T::ZERO);
         }
     };
     if n <= SERIAL_MAX {
@@ -154,6 +160,7 @@ impl CustomOp3 for Moments {
         let c = &self.0;
         let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
         let (b1c, b2c) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        let scale = c.grad_scale as f32;
         let nn = n as u64;
         let cfg = cuda::elementwise(n);
         cuda::launch!(
@@ -164,6 +171,7 @@ impl CustomOp3 for Moments {
             &m,
             &v,
             &out,
+            &scale,
             &b1,
             &b1c,
             &b2,

@@ -140,12 +140,13 @@ extern "C" __global__ void causal_softmax_bwd(const float* y, const float* dy, f
     for (int j = threadIdx.x; j < t; j += blockDim.x) dxr[j] = scale * yr[j] * (dr[j] - dot);
 }
 
-// AdamW's new moments into out [2, n]: m' then v'. The old moments are only read.
+// AdamW's new moments into out [2, n]: m' then v', from the gradient times `gs` (clipping's
+// coefficient). The old moments are only read.
 extern "C" __global__ void adamw_moments(const float* g, const float* m, const float* v,
-                                         float* out, float b1, float b1c, float b2, float b2c,
-                                         unsigned long long n) {
+                                         float* out, float gs, float b1, float b1c, float b2,
+                                         float b2c, unsigned long long n) {
     GRID_STRIDE(i, n) {
-        float gi = g[i];
+        float gi = g[i] * gs;
         out[i] = m[i] * b1 + gi * b1c;
         out[n + i] = v[i] * b2 + (gi * gi) * b2c;
     }

@@ -4,11 +4,17 @@
 //! launches and a host synchronisation, and its all-elements reduction runs in one thread
 //! block: on a GPU with a few hundred gradients that cost more than the AdamW update. Here each
 //! tensor is reduced by a fixed grid of blocks into a slot of one partials buffer, one block sums
-//! the partials in a fixed order, and the caller reads one number. Results do not depend on
-//! scheduling, so a GPU run repeats exactly.
+//! the partials in a fixed order, and the caller reads one number. On the CPU, where the
+//! composed route allocated an f64 copy and its square of every gradient (19 ms of a 60m
+//! full-rank step), fixed chunks are summed in parallel and their sums added in order. Either
+//! way results do not depend on scheduling or thread count, so a run repeats exactly.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per CPU task: fixed, so the order of the additions does not depend on the threads.
+const CPU_CHUNK: usize = 1 << 16;
 
 struct SumSquares {
     /// The tensors after the first, which is the op's input.
@@ -47,10 +53,21 @@ fn cpu_sum(s: &CpuStorage, l: &Layout) -> candle_core::Result<f64> {
         candle_core::bail!("sum of squares: input is not dense");
     };
     Ok(match s {
-        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x) * f64::from(x)).sum(),
-        CpuStorage::F64(v) => v[a..b].iter().map(|&x| x * x).sum(),
+        CpuStorage::F32(v) => chunked_sum(&v[a..b], |x| f64::from(x) * f64::from(x)),
+        CpuStorage::F64(v) => chunked_sum(&v[a..b], |x| x * x),
         other => candle_core::bail!("sum of squares: unsupported dtype {:?}", other.dtype()),
     })
+}
+
+/// `sum(f(x))` over `v`: each [`CPU_CHUNK`] summed in order, in parallel, then the chunks' sums
+/// in order.
+fn chunked_sum<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f64 + Sync) -> f64 {
+    let sum = |c: &[T]| c.iter().map(|&x| f(x)).sum::<f64>();
+    if v.len() <= CPU_CHUNK {
+        return sum(v);
+    }
+    let partials: Vec<f64> = v.par_chunks(CPU_CHUNK).map(sum).collect();
+    partials.iter().sum()
 }
 
 impl CustomOp1 for SumSquares {
@@ -171,6 +188,29 @@ mod tests {
         // 91 + 2.5 + (4 + 9 + 25 + 36)
         assert_eq!(s, vec![91.0 + 2.5 + 74.0]);
         assert!(sum_squares(&[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn large_cpu_sums_match_f64_and_do_not_depend_on_the_threads() {
+        // Several chunks and a partial one.
+        let n = 3 * CPU_CHUNK + 1234;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let t = Tensor::from_vec(v.clone(), n, &Device::Cpu).unwrap();
+        let want: f64 = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| sum_squares(std::slice::from_ref(&t)).unwrap().unwrap())
+                .to_vec1::<f64>()
+                .unwrap()[0]
+        };
+        let one = on(1);
+        assert!((one - want).abs() <= 1e-12 * want, "{one} vs {want}");
+        assert_eq!(one.to_bits(), on(3).to_bits());
     }
 
     #[test]

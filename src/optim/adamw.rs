@@ -63,6 +63,13 @@ fn composed_update(
     v: &Tensor,
     c: &AdamWConstants,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    let scaled;
+    let g = if c.grad_scale == 1.0 {
+        g
+    } else {
+        scaled = g.affine(c.grad_scale, 0.0)?;
+        &scaled
+    };
     let m = (m.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
     let v = (v.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
     let denom = v.sqrt()?.affine(c.inv_sqrt_bc2, c.eps)?;
@@ -122,6 +129,19 @@ impl AdamW {
         decay: &[bool],
         lr: f64,
     ) -> Result<()> {
+        self.step_scaled(params, grads, decay, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient first multiplied by `grad_scale`, as gradient
+    /// clipping scales them, within the update's own pass over the gradient.
+    pub fn step_scaled(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        decay: &[bool],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         let c = self.config;
         for (((name, var), g), &wd) in params.iter().zip(grads).zip(decay) {
             let ctx = || format!("AdamW update of {name}");
@@ -151,6 +171,7 @@ impl AdamW {
                 eps: c.eps,
                 step_size: lr / bc1,
                 decay: (wd && c.weight_decay != 0.0).then_some(1.0 - lr * c.weight_decay),
+                grad_scale,
             };
             let p = var.as_tensor();
             let (m, v) =
@@ -282,7 +303,7 @@ mod tests {
     fn fused_update_is_bit_identical_to_the_composed_ops() {
         let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
-            for decay in [None, Some(1.0 - 3e-3 * 0.1)] {
+            for (decay, grad_scale) in [(None, 1.0), (Some(1.0 - 3e-3 * 0.1), 0.37)] {
                 let p0 = Tensor::randn(0f64, 1.0, (33, 70), &dev)
                     .unwrap()
                     .to_dtype(dtype)
@@ -307,6 +328,7 @@ mod tests {
                         eps: 1e-8,
                         step_size: 3e-3 / (1.0 - 0.9f64.powi(t)),
                         decay,
+                        grad_scale,
                     };
                     (fm, fv) = adamw_update(fused_p.as_tensor(), &g, &fm, &fv, k).unwrap();
                     (cm, cv) = composed_update(&composed_p, &g, &cm, &cv, &k).unwrap();
