@@ -138,6 +138,15 @@ mod tests {
         Ok(())
     }
 
+    /// The regions named "test ...": other tests of this binary train models meanwhile, and
+    /// while profiling is on their regions are recorded too.
+    fn own(regions: Vec<RegionTime>) -> Vec<RegionTime> {
+        regions
+            .into_iter()
+            .filter(|r| r.name.starts_with("test "))
+            .collect()
+    }
+
     // One test, because profiling is a process-wide switch and the tests of a binary run in
     // parallel.
     #[test]
@@ -145,28 +154,31 @@ mod tests {
         let cpu = Device::Cpu;
         set_profiling(false);
         take_regions();
-        region("off", &cpu, || sleep_ms(1)).unwrap();
-        assert!(take_regions().is_empty(), "nothing is recorded when off");
+        region("test off", &cpu, || sleep_ms(1)).unwrap();
+        assert!(
+            own(take_regions()).is_empty(),
+            "nothing is recorded when off"
+        );
 
         set_profiling(true);
         let wall = Instant::now();
         for _ in 0..2 {
-            region("outer", &cpu, || {
+            region("test outer", &cpu, || {
                 sleep_ms(20)?;
-                region("inner", &cpu, || sleep_ms(40))
+                region("test inner", &cpu, || sleep_ms(40))
             })
             .unwrap();
         }
         let wall_ms = wall.elapsed().as_secs_f64() * 1e3;
-        let failed: candle_core::Result<()> = region("failing", &cpu, || {
+        let failed: candle_core::Result<()> = region("test failing", &cpu, || {
             Err(candle_core::Error::Msg("boom".into()))
         });
         set_profiling(false);
         assert!(failed.is_err(), "the region's error is passed on");
-        let r = take_regions();
+        let r = own(take_regions());
         let names: Vec<_> = r.iter().map(|r| r.name).collect();
         // "inner" ends first, so it is recorded first; a failed region is not recorded.
-        assert_eq!(names, ["inner", "outer"]);
+        assert_eq!(names, ["test inner", "test outer"]);
         assert_eq!((r[0].calls, r[1].calls), (2, 2));
         assert!(r[0].total_ms >= 80.0, "inner: {:?}", r[0]);
         assert!(r[1].total_ms >= 40.0, "outer: {:?}", r[1]);
@@ -176,7 +188,7 @@ mod tests {
             r[0].total_ms + r[1].total_ms <= wall_ms,
             "{r:?} in {wall_ms} ms"
         );
-        assert!(take_regions().is_empty(), "take_regions clears");
+        assert!(own(take_regions()).is_empty(), "take_regions clears");
         OPEN.with(|o| assert!(o.borrow().is_empty(), "every region was closed"));
     }
 }
