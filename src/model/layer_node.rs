@@ -223,6 +223,18 @@ struct LayerNode {
     out: Precomputed,
 }
 
+impl LayerNode {
+    /// The input gradient of the RMSNorm with weight `w` at input `x` from its output's `dy`;
+    /// the weight's gradient goes to the sink.
+    fn norm_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        region("layer bwd norm", dy.device(), || {
+            let (dx, dw) = rms_norm_backward(x, w, dy, self.eps)?;
+            self.sink.push(w, dw)?;
+            Ok(dx)
+        })
+    }
+}
+
 impl CustomOp1 for LayerNode {
     fn name(&self) -> &'static str {
         "decoder-layer"
@@ -255,11 +267,7 @@ impl CustomOp1 for LayerNode {
             self.gate.backward(&self.normed_mid, &dg, s)?
                 + self.up.backward(&self.normed_mid, &du, s)?
         })?;
-        let dmid = region("layer bwd norm", dev, || {
-            let (dmid, dw) = rms_norm_backward(&self.mid, &self.post_norm, &dc, self.eps)?;
-            s.push(&self.post_norm, dw)?;
-            Ok::<_, candle_core::Error>(dmid)
-        })?;
+        let dmid = self.norm_backward(&self.mid, &self.post_norm, &dc)?;
         let dmid = region("layer bwd residual", dev, || dy + dmid)?;
         // mid = x + o(attention(q(a), k(a), v(a))), a = rmsnorm(x)
         let dattended = region("layer bwd o", dev, || {
@@ -272,11 +280,7 @@ impl CustomOp1 for LayerNode {
             (self.q.backward(&self.normed, &dq, s)? + self.k.backward(&self.normed, &dk, s)?)?
                 + self.v.backward(&self.normed, &dv, s)?
         })?;
-        let dx = region("layer bwd norm", dev, || {
-            let (dx, dw) = rms_norm_backward(&self.x, &self.input_norm, &da, self.eps)?;
-            s.push(&self.input_norm, dw)?;
-            Ok::<_, candle_core::Error>(dx)
-        })?;
+        let dx = self.norm_backward(&self.x, &self.input_norm, &da)?;
         Ok(Some(region("layer bwd residual", dev, || dmid + dx)?))
     }
 }

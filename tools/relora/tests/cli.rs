@@ -22,6 +22,26 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// `relora bench` of the tiny preset on batches of 2 x 16 tokens with `extra` flags: its output
+/// and the JSON it wrote to `json`.
+fn bench_tiny(json: &Path, extra: &[&str]) -> (String, serde_json::Value) {
+    let mut args = vec![
+        "bench",
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let text = ok(&args);
+    let doc = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    (text, doc)
+}
+
 fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "train",
@@ -139,22 +159,7 @@ fn eval_generate_and_bench_work_on_a_trained_checkpoint() {
     assert!(text.starts_with("The ") && text.len() > 4, "{text}");
 
     let out = tmp.path().join("bench.json");
-    ok(&[
-        "bench",
-        "--preset",
-        "tiny",
-        "--steps",
-        "2",
-        "--warmup",
-        "0",
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let (_, doc) = bench_tiny(&out, &["--steps", "2", "--warmup", "0"]);
     let modes: Vec<&str> = doc["results"]
         .as_array()
         .unwrap()
@@ -172,49 +177,35 @@ fn eval_generate_and_bench_work_on_a_trained_checkpoint() {
     assert_eq!(doc["layer_nodes"], true);
 
     // The same with every layer on candle's graph (the A/B switch of the GPU check).
-    ok(&[
-        "bench",
-        "--preset",
-        "tiny",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--modes",
-        "relora",
-        "--graph-layers",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let (_, doc) = bench_tiny(
+        &out,
+        &[
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--modes",
+            "relora",
+            "--graph-layers",
+        ],
+    );
     assert_eq!(doc["layer_nodes"], false);
     assert!(doc["results"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
 
     // Profiled: every region of the step, per step, adding up to no more than the step.
-    let text = ok(&[
-        "bench",
-        "--preset",
-        "tiny",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--modes",
-        "full,relora",
-        "--profile",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
+    let (text, doc) = bench_tiny(
+        &out,
+        &[
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--modes",
+            "full,relora",
+            "--profile",
+        ],
+    );
     assert!(text.contains("where a profiled step goes"), "{text}");
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(doc["profiled"], true);
     for r in doc["results"].as_array().unwrap() {
         let p = &r["profile"];
