@@ -73,6 +73,41 @@ fn record(name: &'static str, own_ms: f64) {
     }
 }
 
+/// This thread's innermost open region; leaves the stack of open regions as it found it even
+/// when the region's code panics.
+struct OpenRegion {
+    closed: bool,
+}
+
+impl OpenRegion {
+    fn enter() -> Self {
+        OPEN.with(|o| o.borrow_mut().push(0.0));
+        OpenRegion { closed: false }
+    }
+
+    /// Closes the region after `elapsed` ms: adds them to the enclosing region's nested time and
+    /// returns this region's own nested time.
+    fn close(mut self, elapsed: f64) -> f64 {
+        self.closed = true;
+        OPEN.with(|o| {
+            let mut o = o.borrow_mut();
+            let nested = o.pop().unwrap_or(0.0);
+            if let Some(parent) = o.last_mut() {
+                *parent += elapsed;
+            }
+            nested
+        })
+    }
+}
+
+impl Drop for OpenRegion {
+    fn drop(&mut self) {
+        if !self.closed {
+            OPEN.with(|o| o.borrow_mut().pop());
+        }
+    }
+}
+
 /// An error type a region can report a failed wait for the device in.
 pub trait SyncError {
     /// The error for a failed wait at the start or end of region `name`.
@@ -108,20 +143,12 @@ pub fn region<T, E: SyncError>(
         return f();
     }
     device.synchronize().map_err(|e| E::sync_failed(name, e))?;
-    OPEN.with(|o| o.borrow_mut().push(0.0));
+    let open = OpenRegion::enter();
     let started = Instant::now();
     let result = f();
-    // The device is waited for even when `f` failed, so the open-region stack stays balanced.
     let synced = device.synchronize();
     let elapsed = started.elapsed().as_secs_f64() * 1e3;
-    let nested = OPEN.with(|o| {
-        let mut o = o.borrow_mut();
-        let nested = o.pop().unwrap_or(0.0);
-        if let Some(parent) = o.last_mut() {
-            *parent += elapsed;
-        }
-        nested
-    });
+    let nested = open.close(elapsed);
     let value = result?;
     synced.map_err(|e| E::sync_failed(name, e))?;
     record(name, (elapsed - nested).max(0.0));
@@ -173,6 +200,13 @@ mod tests {
         let failed: candle_core::Result<()> = region("test failing", &cpu, || {
             Err(candle_core::Error::Msg("boom".into()))
         });
+        let panicked = std::panic::catch_unwind(|| {
+            region("test panicking", &cpu, || -> candle_core::Result<()> {
+                panic!("boom")
+            })
+        });
+        assert!(panicked.is_err(), "the panic is passed on");
+        OPEN.with(|o| assert!(o.borrow().is_empty(), "a panicking region was closed"));
         set_profiling(false);
         assert!(failed.is_err(), "the region's error is passed on");
         let r = own(take_regions());
