@@ -7,7 +7,7 @@
 //! fused scale-add, and the backward is `dx = dy W + (s dy B) A`, `dA = (s dy B)^T x`,
 //! `dB = s dy^T (x A^T)`: one full-size matmul (no `dW`) and small rank-r ones.
 //!
-//! With a compute dtype (bf16 mixed precision, CUDA only) the op casts its f32 inputs for the
+//! With a compute dtype (bf16 mixed precision) the op casts its f32 inputs for the
 //! matmuls inside the node, so the graph keeps none of the bf16 copies or `[n, out]`
 //! intermediates the composed form would; the result and the gradients come back in f32.
 
@@ -18,7 +18,7 @@ struct LoraLinear {
     /// `[out, in]`, frozen, never part of the autograd graph.
     weight: Tensor,
     scale: f64,
-    /// Matmul dtype when it differs from the inputs' (bf16 mixed precision, CUDA only).
+    /// Matmul dtype when it differs from the inputs' (bf16 mixed precision).
     compute: Option<DType>,
 }
 
@@ -41,6 +41,51 @@ impl LoraLinear {
         }
         Ok((n, k, out, r))
     }
+
+    /// The CPU forward with the products in `compute` (bf16) on casts of the f32 inputs, as the
+    /// CUDA kernel does: the three products round to bf16, then `y = base + s * up` in f32. It
+    /// lets the CPU run, and the tests check, the mixed-precision paths the GPU takes.
+    fn cpu_fwd_mixed(
+        &self,
+        (x, xl): (&CpuStorage, &Layout),
+        (w, wl): (&CpuStorage, &Layout),
+        (a, al): (&CpuStorage, &Layout),
+        (b, bl): (&CpuStorage, &Layout),
+        compute: DType,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k, out, r) = self.dims(xl, al, bl)?;
+        if x.dtype() != DType::F32 || compute != DType::BF16 {
+            candle_core::bail!(
+                "lora linear: mixed precision takes f32 inputs and bf16 products, got {:?} and {compute:?}",
+                x.dtype()
+            );
+        }
+        let (xb, ab, bb) = (
+            x.to_dtype(xl, compute)?,
+            a.to_dtype(al, compute)?,
+            b.to_dtype(bl, compute)?,
+        );
+        let wb = w.to_dtype(wl, compute)?;
+        let xbl = Layout::contiguous((n, k));
+        // The casts are contiguous [out, in], [r, in] and [out, r], read transposed.
+        let wt = Layout::contiguous((out, k)).transpose(0, 1)?;
+        let at = Layout::contiguous((r, k)).transpose(0, 1)?;
+        let bt = Layout::contiguous((out, r)).transpose(0, 1)?;
+        // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
+        let base = xb.matmul(&wb, (1, n, out, k), &xbl, &wt)?;
+        let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
+        let up = low.matmul(&bb, (1, n, out, r), &Layout::contiguous((n, r)), &bt)?;
+        let (CpuStorage::BF16(base), CpuStorage::BF16(up)) = (base, up) else {
+            candle_core::bail!("lora linear: the bf16 products came back in another dtype");
+        };
+        let s = self.scale as f32;
+        let y = base
+            .iter()
+            .zip(&up)
+            .map(|(b, u)| b.to_f32() + s * u.to_f32())
+            .collect();
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
 }
 
 impl CustomOp3 for LoraLinear {
@@ -58,14 +103,14 @@ impl CustomOp3 for LoraLinear {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k, out, r) = self.dims(xl, al, bl)?;
-        if self.compute.is_some() {
-            candle_core::bail!("lora linear: mixed precision has no CPU kernel");
-        }
-        let wt = self.weight.t()?;
-        let (w_storage, wl) = wt.storage_and_layout();
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
         let Storage::Cpu(w) = &*w_storage else {
             candle_core::bail!("lora linear: weight is not on the CPU");
         };
+        if let Some(compute) = self.compute {
+            return self.cpu_fwd_mixed((x, xl), (w, w_layout), (a, al), (b, bl), compute);
+        }
+        let wl = &w_layout.transpose(0, 1)?;
         // [n, in] x [in, out]
         let base = x.matmul(w, (1, n, out, k), xl, wl)?;
         // [n, in] x [in, r] -> [n, r] x [r, out]
@@ -134,6 +179,8 @@ impl CustomOp3 for LoraLinear {
                 let ab = a.to_dtype(al, DType::BF16)?;
                 let bb = b.to_dtype(bl, DType::BF16)?;
                 let xbl = Layout::contiguous((n, k));
+                let base = xb.matmul(&wb, (1, n, out, k), &xbl, &wt)?;
+                // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
                 let base = xb.matmul(&wb, (1, n, out, k), &xbl, &wt)?;
                 let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
                 let up = low.matmul(&bb, (1, n, out, r), &low_l, &bt)?;
@@ -205,7 +252,7 @@ impl LoraLinear {
 
 /// `x [n, in] -> x W^T + scale * (x A^T) B^T [n, out]` with `weight [out, in]` frozen,
 /// `a [r, in]`, `b [out, r]`: f32 or f64 on the CPU, f32 on CUDA ([`super::has_kernel`]).
-/// `compute` (CUDA only: bf16) runs the matmuls in that dtype on casts of the f32 inputs.
+/// `compute` (bf16, from f32 inputs) runs the matmuls in that dtype on casts of the inputs.
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -275,6 +322,43 @@ mod tests {
             assert!(d < 1e-10, "gradient differs by {d}");
         }
         assert!(gf.get(&w).is_none(), "frozen weight got a gradient");
+    }
+
+    /// With bf16 products on the CPU the op rounds as the CUDA kernel does: each product to bf16,
+    /// then `base + s * up` in f32, so it equals those casts composed bit for bit; its gradients
+    /// agree with the composed casts' to bf16 rounding.
+    #[test]
+    fn bf16_products_on_the_cpu_equal_the_composed_casts() {
+        let dev = Device::Cpu;
+        let (n, k, out, r) = (9, 24, 13, 4);
+        let x = Var::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let w = Var::randn(0f32, 0.3, (out, k), &dev).unwrap();
+        let a = Var::randn(0f32, 0.3, (r, k), &dev).unwrap();
+        let b = Var::randn(0f32, 0.3, (out, r), &dev).unwrap();
+        let s = 0.5;
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let fused = lora_linear(&x, &w, &a, &b, s, Some(DType::BF16)).unwrap();
+        assert_eq!(fused.dtype(), DType::F32);
+        let base = bf(&x).matmul(&bf(&w).t().unwrap()).unwrap();
+        let low = bf(&x).matmul(&bf(&a).t().unwrap()).unwrap();
+        let up = low.matmul(&bf(&b).t().unwrap()).unwrap();
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let composed = (f32(base) + f32(up).affine(s, 0.0).unwrap()).unwrap();
+        assert_eq!(max_diff(&fused, &composed), 0.0);
+        let (gf, gc) = crate::ops::float::probed_grads(&fused, &composed);
+        for (name, v) in [("x", &x), ("a", &a), ("b", &b)] {
+            let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert_eq!(f.dtype(), DType::F32, "{name}");
+            let scale = max_diff(c, &c.zeros_like().unwrap());
+            let d = max_diff(f, c);
+            assert!(
+                d <= 2e-2 * scale,
+                "{name}: gradient differs by {d} (largest {scale})"
+            );
+        }
+        let f64_input = x.to_dtype(DType::F64).unwrap();
+        let err = lora_linear(&f64_input, &w, &a, &b, s, Some(DType::BF16)).unwrap_err();
+        assert!(err.to_string().contains("f32 inputs"), "{err}");
     }
 
     #[test]

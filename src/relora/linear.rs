@@ -80,8 +80,8 @@ impl AdaptableLinear {
                     )
                     .with_ctx(ctx);
                 }
-                // Composed form: adapter-input dropout, mixed precision on the CPU, or devices
-                // and dtypes without the fused op.
+                // Composed form: adapter-input dropout, or devices and dtypes without the fused
+                // op.
                 let xc = cast(x).with_ctx(ctx)?;
                 let w = cast(self.weight.as_tensor()).with_ctx(ctx)?;
                 let base = frozen_matmul(&xc, &w).with_ctx(ctx)?;
@@ -155,17 +155,18 @@ impl AdaptableLinear {
     }
 }
 
-/// Inverted dropout with a mask drawn from the crate's generator (deterministic per seed).
 /// Whether the fused LoRA projection ([`lora_linear`]) has a kernel for `x` with products in
-/// `compute`: it computes in the parameter dtype anywhere it has a kernel, and in bf16 on CUDA.
+/// `compute`: it computes in the parameter dtype anywhere it has a kernel, and in bf16 from f32
+/// inputs on the CPU and on CUDA.
 pub(crate) fn lora_kernel_applies(x: &Tensor, compute: Option<DType>) -> bool {
     let computes = match compute {
         None => true,
-        Some(dt) => dt == x.dtype() || (dt == DType::BF16 && x.device().is_cuda()),
+        Some(dt) => dt == x.dtype() || (dt == DType::BF16 && x.dtype() == DType::F32),
     };
     computes && crate::ops::has_kernel(x)
 }
 
+/// Inverted dropout with a mask drawn from the crate's generator (deterministic per seed).
 fn apply_dropout(x: &Tensor, rng: &mut Rng, p: f64) -> candle_core::Result<Tensor> {
     let keep = 1.0 - p;
     let mask: Vec<f32> = (0..x.elem_count())
