@@ -86,7 +86,8 @@ enum Projection {
 
 impl Projection {
     /// Runs `p` on `x [n, in]` outside the graph, as `AdaptableLinear::forward` does without
-    /// dropout: `[n, out]` and how to differentiate it.
+    /// dropout: `[n, out]` in the parameter dtype and how to differentiate it. With `compute`
+    /// set, `x` may already be in it ([`to_compute`]).
     fn forward(
         p: &AdaptableLinear,
         x: &Tensor,
@@ -107,7 +108,7 @@ impl Projection {
                 Ok((y, back))
             }
             None => match compute {
-                Some(dt) if dt != x.dtype() => {
+                Some(dt) if dt != weight.dtype() => {
                     let y = mixed_linear(x, &weight.detach(), dt)?;
                     Ok((
                         y,
@@ -198,25 +199,26 @@ struct LayerNode {
     /// RMSNorm weights (the parameters, for their gradients' keys).
     input_norm: Tensor,
     post_norm: Tensor,
-    /// `rmsnorm(x)`, the input of q, k and v `[n, hidden]`.
+    /// `rmsnorm(x)`, the input of q, k and v `[n, hidden]`; in mixed precision its cast to the
+    /// compute dtype, which is all the products read.
     normed: Tensor,
     q: Projection,
     k: Projection,
     v: Projection,
     attention: AttentionSaved,
-    /// The attention's result, the input of o `[n, heads*d]`.
+    /// The attention's result, the input of o `[n, heads*d]` (cast as `normed` is).
     attended: Tensor,
     o: Projection,
     /// `x + o(attended)`, the residual stream after attention `[n, hidden]`.
     mid: Tensor,
-    /// `rmsnorm(mid)`, the input of gate and up `[n, hidden]`.
+    /// `rmsnorm(mid)`, the input of gate and up `[n, hidden]` (cast as `normed` is).
     normed_mid: Tensor,
     gate: Projection,
     up: Projection,
     /// gate and up outputs `[n, intermediate]`.
     g: Tensor,
     u: Tensor,
-    /// `swiglu(g, u)`, the input of down `[n, intermediate]`.
+    /// `swiglu(g, u)`, the input of down `[n, intermediate]` (cast as `normed` is).
     act: Tensor,
     down: Projection,
     sink: ParamGrads,
@@ -285,6 +287,16 @@ impl CustomOp1 for LayerNode {
     }
 }
 
+/// `t` in the compute dtype when there is one: the input of one or more mixed-precision
+/// projections, cast once for all of them and kept in that dtype for their backward, instead of
+/// each projection casting its own copy forward and again backward.
+fn to_compute(t: Tensor, compute: Option<DType>) -> candle_core::Result<Tensor> {
+    match compute {
+        Some(dt) => t.to_dtype(dt),
+        None => Ok(t),
+    }
+}
+
 /// `layer` on `x [b*t, hidden]` as one node of the graph (see the module documentation); the
 /// parameters' gradients go to `sink` during `backward()`. Needs [`layer_node_applies`].
 pub(crate) fn layer_node(
@@ -301,7 +313,7 @@ pub(crate) fn layer_node(
     let input_norm = layer.input_layernorm.as_tensor().clone();
     let post_norm = layer.post_attention_layernorm.as_tensor().clone();
     let normed = region("layer fwd norm", dev, || {
-        rms_norm_fused(&xd, &input_norm.detach(), eps)
+        to_compute(rms_norm_fused(&xd, &input_norm.detach(), eps)?, att.compute)
     })?;
     let ((q_out, q), (k_out, k), (v_out, v)) = region("layer fwd q k v", dev, || {
         Ok::<_, candle_core::Error>((
@@ -318,7 +330,9 @@ pub(crate) fn layer_node(
         head_dim: att.head_dim,
     };
     let (attended, attention) = region("layer fwd attention", dev, || {
-        attention_forward(&q_out, &k_out, &v_out, cos, sin, heads, att.compute)
+        let (attended, saved) =
+            attention_forward(&q_out, &k_out, &v_out, cos, sin, heads, att.compute)?;
+        Ok::<_, candle_core::Error>((to_compute(attended, att.compute)?, saved))
     })?;
     drop((q_out, k_out, v_out));
     let (o_out, o) = region("layer fwd o", dev, || {
@@ -326,7 +340,7 @@ pub(crate) fn layer_node(
     })?;
     let mid = region("layer fwd residual", dev, || &xd + o_out)?;
     let normed_mid = region("layer fwd norm", dev, || {
-        rms_norm_fused(&mid, &post_norm.detach(), eps)
+        to_compute(rms_norm_fused(&mid, &post_norm.detach(), eps)?, mlp.compute)
     })?;
     let ((g, gate), (u, up)) = region("layer fwd gate up", dev, || {
         Ok::<_, candle_core::Error>((
@@ -334,7 +348,9 @@ pub(crate) fn layer_node(
             Projection::forward(&mlp.up_proj, &normed_mid, mlp.compute)?,
         ))
     })?;
-    let act = region("layer fwd swiglu", dev, || swiglu(&g, &u))?;
+    let act = region("layer fwd swiglu", dev, || {
+        to_compute(swiglu(&g, &u)?, mlp.compute)
+    })?;
     let (down_out, down) = region("layer fwd down", dev, || {
         Projection::forward(&mlp.down_proj, &act, mlp.compute)
     })?;

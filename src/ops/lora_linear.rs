@@ -11,6 +11,7 @@
 //! matmuls inside the node, so the graph keeps none of the bf16 copies or `[n, out]`
 //! intermediates the composed form would; the result and the gradients come back in f32.
 
+use super::mixed_linear::in_compute;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
@@ -54,19 +55,18 @@ impl LoraLinear {
         compute: DType,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k, out, r) = self.dims(xl, al, bl)?;
-        if x.dtype() != DType::F32 || compute != DType::BF16 {
+        let input_fits = x.dtype() == DType::F32 || x.dtype() == compute;
+        if w.dtype() != DType::F32 || compute != DType::BF16 || !input_fits {
             candle_core::bail!(
-                "lora linear: mixed precision takes f32 inputs and bf16 products, got {:?} and {compute:?}",
+                "lora linear: mixed precision takes f32 parameters, f32 or bf16 inputs and bf16 products, got {:?}, {:?} and {compute:?}",
+                w.dtype(),
                 x.dtype()
             );
         }
-        let (xb, ab, bb) = (
-            x.to_dtype(xl, compute)?,
-            a.to_dtype(al, compute)?,
-            b.to_dtype(bl, compute)?,
-        );
+        let mut cast = None;
+        let (xb, xbl) = in_compute(x, xl, compute, &mut cast)?;
+        let (ab, bb) = (a.to_dtype(al, compute)?, b.to_dtype(bl, compute)?);
         let wb = w.to_dtype(wl, compute)?;
-        let xbl = Layout::contiguous((n, k));
         // The casts are contiguous [out, in], [r, in] and [out, r], read transposed.
         let wt = Layout::contiguous((out, k)).transpose(0, 1)?;
         let at = Layout::contiguous((r, k)).transpose(0, 1)?;
@@ -144,7 +144,8 @@ impl CustomOp3 for LoraLinear {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
         let (n, k, out, r) = self.dims(xl, al, bl)?;
-        if x.dtype() != DType::F32 {
+        // f32, or already in the compute dtype (a cast that several projections share).
+        if x.dtype() != DType::F32 && Some(x.dtype()) != self.compute {
             candle_core::bail!(
                 "lora linear: the CUDA kernel takes f32, got {:?}",
                 x.dtype()
@@ -174,12 +175,11 @@ impl CustomOp3 for LoraLinear {
                 Ok((base, Shape::from((n, out))))
             }
             Some(DType::BF16) => {
-                let xb = x.to_dtype(xl, DType::BF16)?;
+                let mut cast = None;
+                let (xb, xbl) = in_compute(x, xl, DType::BF16, &mut cast)?;
                 let wb = w.to_dtype(w_layout, DType::BF16)?;
                 let ab = a.to_dtype(al, DType::BF16)?;
                 let bb = b.to_dtype(bl, DType::BF16)?;
-                let xbl = Layout::contiguous((n, k));
-                let base = xb.matmul(&wb, (1, n, out, k), &xbl, &wt)?;
                 // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
                 let base = xb.matmul(&wb, (1, n, out, k), &xbl, &wt)?;
                 let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
@@ -206,12 +206,13 @@ impl CustomOp3 for LoraLinear {
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, da, db) = self.backward(x, a, b, grad_y)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((Some(dx.to_dtype(x.dtype())?), Some(da), Some(db)))
     }
 }
 
 impl LoraLinear {
-    /// `(dx, da, db)` from the inputs and the output's gradient.
+    /// `(dx, da, db)` from the inputs and the output's gradient; `dx` in the output gradient's
+    /// dtype, `da` and `db` in the adapter's.
     fn backward(
         &self,
         x: &Tensor,
@@ -246,13 +247,15 @@ impl LoraLinear {
                 g.to_dtype(like.dtype())
             }
         };
-        Ok((back(grad_x, x)?, back(grad_a, a)?, back(grad_b, b)?))
+        Ok((back(grad_x, grad_y)?, back(grad_a, a)?, back(grad_b, b)?))
     }
 }
 
 /// `x [n, in] -> x W^T + scale * (x A^T) B^T [n, out]` with `weight [out, in]` frozen,
 /// `a [r, in]`, `b [out, r]`: f32 or f64 on the CPU, f32 on CUDA ([`super::has_kernel`]).
-/// `compute` (bf16, from f32 inputs) runs the matmuls in that dtype on casts of the inputs.
+/// `compute` (bf16, with f32 parameters) runs the matmuls in that dtype on casts of the inputs;
+/// `x` may already be in `compute` (a cast that several projections share). The result is in
+/// the parameters' dtype.
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -268,7 +271,7 @@ pub fn lora_linear(
         LoraLinear {
             weight: weight.detach(),
             scale,
-            compute: compute.filter(|&dt| dt != x.dtype()),
+            compute: compute.filter(|&dt| dt != weight.dtype()),
         },
     )
 }
@@ -286,7 +289,7 @@ pub(crate) fn lora_linear_backward(
     let op = LoraLinear {
         weight: weight.detach(),
         scale,
-        compute: compute.filter(|&dt| dt != x.dtype()),
+        compute: compute.filter(|&dt| dt != weight.dtype()),
     };
     op.backward(x, a, b, dy)
 }
@@ -356,9 +359,25 @@ mod tests {
                 "{name}: gradient differs by {d} (largest {scale})"
             );
         }
+        // An input cast beforehand (a layer node shares one cast among projections) gives the
+        // same bits, forward and backward, with `dx` in the output gradient's dtype.
+        let pre = lora_linear(&bf(&x), &w, &a, &b, s, Some(DType::BF16)).unwrap();
+        assert_eq!(max_diff(&pre, &fused), 0.0);
+        let dy = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+        let back =
+            |x: &Tensor| lora_linear_backward(x, &w, (&a, &b), s, Some(DType::BF16), &dy).unwrap();
+        let (own, shared) = (back(&x), back(&bf(&x)));
+        assert_eq!(shared.0.dtype(), DType::F32);
+        for (o, p) in [
+            (&own.0, &shared.0),
+            (&own.1, &shared.1),
+            (&own.2, &shared.2),
+        ] {
+            assert_eq!(max_diff(o, p), 0.0);
+        }
         let f64_input = x.to_dtype(DType::F64).unwrap();
         let err = lora_linear(&f64_input, &w, &a, &b, s, Some(DType::BF16)).unwrap_err();
-        assert!(err.to_string().contains("f32 inputs"), "{err}");
+        assert!(err.to_string().contains("f32 or bf16 inputs"), "{err}");
     }
 
     #[test]

@@ -28,13 +28,29 @@ fn forward<S: BackendStorage>(
     if w_in != k {
         candle_core::bail!("mixed linear: x [{n}, {k}] and W [{out}, {w_in}] do not fit");
     }
-    let xc = x.to_dtype(xl, compute)?;
+    let mut cast = None;
+    let (xc, xcl) = in_compute(x, xl, compute, &mut cast)?;
     let wc = w.to_dtype(wl, compute)?;
     // [n, in] x [in, out]: the cast W is contiguous [out, in], read transposed.
     let wt = Layout::contiguous((out, k)).transpose(0, 1)?;
-    let y = xc.matmul(&wc, (1, n, out, k), &Layout::contiguous((n, k)), &wt)?;
-    let y = y.to_dtype(&Layout::contiguous((n, out)), x.dtype())?;
+    let y = xc.matmul(&wc, (1, n, out, k), &xcl, &wt)?;
+    let y = y.to_dtype(&Layout::contiguous((n, out)), w.dtype())?;
     Ok((y, Shape::from((n, out))))
+}
+
+/// `x` in `compute`, with the layout to read it by: `x` itself when it already is (a layer node
+/// casts an input that several projections share once), else its cast, kept in `slot`.
+pub(crate) fn in_compute<'a, S: BackendStorage>(
+    x: &'a S,
+    xl: &Layout,
+    compute: DType,
+    slot: &'a mut Option<S>,
+) -> candle_core::Result<(&'a S, Layout)> {
+    if x.dtype() == compute {
+        return Ok((x, xl.clone()));
+    }
+    let cast = slot.insert(x.to_dtype(xl, compute)?);
+    Ok((cast, Layout::contiguous(xl.shape().clone())))
 }
 
 impl CustomOp2 for MixedLinear {
@@ -71,12 +87,13 @@ impl CustomOp2 for MixedLinear {
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = mixed_linear_backward(x, w, grad_y, self.compute)?;
-        Ok((Some(dx), Some(dw)))
+        Ok((Some(dx.to_dtype(x.dtype())?), Some(dw)))
     }
 }
 
 /// The backward of [`mixed_linear`]: `(dx, dweight)` from the inputs and the output's gradient,
-/// with both products in `compute`, for code that chains backward passes by hand.
+/// with both products in `compute`, `dx` in the output gradient's dtype, for code that chains
+/// backward passes by hand.
 pub(crate) fn mixed_linear_backward(
     x: &Tensor,
     w: &Tensor,
@@ -89,13 +106,14 @@ pub(crate) fn mixed_linear_backward(
         grad_y.to_dtype(compute)?,
     );
     // [n, out] x [out, in] and [out, n] x [n, in]
-    let dx = gc.matmul(&wc)?.to_dtype(x.dtype())?;
+    let dx = gc.matmul(&wc)?.to_dtype(grad_y.dtype())?;
     let dw = gc.t()?.matmul(&xc)?.to_dtype(w.dtype())?;
     Ok((dx, dw))
 }
 
-/// `x [n, in] -> x W^T [n, out]` with the product in `compute` and the result in `x`'s dtype;
-/// gradients flow to `x` and `weight` in their own dtypes.
+/// `x [n, in] -> x W^T [n, out]` with the product in `compute` and the result in `weight`'s
+/// dtype; gradients flow to `weight` in its dtype and to `x` in the output's. `x` may already be
+/// in `compute` (a cast that several projections share).
 pub fn mixed_linear(x: &Tensor, weight: &Tensor, compute: DType) -> candle_core::Result<Tensor> {
     x.apply_op2(weight, MixedLinear { compute })
 }
@@ -127,6 +145,20 @@ mod tests {
             assert_eq!(a.dtype(), DType::F32, "{what}");
             assert_eq!(values(a), values(b), "{what}");
         }
+        // An input cast beforehand (shared among projections) gives the same bits, and the
+        // result and `dx` still in f32.
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let pre = mixed_linear(&xb, &w, DType::BF16).unwrap();
+        assert_eq!(pre.dtype(), DType::F32);
+        assert_eq!(values(&pre), values(&fused));
+        let dy = Tensor::randn(0f32, 1.0, (9, 13), &dev).unwrap();
+        let (own, shared) = (
+            mixed_linear_backward(&x, &w, &dy, DType::BF16).unwrap(),
+            mixed_linear_backward(&xb, &w, &dy, DType::BF16).unwrap(),
+        );
+        assert_eq!(shared.0.dtype(), DType::F32);
+        assert_eq!(values(&own.0), values(&shared.0));
+        assert_eq!(values(&own.1), values(&shared.1));
         let bad = Tensor::zeros((13, 23), DType::F32, &dev).unwrap();
         assert!(mixed_linear(&x, &bad, DType::BF16).is_err());
     }
