@@ -104,8 +104,8 @@ fn bf16_layer_nodes_match_the_graph_and_the_composed_casts() {
         // The same bf16 products in the same order (measured: equal bits).
         agree(&what("layer nodes vs graph"), &nodes, &graph, 1e-7, 1e-6);
         // Full rank, the composed casts round where the nodes do (measured: 2e-7). The composed
-        // adapter scales its rank-r intermediate before rounding it to bf16, the fused one scales
-        // the f32 sum: bf16 rounding of the adapters' gradients (measured: 1.9e-2 on an A).
+        // adapter adds its two bf16 products in bf16, the fused one in f32: bf16 rounding of
+        // the adapters' gradients (measured: 1.9e-2 on an A).
         let tol = if adapters { 5e-2 } else { 1e-5 };
         agree(
             &what("layer nodes vs composed"),

@@ -230,16 +230,11 @@ impl LoraLinear {
         };
         let (xc, ac, bc) = (&cast(x)?, &cast(a)?, &cast(b)?);
         let (gy, w) = (&cast(grad_y)?, &cast(&self.weight)?);
-        // [n, in] x [in, r]: recomputed, it is rank-r cheap.
-        let low = xc.matmul(&ac.t()?)?;
-        // [n, out] x [out, r]
-        let grad_low = gy.matmul(bc)?.affine(s, 0.0)?;
-        // [out, n] x [n, r]
-        let grad_b = gy.t()?.matmul(&low)?.affine(s, 0.0)?;
-        // [r, n] x [n, in]
-        let grad_a = grad_low.t()?.matmul(xc)?;
-        // [n, out] x [out, in] + [n, r] x [r, in]
-        let grad_x = (gy.matmul(w)? + grad_low.matmul(ac)?)?;
+        // The scale is applied in the parameters' dtype, to the small rank-r tensors: on a bf16
+        // tensor candle's `affine` rounds the multiplier itself to bf16, which would make the
+        // gradient that of `s' = bf16(s)` (1/3 becomes 0.3340, +0.2 %) while the forward
+        // used `s`.
+        let a_scaled = &cast(&a.detach().affine(s, 0.0)?)?;
         let back = |g: Tensor, like: &Tensor| {
             if g.dtype() == like.dtype() {
                 Ok(g)
@@ -247,7 +242,17 @@ impl LoraLinear {
                 g.to_dtype(like.dtype())
             }
         };
-        Ok((back(grad_x, grad_y)?, back(grad_a, a)?, back(grad_b, b)?))
+        // [n, in] x [in, r]: recomputed, it is rank-r cheap.
+        let low = xc.matmul(&ac.t()?)?;
+        // [n, out] x [out, r]: the gradient of `low`, over s.
+        let grad_low = gy.matmul(bc)?;
+        // [out, n] x [n, r]
+        let grad_b = back(gy.t()?.matmul(&low)?, b)?.affine(s, 0.0)?;
+        // [r, n] x [n, in]
+        let grad_a = back(grad_low.t()?.matmul(xc)?, a)?.affine(s, 0.0)?;
+        // [n, out] x [out, in] + [n, r] x [r, in]
+        let grad_x = (gy.matmul(w)? + grad_low.matmul(a_scaled)?)?;
+        Ok((back(grad_x, grad_y)?, grad_a, grad_b))
     }
 }
 
@@ -378,6 +383,42 @@ mod tests {
         let f64_input = x.to_dtype(DType::F64).unwrap();
         let err = lora_linear(&f64_input, &w, &a, &b, s, Some(DType::BF16)).unwrap_err();
         assert!(err.to_string().contains("f32 or bf16 inputs"), "{err}");
+    }
+
+    /// In mixed precision the adapters' gradients carry the scale `s` itself, not `s` rounded
+    /// to bf16. The inputs are small integers, so every bf16 product here is exact and the only
+    /// error left would be the scale's: bf16(1/3) is 0.2 % off, f32(1/3) 3e-8.
+    #[test]
+    fn mixed_precision_gradients_use_the_exact_scale() {
+        let dev = Device::Cpu;
+        let ints = |shape: (usize, usize)| {
+            Tensor::randn(0f32, 1.0, shape, &dev)
+                .and_then(|t| t.round())
+                .and_then(|t| t.clamp(-2f32, 2f32))
+                .unwrap()
+        };
+        let (n, k, out, r) = (6, 10, 7, 3);
+        let (x, w, a, b, dy) = (
+            ints((n, k)),
+            ints((out, k)),
+            ints((r, k)),
+            ints((out, r)),
+            ints((n, out)),
+        );
+        let s = 1.0 / 3.0;
+        let (_, da, db) =
+            lora_linear_backward(&x, &w, (&a, &b), s, Some(DType::BF16), &dy).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let low = f(&x).matmul(&f(&a).t().unwrap()).unwrap();
+        let db_want = (f(&dy).t().unwrap().matmul(&low).unwrap() * s).unwrap();
+        let grad_low = (f(&dy).matmul(&f(&b)).unwrap() * s).unwrap();
+        let da_want = grad_low.t().unwrap().matmul(&f(&x)).unwrap();
+        for (name, got, want) in [("dA", &da, &da_want), ("dB", &db, &db_want)] {
+            let scale = max_diff(want, &want.zeros_like().unwrap());
+            assert!(scale > 0.0, "{name}: all zero, pick other inputs");
+            let d = max_diff(&f(got), want);
+            assert!(d <= 1e-6 * scale, "{name}: {d} off (largest {scale})");
+        }
     }
 
     #[test]

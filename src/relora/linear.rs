@@ -89,14 +89,16 @@ impl AdaptableLinear {
                     Some((rng, p)) => apply_dropout(&xc, rng, p).with_ctx(ctx)?,
                     None => xc,
                 };
-                let a = cast(ad.a.as_tensor()).with_ctx(ctx)?;
+                // The scale goes on A ([r, in], cheaper than the output) in the parameters'
+                // dtype: candle's `affine` on a bf16 tensor rounds the multiplier to bf16.
+                let a =
+                    ad.a.as_tensor()
+                        .affine(ad.scale, 0.0)
+                        .and_then(|a| cast(&a))
+                        .with_ctx(ctx)?;
                 let b = cast(ad.b.as_tensor()).with_ctx(ctx)?;
-                // [n, in] x [in, r] -> scaled [n, r] x [r, out] -> [n, out]; scaling the rank-r
-                // intermediate is cheaper than scaling the output.
-                let low = x_in
-                    .matmul(&a.t().with_ctx(ctx)?)
-                    .and_then(|l| l.affine(ad.scale, 0.0))
-                    .with_ctx(ctx)?;
+                // [n, in] x [in, r] -> [n, r] x [r, out] -> [n, out]
+                let low = x_in.matmul(&a.t().with_ctx(ctx)?).with_ctx(ctx)?;
                 let up = low.matmul(&b.t().with_ctx(ctx)?).with_ctx(ctx)?;
                 (base + up).with_ctx(ctx)?
             }
