@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod gradients;
+
 use relora::config::{Mode, ModelConfig, TrainConfig};
 use relora::data::batcher::Batch;
 use relora::rng::Rng;
