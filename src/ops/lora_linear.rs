@@ -9,7 +9,9 @@
 //!
 //! With a compute dtype (bf16 mixed precision) the op casts its f32 inputs for the
 //! matmuls inside the node, so the graph keeps none of the bf16 copies or `[n, out]`
-//! intermediates the composed form would; the result and the gradients come back in f32.
+//! intermediates the composed form would; the result and the gradients come back in f32. An
+//! input already in the compute dtype (a layer node casts the input q, k and v share once) is
+//! read as it is.
 
 use super::mixed_linear::in_compute;
 use candle_core::backend::BackendStorage;
@@ -19,7 +21,7 @@ struct LoraLinear {
     /// `[out, in]`, frozen, never part of the autograd graph.
     weight: Tensor,
     scale: f64,
-    /// Matmul dtype when it differs from the inputs' (bf16 mixed precision).
+    /// Matmul dtype when it differs from the parameters' (bf16 mixed precision).
     compute: Option<DType>,
 }
 
@@ -48,13 +50,13 @@ impl LoraLinear {
     /// lets the CPU run, and the tests check, the mixed-precision paths the GPU takes.
     fn cpu_fwd_mixed(
         &self,
+        (n, k, out, r): (usize, usize, usize, usize),
         (x, xl): (&CpuStorage, &Layout),
         (w, wl): (&CpuStorage, &Layout),
         (a, al): (&CpuStorage, &Layout),
         (b, bl): (&CpuStorage, &Layout),
         compute: DType,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k, out, r) = self.dims(xl, al, bl)?;
         let input_fits = x.dtype() == DType::F32 || x.dtype() == compute;
         if w.dtype() != DType::F32 || compute != DType::BF16 || !input_fits {
             candle_core::bail!(
@@ -108,7 +110,8 @@ impl CustomOp3 for LoraLinear {
             candle_core::bail!("lora linear: weight is not on the CPU");
         };
         if let Some(compute) = self.compute {
-            return self.cpu_fwd_mixed((x, xl), (w, w_layout), (a, al), (b, bl), compute);
+            let dims = (n, k, out, r);
+            return self.cpu_fwd_mixed(dims, (x, xl), (w, w_layout), (a, al), (b, bl), compute);
         }
         let wl = &w_layout.transpose(0, 1)?;
         // [n, in] x [in, out]
