@@ -5,7 +5,8 @@
 #   2. the card's bf16 matmul rate, measured here, for model-FLOP utilisation;
 #   3. `relora bench` of the 130m and 350m presets, full and relora, bf16 mixed precision and
 #      f32 (TF32), and at 350m bf16 again with the decoder layers on candle's graph
-#      (`--graph-layers`) and with candle's composed ops instead of the kernels;
+#      (`--graph-layers`), with an AdamW launch per tensor instead of the grouped update
+#      (`--per-tensor-optimizer`), and with candle's composed ops instead of the kernels;
 #   4. the same configurations through PyTorch + transformers (eager attention) + peft;
 #   5. a profiled 350m bf16 run (`relora bench --profile`): where a step goes, region by region;
 # then one table last, with the raw JSON and summary.json under $OUT.
@@ -132,6 +133,10 @@ if stage profile; then
   }
 fi
 if stage bench; then
+  # What the grouped AdamW update buys: the same runs with a launch per tensor.
+  for mode in full relora; do
+    in_budget "relora 350m per-tensor optimizer $mode" && { log "relora 350m bf16 per-tensor optimizer $mode"; bench 350m bf16-per-tensor "$mode" --compute-dtype bf16 --per-tensor-optimizer; }
+  done
   for mode in full relora; do
     in_budget "relora 350m bf16 batch 16 $mode" && { log "relora 350m bf16 batch 16 $mode"; BATCH=16 bench 350m bf16-b16 "$mode" --compute-dtype bf16; }
   done
@@ -191,7 +196,8 @@ rows = []
 for p in sizes:
     for label, eng in (("bf16", "relora bf16"), ("tf32", "relora tf32"),
                        ("bf16-graph", "relora bf16 graph layers"),
-                       ("bf16-composed", "relora bf16 composed"), ("bf16-b16", "relora bf16 batch16")):
+                       ("bf16-composed", "relora bf16 composed"), ("bf16-b16", "relora bf16 batch16"),
+                       ("bf16-per-tensor", "relora bf16 per-tensor opt")):
         for mode in ("full", "relora"):
             f = out / f"relora-{p}-{label}-{mode}.json"
             if f.exists():
@@ -231,6 +237,13 @@ for p in sizes:
     rel16, full16 = tps(p, "relora bf16 batch16", "relora"), tps(p, "relora bf16 batch16", "full")
     if rel16 == rel16:
         print(f"{p} batch 16: bf16 relora/full {rel16 / full16:.2f}x | vs torch eager: full {full16 / tps(p, 'torch bf16 eager batch16', 'full'):.2f}x, relora {rel16 / tps(p, 'torch bf16 eager batch16', 'relora'):.2f}x")
+def opt_ms(p, eng, mode):
+    return next((t["optimizer_ms"] for t in table if t["preset"] == p and t["engine"] == eng and t["mode"] == mode), float("nan"))
+for p in sizes:
+    per = [opt_ms(p, "relora bf16 per-tensor opt", m) for m in ("full", "relora")]
+    if any(x == x for x in per):
+        grouped = [opt_ms(p, "relora bf16", m) for m in ("full", "relora")]
+        print(f"{p}: optimizer ms, grouped AdamW full {grouped[0]:.1f} relora {grouped[1]:.1f} | per tensor full {per[0]:.1f} relora {per[1]:.1f}")
 (out / "summary.json").write_text(json.dumps({"gpu": gpu, "bf16_peak_tflops": peak, "seq_len": seq, "rows": table}, indent=1))
 PY
 log "done (CUDA tests exit status $tests_rc)"

@@ -333,6 +333,170 @@ fn fused_sum_of_squares_and_adamw_match_the_cpu() {
     assert!(max_rel(&a.2, &b.2) < 1e-6, "exp_avg_sq");
 }
 
+/// The grouped AdamW kernel (every parameter in one launch, moments in place) follows the CPU
+/// and the per-tensor kernels over three steps: mixed shapes, decay on some,
+/// a transposed gradient, clipping's scale, and a resumed state whose two moments share one
+/// buffer (which the optimizer must copy before writing in place).
+#[test]
+fn grouped_adamw_follows_the_cpu_and_the_per_tensor_kernels() {
+    use relora::optim::{AdamW, AdamWConfig, ParamState};
+    let shapes: [&[usize]; 5] = [&[64, 300], &[300], &[1, 5], &[2816, 16], &[7, 9]];
+    let init: Vec<Tensor> = shapes.iter().map(|s| randn(s, 0.0, 1.0)).collect();
+    let grads: Vec<Vec<Tensor>> = (0..3)
+        .map(|_| shapes.iter().map(|s| randn(s, 0.0, 0.1)).collect())
+        .collect();
+    let decay = [true, false, true, true, false];
+    let config = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let run = |dev: &Device, grouped: bool| {
+        relora::ops::set_grouped_updates(grouped);
+        let params: Vec<(String, Var)> = init
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                (
+                    format!("p{i}"),
+                    Var::from_tensor(&t.to_device(dev).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let mut opt = AdamW::new(config);
+        // A resumed state for p4: both moments are views of one buffer.
+        let both = randn(&[2, 7, 9], 0.0, 0.01)
+            .abs()
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        let resumed = values(&both);
+        opt.set_state(
+            "p4",
+            ParamState {
+                exp_avg: both.get(0).unwrap(),
+                exp_avg_sq: both.get(1).unwrap(),
+                step: 4,
+            },
+        );
+        for (s, gs) in grads.iter().enumerate() {
+            let gs: Vec<Tensor> = gs
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let g = g.to_device(dev).unwrap();
+                    // The [7, 9] gradient arrives as a transposed view of a [9, 7] tensor.
+                    if i == 4 {
+                        g.t().unwrap().contiguous().unwrap().t().unwrap()
+                    } else {
+                        g
+                    }
+                })
+                .collect();
+            assert!(!gs[4].is_contiguous());
+            opt.step_scaled(&params, &gs, &decay, 1e-2 / (s + 1) as f64, 0.7)
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        for (name, var) in &params {
+            let st = opt.state(name).unwrap();
+            // In place: the second moment is a tensor of its own, not the second half of the
+            // per-tensor kernel's [2, n] buffer.
+            assert_eq!(
+                st.exp_avg_sq.layout().start_offset() == 0,
+                grouped && dev.is_cuda(),
+                "{name}: grouped {grouped} on {dev:?}"
+            );
+            out.push((
+                values(var.as_tensor()),
+                values(&st.exp_avg),
+                values(&st.exp_avg_sq),
+            ));
+        }
+        // The resumed buffer itself was copied, not written.
+        assert_eq!(values(&both), resumed);
+        relora::ops::set_grouped_updates(true);
+        out
+    };
+    let cpu = run(&Device::Cpu, true);
+    let per_tensor = run(&gpu(), false);
+    let grouped = run(&gpu(), true);
+    for (i, ((c, p), g)) in cpu.iter().zip(&per_tensor).zip(&grouped).enumerate() {
+        for (what, a, b, x) in [
+            ("parameter", &c.0, &p.0, &g.0),
+            ("exp_avg", &c.1, &p.1, &g.1),
+            ("exp_avg_sq", &c.2, &p.2, &g.2),
+        ] {
+            assert!(max_rel(a, x) < 1e-6, "p{i} {what}: grouped GPU vs CPU");
+            assert!(
+                max_rel(b, x) < 1e-6,
+                "p{i} {what}: grouped vs per-tensor GPU"
+            );
+            if b != x {
+                eprintln!("p{i} {what}: grouped and per-tensor kernels differ in the last bits");
+            }
+        }
+    }
+}
+
+/// The grouped kernel refuses a table whose written tensors share memory, before writing any.
+#[test]
+fn grouped_adamw_refuses_moments_that_share_memory() {
+    use relora::ops::adamw_group::{adamw_update_group, GroupMember};
+    let p = randn(&[10, 10], 0.0, 1.0).to_device(&gpu()).unwrap();
+    let g = randn(&[10, 10], 0.0, 1.0).to_device(&gpu()).unwrap();
+    let m = randn(&[10, 10], 0.0, 1.0).to_device(&gpu()).unwrap();
+    let k = AdamWConstants {
+        beta1: 0.9,
+        beta2: 0.95,
+        inv_sqrt_bc2: 1.0,
+        eps: 1e-8,
+        step_size: 1e-3,
+        decay: None,
+        grad_scale: 1.0,
+    };
+    let member = GroupMember {
+        name: "w",
+        param: &p,
+        grad: &g,
+        exp_avg: &m,
+        exp_avg_sq: &m,
+        constants: k,
+    };
+    let before = values(&p);
+    let e = adamw_update_group(&[member]).unwrap_err().to_string();
+    assert!(e.contains("share memory") && e.contains("of w"), "{e}");
+    assert_eq!(values(&p), before);
+    let reads_written = GroupMember {
+        grad: &p,
+        exp_avg: &m,
+        exp_avg_sq: &g,
+        ..member
+    };
+    let e = adamw_update_group(&[reads_written])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is read while"), "{e}");
+}
+
+/// More tensors than one grouped launch takes (65535): the sum of squares is split over
+/// launches and still counts every tensor once.
+#[test]
+fn sum_of_squares_over_more_tensors_than_one_launch_takes() {
+    let n = 65_535 + 100;
+    let host: Vec<f32> = (0..3 * n).map(|i| (i % 7) as f32 - 3.0).collect();
+    let flat = Tensor::from_vec(host.clone(), 3 * n, &gpu()).unwrap();
+    let parts: Vec<Tensor> = (0..n).map(|i| flat.narrow(0, 3 * i, 3).unwrap()).collect();
+    let want: f64 = host.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    let got = sum_squares(&parts)
+        .unwrap()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[0];
+    assert_eq!(got, want);
+}
+
 /// A projection input cast to bf16 beforehand (a layer node casts the input that q, k and v
 /// share once) gives the same bits as the f32 input the op casts itself, forward and backward.
 #[test]

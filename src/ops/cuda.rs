@@ -131,6 +131,8 @@ mod tests {
             "cross_entropy_fwd",
             "cross_entropy_bwd",
             "rotary",
+            "adamw_group",
+            "sum_squares_group",
         ] {
             assert!(ptx.contains(kernel), "{kernel} missing from the PTX");
         }

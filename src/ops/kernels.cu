@@ -140,6 +140,21 @@ extern "C" __global__ void causal_softmax_bwd(const float* y, const float* dy, f
     for (int j = threadIdx.x; j < t; j += blockDim.x) dxr[j] = scale * yr[j] * (dr[j] - dot);
 }
 
+// AdamW's arithmetic, shared by the per-tensor and the grouped kernels so that both round
+// alike: the new moments from the (already scaled) gradient, and the parameter update
+// p = p d - k m / (sqrt(v) inv + eps).
+__device__ __forceinline__ float adamw_m(float m, float g, float b1, float b1c) {
+    return m * b1 + g * b1c;
+}
+__device__ __forceinline__ float adamw_v(float v, float g, float b2, float b2c) {
+    return v * b2 + (g * g) * b2c;
+}
+__device__ __forceinline__ float adamw_p(float p, float m, float v, float inv, float eps, float k,
+                                         float d) {
+    float u = (m / (sqrtf(v) * inv + eps)) * k;
+    return p * d - u;
+}
+
 // AdamW's new moments into out [2, n]: m' then v', from the gradient times `gs` (clipping's
 // coefficient). The old moments are only read.
 extern "C" __global__ void adamw_moments(const float* g, const float* m, const float* v,
@@ -147,17 +162,45 @@ extern "C" __global__ void adamw_moments(const float* g, const float* m, const f
                                          float b2c, unsigned long long n) {
     GRID_STRIDE(i, n) {
         float gi = g[i] * gs;
-        out[i] = m[i] * b1 + gi * b1c;
-        out[n + i] = v[i] * b2 + (gi * gi) * b2c;
+        out[i] = adamw_m(m[i], gi, b1, b1c);
+        out[n + i] = adamw_v(v[i], gi, b2, b2c);
     }
 }
 
-// AdamW's parameter update in place: p = p d - k m / (sqrt(v) inv + eps).
+// AdamW's parameter update in place.
 extern "C" __global__ void adamw_apply(float* p, const float* m, const float* v, float inv,
                                        float eps, float k, float d, unsigned long long n) {
-    GRID_STRIDE(i, n) {
-        float u = (m[i] / (sqrtf(v[i]) * inv + eps)) * k;
-        p[i] = p[i] * d - u;
+    GRID_STRIDE(i, n) { p[i] = adamw_p(p[i], m[i], v[i], inv, eps, k, d); }
+}
+
+// One tensor of a grouped AdamW update; the layout of `GroupEntry` in adamw_group.rs.
+struct AdamWGroupEntry {
+    float* p;
+    const float* g;
+    float* m;
+    float* v;
+    unsigned long long n;
+    float step_size;  // lr / (1 - b1^t)
+    float inv_bc2;    // 1 / sqrt(1 - b2^t)
+    float decay;      // 1 - lr wd, or 1
+    float pad;
+};
+
+// AdamW over many tensors in one launch, in one pass: blockIdx.y picks the tensor, the blocks
+// along x stride over its elements. Moments and parameter are updated in place (the caller
+// checked that no two written ranges overlap).
+extern "C" __global__ void adamw_group(const AdamWGroupEntry* entries, float gs, float b1,
+                                       float b1c, float b2, float b2c, float eps) {
+    const AdamWGroupEntry e = entries[blockIdx.y];
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+         i < e.n; i += stride) {
+        float gi = e.g[i] * gs;
+        float m = adamw_m(e.m[i], gi, b1, b1c);
+        float v = adamw_v(e.v[i], gi, b2, b2c);
+        e.m[i] = m;
+        e.v[i] = v;
+        e.p[i] = adamw_p(e.p[i], m, v, e.inv_bc2, eps, e.step_size, e.decay);
     }
 }
 
@@ -173,18 +216,27 @@ __device__ double block_sum_f64(double v, double* sh) {
     return t;
 }
 
-// partials[blockIdx.x] = sum of x^2 (in double) over this block's grid-stride share of x [n].
-// The grid size is fixed by the caller, so the result does not depend on scheduling.
-extern "C" __global__ void sum_squares_partial(const float* x, unsigned long long n,
-                                               double* partials) {
+// One tensor of a grouped sum of squares; the layout of `SquaresEntry` in sum_squares.rs.
+struct SquaresEntry {
+    const float* x;
+    unsigned long long n;
+};
+
+// The sums of squares of many tensors in one launch: blockIdx.y picks the tensor, and
+// partials[blockIdx.y * gridDim.x + blockIdx.x] = this block's grid-stride share of it. The
+// grid is fixed by the caller, so the result does not depend on scheduling.
+extern "C" __global__ void sum_squares_group(const SquaresEntry* entries, double* partials) {
     __shared__ double sh[WARP];
+    const SquaresEntry e = entries[blockIdx.y];
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     double s = 0.0;
-    GRID_STRIDE(i, n) {
-        double v = (double)x[i];
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+         i < e.n; i += stride) {
+        double v = (double)e.x[i];
         s += v * v;
     }
     s = block_sum_f64(s, sh);
-    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+    if (threadIdx.x == 0) partials[(unsigned long long)blockIdx.y * gridDim.x + blockIdx.x] = s;
 }
 
 // out[0] = sum of partials [n], by one block in a fixed order.

@@ -7,6 +7,7 @@
 //! Where no kernel applies the model uses the composed operations, which these are tested
 //! against.
 
+pub mod adamw_group;
 pub mod adamw_update;
 pub mod attention;
 pub mod causal_softmax;
@@ -14,7 +15,10 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod float;
+// Launched only by the CUDA kernels; compiled everywhere so its unit tests run on the CPU.
 pub mod frozen_matmul;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod grouped;
 pub mod lora_linear;
 pub mod mixed_linear;
 pub(crate) mod precomputed;
@@ -23,6 +27,7 @@ pub mod rotary;
 pub mod sum_squares;
 pub mod swiglu;
 
+pub use adamw_group::{grouped_updates, set_grouped_updates};
 pub use attention::{causal_attention, fused_attention_applies, Heads};
 pub use causal_softmax::causal_softmax;
 pub use cross_entropy::cross_entropy_rows;

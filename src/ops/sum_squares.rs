@@ -2,12 +2,13 @@
 //!
 //! Per tensor, candle's composed route (cast to f64, square, `sum_all`, read back) is four
 //! launches and a host synchronisation, and its all-elements reduction runs in one thread
-//! block: on a GPU with a few hundred gradients that cost more than the AdamW update. Here each
-//! tensor is reduced by a fixed grid of blocks into a slot of one partials buffer, one block sums
-//! the partials in a fixed order, and the caller reads one number. On the CPU, where the
-//! composed route allocated an f64 copy and its square of every gradient (19 ms of a 60m
-//! full-rank step), fixed chunks are summed in parallel and their sums added in order. Either
-//! way results do not depend on scheduling or thread count, so a run repeats exactly.
+//! block: on a GPU with a few hundred gradients that cost more than the AdamW update. Here one
+//! grouped launch (`ops/grouped.rs`) reduces every tensor by a fixed grid of blocks into one
+//! partials buffer, one block sums the partials in a fixed order, and the caller reads one
+//! number. On the CPU, where the composed route allocated an f64 copy and its square of every
+//! gradient (19 ms of a 60m full-rank step), fixed chunks are summed in parallel and their sums
+//! added in order. Either way results do not depend on scheduling or thread count, so a run
+//! repeats exactly.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -94,10 +95,10 @@ impl CustomOp1 for SumSquares {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
-        const BLOCK: usize = 256;
-        // Blocks per tensor: enough to fill the card for large tensors, few for small ones.
-        let blocks = |n: usize| n.div_ceil(BLOCK * 16).clamp(1, 512);
+        use super::grouped::Grouped;
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr as _;
         let dev = s.device().clone();
+        let stream = dev.cuda_stream();
         let guards: Vec<_> = self.rest.iter().map(|t| t.storage_and_layout()).collect();
         let mut inputs = vec![(s, l)];
         for (storage, layout) in &guards {
@@ -106,12 +107,7 @@ impl CustomOp1 for SumSquares {
             };
             inputs.push((s, layout));
         }
-        let total_blocks: usize = inputs
-            .iter()
-            .map(|(_, l)| blocks(l.shape().elem_count()))
-            .sum();
-        let mut partials = dev.alloc_zeros::<f64>(total_blocks)?;
-        let mut offset = 0;
+        let mut views = Vec::with_capacity(inputs.len());
         for (s, l) in inputs {
             let Some((a, b)) = dense_range(l) else {
                 candle_core::bail!("sum of squares: input is not dense");
@@ -122,27 +118,58 @@ impl CustomOp1 for SumSquares {
                     s.dtype()
                 );
             }
-            let x = s.as_cuda_slice::<f32>()?.slice(a..b);
-            let n = b - a;
-            let g = blocks(n);
-            let mut slot = partials.slice_mut(offset..offset + g);
-            let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-                grid_dim: (g as u32, 1, 1),
-                block_dim: (BLOCK as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            cuda::launch!(dev, "sum_squares_partial", cfg, &x, &(n as u64), &mut slot);
-            offset += g;
+            views.push(s.as_cuda_slice::<f32>()?.slice(a..b));
         }
+        // Held until the launch is queued: with cudarc's event tracking on, dropping one
+        // records that the kernel read the buffer.
+        let ptrs: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
+        let entries: Vec<SquaresEntry> = ptrs
+            .iter()
+            .zip(&views)
+            .map(|((x, _), v)| SquaresEntry {
+                x: *x,
+                n: v.len() as u64,
+            })
+            .collect();
+        let grid = Grouped::new(entries.iter().map(|e| e.n as usize));
+        let table = dev.clone_htod(&entries)?;
+        let mut partials = cuda::output::<f64>(&dev, grid.blocks())?;
+        for tensors in grid.launches() {
+            let t = table.slice(tensors.clone());
+            let mut slot = partials.slice_mut(grid.partials(&tensors));
+            cuda::launch!(
+                dev,
+                "sum_squares_group",
+                grid.config(&tensors),
+                &t,
+                &mut slot
+            );
+        }
+        drop(ptrs);
         let out = dev.alloc_zeros::<f64>(1)?;
         let cfg = cuda::rows(1, 1024);
-        cuda::launch!(dev, "sum_f64", cfg, &partials, &(total_blocks as u64), &out);
+        let total = grid.blocks() as u64;
+        cuda::launch!(dev, "sum_f64", cfg, &partials, &total, &out);
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             Shape::from(1),
         ))
     }
 }
+
+/// One tensor of the grouped CUDA reduction, as `SquaresEntry` in kernels.cu: the device address
+/// of its first element and its length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct SquaresEntry {
+    x: u64,
+    n: u64,
+}
+
+#[cfg(feature = "cuda")]
+// SAFETY: a plain `repr(C)` struct of integers, laid out as the kernel's struct.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for SquaresEntry {}
 
 /// `sum over tensors of sum(t^2)`, accumulated in f64, as a `[1]` f64 tensor on the tensors'
 /// device. f32 or f64 on the CPU, f32 on CUDA; every tensor's elements must fill their storage

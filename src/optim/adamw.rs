@@ -10,7 +10,7 @@ use crate::error::{Result, TensorContext};
 use crate::ops::adamw_update::{adamw_update, AdamWConstants};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Adam's moments for one parameter.
 #[derive(Clone, Debug)]
@@ -48,10 +48,20 @@ pub struct ResetReport {
 }
 
 /// The optimizer: hyper-parameters and per-parameter state keyed by parameter name.
+///
+/// On CUDA the update is one grouped kernel that writes the moments in place
+/// ([`crate::ops::adamw_group`]); elsewhere each step gives every parameter new moment tensors.
+/// Either way, to keep a snapshot of a state across a step, copy its tensors
+/// (`Tensor::force_contiguous`): a clone shares their memory.
 pub struct AdamW {
     /// Hyper-parameters.
     pub config: AdamWConfig,
     states: BTreeMap<String, ParamState>,
+    /// The parameters whose moments this optimizer allocated itself, each in memory of its
+    /// own, so that the grouped update may write them in place. Moments from elsewhere
+    /// ([`AdamW::set_state`]) or from the per-tensor update (views of one buffer) are copied
+    /// before their first grouped update.
+    exclusive: BTreeSet<String>,
 }
 
 /// The update from candle's element-wise ops, for devices and dtypes without the fused kernel:
@@ -89,6 +99,7 @@ impl AdamW {
         AdamW {
             config,
             states: BTreeMap::new(),
+            exclusive: BTreeSet::new(),
         }
     }
 
@@ -104,11 +115,13 @@ impl AdamW {
 
     /// Replaces (or inserts) the state of one parameter, e.g. when resuming.
     pub fn set_state(&mut self, name: &str, state: ParamState) {
+        self.exclusive.remove(name);
         self.states.insert(name.to_string(), state);
     }
 
     /// Drops a parameter's state (a weight that became frozen), freeing its memory.
     pub fn remove(&mut self, name: &str) {
+        self.exclusive.remove(name);
         self.states.remove(name);
     }
 
@@ -143,28 +156,29 @@ impl AdamW {
         grad_scale: f64,
     ) -> Result<()> {
         let c = self.config;
-        for (((name, var), g), &wd) in params.iter().zip(grads).zip(decay) {
-            let ctx = || format!("AdamW update of {name}");
-            let st = match self.states.get_mut(name) {
-                Some(s) => s,
-                None => {
-                    let z = var.zeros_like().with_ctx(ctx)?;
-                    self.states.insert(
-                        name.clone(),
-                        ParamState {
-                            exp_avg: z.clone(),
-                            exp_avg_sq: z,
-                            step: 0,
-                        },
-                    );
-                    self.states.get_mut(name).expect("just inserted")
-                }
-            };
+        let mut constants = Vec::with_capacity(params.len());
+        for ((name, var), &wd) in params.iter().zip(decay) {
+            if !self.states.contains_key(name) {
+                // Two allocations, not one zero tensor shared: the grouped update writes
+                // moments in place.
+                let zeros = || {
+                    var.zeros_like()
+                        .with_ctx(|| format!("AdamW state of {name}"))
+                };
+                let state = ParamState {
+                    exp_avg: zeros()?,
+                    exp_avg_sq: zeros()?,
+                    step: 0,
+                };
+                self.states.insert(name.clone(), state);
+                self.exclusive.insert(name.clone());
+            }
+            let st = self.states.get_mut(name).expect("inserted above");
             st.step += 1;
             let t = st.step as i32;
             let bc1 = 1.0 - c.beta1.powi(t);
             let bc2 = 1.0 - c.beta2.powi(t);
-            let constants = AdamWConstants {
+            constants.push(AdamWConstants {
                 beta1: c.beta1,
                 beta2: c.beta2,
                 inv_sqrt_bc2: 1.0 / bc2.sqrt(),
@@ -172,20 +186,107 @@ impl AdamW {
                 step_size: lr / bc1,
                 decay: (wd && c.weight_decay != 0.0).then_some(1.0 - lr * c.weight_decay),
                 grad_scale,
-            };
+            });
+        }
+        if self.step_grouped(params, grads, &constants)? {
+            return Ok(());
+        }
+        for (((name, var), g), k) in params.iter().zip(grads).zip(constants) {
+            let ctx = || format!("AdamW update of {name}");
+            let st = self.states.get_mut(name).expect("created above");
             let p = var.as_tensor();
             let (m, v) =
                 if crate::ops::has_kernel(p) && g.dtype() == p.dtype() && p.is_contiguous() {
                     // The same arithmetic in two passes (bit-identical on the CPU).
-                    adamw_update(p, g, &st.exp_avg, &st.exp_avg_sq, constants)
+                    adamw_update(p, g, &st.exp_avg, &st.exp_avg_sq, k)
                 } else {
-                    composed_update(var, g, &st.exp_avg, &st.exp_avg_sq, &constants)
+                    composed_update(var, g, &st.exp_avg, &st.exp_avg_sq, &k)
                 }
                 .with_ctx(ctx)?;
             st.exp_avg = m;
             st.exp_avg_sq = v;
+            // Now views of one buffer (the fused kernel) or of anything (the composed ops).
+            self.exclusive.remove(name);
         }
         Ok(())
+    }
+
+    /// The whole step as one grouped CUDA update, when every parameter qualifies
+    /// ([`crate::ops::adamw_group::group_applies`]); `false` (nothing done) otherwise.
+    #[cfg(feature = "cuda")]
+    fn step_grouped(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        constants: &[AdamWConstants],
+    ) -> Result<bool> {
+        use crate::ops::adamw_group::{adamw_update_group, grouping_on, GroupMember};
+        let Some((_, first)) = params.first() else {
+            return Ok(false);
+        };
+        let device = first.device().clone();
+        if !grouping_on(&device) {
+            return Ok(false);
+        }
+        let n = params.len().min(grads.len()).min(constants.len());
+        let mut grads_c = Vec::with_capacity(n);
+        for ((name, var), g) in params.iter().zip(grads).take(n) {
+            let st = &self.states[name];
+            let f32_here = |t: &Tensor| {
+                t.dtype() == DType::F32
+                    && t.device().same_device(&device)
+                    && t.shape() == var.shape()
+            };
+            // Gradients may be transposed views, and the moments are copied below unless this
+            // optimizer allocated them: only the parameter must already be contiguous.
+            if !(var.is_contiguous()
+                && [var.as_tensor(), g, &st.exp_avg, &st.exp_avg_sq]
+                    .into_iter()
+                    .all(f32_here))
+            {
+                return Ok(false);
+            }
+            grads_c.push(g.contiguous().with_ctx(|| format!("gradient of {name}"))?);
+        }
+        for (name, _) in params.iter().take(n) {
+            if self.exclusive.contains(name) {
+                continue;
+            }
+            let st = self.states.get_mut(name).expect("checked above");
+            let ctx = || format!("AdamW state of {name}");
+            st.exp_avg = st.exp_avg.force_contiguous().with_ctx(ctx)?;
+            st.exp_avg_sq = st.exp_avg_sq.force_contiguous().with_ctx(ctx)?;
+            self.exclusive.insert(name.clone());
+        }
+        let members: Vec<GroupMember> = params
+            .iter()
+            .zip(&grads_c)
+            .zip(constants)
+            .map(|(((name, var), grad), &constants)| {
+                let st = &self.states[name];
+                GroupMember {
+                    name,
+                    param: var.as_tensor(),
+                    grad,
+                    exp_avg: &st.exp_avg,
+                    exp_avg_sq: &st.exp_avg_sq,
+                    constants,
+                }
+            })
+            .collect();
+        adamw_update_group(&members).ctx("grouped AdamW update")?;
+        Ok(true)
+    }
+
+    /// Without the `cuda` feature there is no grouped update.
+    #[cfg(not(feature = "cuda"))]
+    fn step_grouped(
+        &mut self,
+        _params: &[(String, Var)],
+        _grads: &[Tensor],
+        _constants: &[AdamWConstants],
+    ) -> Result<bool> {
+        Ok(false)
     }
 
     /// Prunes the moments of every parameter whose name satisfies `select` (ReLoRA: the adapters),
@@ -228,6 +329,8 @@ impl AdamW {
                 .with_ctx(ctx)?;
             st.exp_avg = (&st.exp_avg * &keep).with_ctx(ctx)?;
             st.exp_avg_sq = (&st.exp_avg_sq * &keep).with_ctx(ctx)?;
+            // Two fresh products, each in memory of its own.
+            self.exclusive.insert(name.clone());
             report.params += 1;
             report.positions += m.len();
             report.zeroed += zeroed;

@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// hand-chained backward, to measure what the layer nodes buy.
     #[arg(long)]
     graph_layers: bool,
+    /// On CUDA, run the AdamW update with launches per tensor instead of one grouped launch for
+    /// all parameters, to measure what grouping buys.
+    #[arg(long)]
+    per_tensor_optimizer: bool,
     /// Time named regions of the step (each layer's projections, attention, norms; the loss; the
     /// optimizer) and print where a step goes. Waits for the device around every region, so
     /// the step itself is slower: take tokens/s from a run without it.
@@ -126,6 +130,7 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     relora::device::set_tf32(a.tf32);
     relora::ops::set_fused_kernels(!a.composed_ops);
     relora::model::layer_node::set_layer_nodes(!a.graph_layers);
+    relora::ops::set_grouped_updates(!a.per_tensor_optimizer);
     let mut model = ModelConfig::preset(&a.preset)?;
     let tok = inputs::tokenizer(&a.tokenizer)?;
     model.vocab_size = tok.vocab_size();
@@ -277,6 +282,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.graph_layers {
             cmd.arg("--graph-layers");
         }
+        if a.per_tensor_optimizer {
+            cmd.arg("--per-tensor-optimizer");
+        }
         if a.profile {
             cmd.arg("--profile");
         }
@@ -367,6 +375,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
             "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
             "fused_kernels": !a.composed_ops, "layer_nodes": !a.graph_layers,
+            "grouped_optimizer": !a.per_tensor_optimizer,
             "profiled": a.profile,
             "gemm_peak_gflops": peak_gflops,
             "tokenizer": a.tokenizer,
