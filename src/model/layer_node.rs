@@ -16,12 +16,12 @@
 
 use super::llama::Layer;
 use crate::ops::attention::{attention_forward, fused_attention_applies, AttentionSaved};
-use crate::ops::lora_linear::lora_linear_backward;
-use crate::ops::mixed_linear::mixed_linear_backward;
+use crate::ops::lora_linear::{lora_linear_backward, lora_linear_cast};
+use crate::ops::mixed_linear::{mixed_linear_backward, mixed_linear_cast};
 use crate::ops::precomputed::Precomputed;
 use crate::ops::rms_norm::rms_norm_backward;
 use crate::ops::swiglu::swiglu_backward;
-use crate::ops::{lora_linear, mixed_linear, rms_norm_fused, swiglu, Heads};
+use crate::ops::{lora_linear, rms_norm_fused, swiglu, Heads};
 use crate::profile::region;
 use crate::relora::linear::lora_kernel_applies;
 use crate::relora::AdaptableLinear;
@@ -69,14 +69,25 @@ impl ParamGrads {
 }
 
 /// How one projection ran forward, and what its backward needs besides its input.
+///
+/// In mixed precision the weight's cast to the compute dtype is made once, in the forward, and
+/// kept for the backward (as PyTorch's autocast caches the casts of its weights), instead of
+/// each pass casting the f32 master again: half the weight casts of a step, for the memory of
+/// the casts of one step's weights.
 enum Projection {
     /// `x Wᵀ` in the parameter dtype; `W` trainable.
     Plain { weight: Tensor },
-    /// `x Wᵀ` with the product in `compute` (bf16 mixed precision); `W` trainable.
-    Mixed { weight: Tensor, compute: DType },
-    /// `x Wᵀ + s (x Aᵀ) Bᵀ` with `W` frozen.
+    /// `x Wᵀ` with the product in `compute` (bf16 mixed precision) on `weight_compute`, `W`'s
+    /// cast; `W` trainable.
+    Mixed {
+        weight: Tensor,
+        weight_compute: Tensor,
+        compute: DType,
+    },
+    /// `x Wᵀ + s (x Aᵀ) Bᵀ` with `W` frozen; in mixed precision, `weight_compute` is its cast.
     Adapter {
         weight: Tensor,
+        weight_compute: Option<Tensor>,
         a: Tensor,
         b: Tensor,
         scale: f64,
@@ -97,9 +108,21 @@ impl Projection {
         match &p.adapter {
             Some(ad) => {
                 let (a, b) = (ad.a.as_tensor().clone(), ad.b.as_tensor().clone());
-                let y = lora_linear(x, &weight, &a.detach(), &b.detach(), ad.scale, compute)?;
+                let (ad_a, ad_b) = (&a.detach(), &b.detach());
+                let (y, weight_compute) = match compute {
+                    Some(dt) if dt != weight.dtype() => {
+                        let wc = weight.detach().to_dtype(dt)?;
+                        let y = lora_linear_cast(x, (&weight, &wc), ad_a, ad_b, ad.scale, dt)?;
+                        (y, Some(wc))
+                    }
+                    _ => (
+                        lora_linear(x, &weight, ad_a, ad_b, ad.scale, compute)?,
+                        None,
+                    ),
+                };
                 let back = Projection::Adapter {
                     weight,
+                    weight_compute,
                     a,
                     b,
                     scale: ad.scale,
@@ -109,11 +132,13 @@ impl Projection {
             }
             None => match compute {
                 Some(dt) if dt != weight.dtype() => {
-                    let y = mixed_linear(x, &weight.detach(), dt)?;
+                    let weight_compute = weight.detach().to_dtype(dt)?;
+                    let y = mixed_linear_cast(x, (&weight, &weight_compute), dt)?;
                     Ok((
                         y,
                         Projection::Mixed {
                             weight,
+                            weight_compute,
                             compute: dt,
                         },
                     ))
@@ -135,13 +160,19 @@ impl Projection {
                 sink.push(weight, dy.t()?.matmul(x)?)?;
                 dy.matmul(&w)
             }
-            Projection::Mixed { weight, compute } => {
-                let (dx, dw) = mixed_linear_backward(x, weight, dy, *compute)?;
+            Projection::Mixed {
+                weight,
+                weight_compute,
+                compute,
+            } => {
+                let (dx, dw) =
+                    mixed_linear_backward(x, (weight, Some(weight_compute)), dy, *compute)?;
                 sink.push(weight, dw)?;
                 Ok(dx)
             }
             Projection::Adapter {
                 weight,
+                weight_compute,
                 a,
                 b,
                 scale,
@@ -149,7 +180,7 @@ impl Projection {
             } => {
                 let (dx, da, db) = lora_linear_backward(
                     x,
-                    weight,
+                    (weight, weight_compute.as_ref()),
                     (&a.detach(), &b.detach()),
                     *scale,
                     *compute,

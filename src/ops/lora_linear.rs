@@ -20,6 +20,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 struct LoraLinear {
     /// `[out, in]`, frozen, never part of the autograd graph.
     weight: Tensor,
+    /// `weight` already cast to `compute`, when the caller keeps that cast for the forward and
+    /// the backward of one step (a layer node), so neither casts it again.
+    weight_compute: Option<Tensor>,
     scale: f64,
     /// Matmul dtype when it differs from the parameters' (bf16 mixed precision).
     compute: Option<DType>,
@@ -57,24 +60,24 @@ impl LoraLinear {
         (b, bl): (&CpuStorage, &Layout),
         compute: DType,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let input_fits = x.dtype() == DType::F32 || x.dtype() == compute;
-        if w.dtype() != DType::F32 || compute != DType::BF16 || !input_fits {
+        let fits = |t: DType| t == DType::F32 || t == compute;
+        if compute != DType::BF16 || !fits(x.dtype()) || !fits(w.dtype()) {
             candle_core::bail!(
                 "lora linear: mixed precision takes f32 parameters, f32 or bf16 inputs and bf16 products, got {:?}, {:?} and {compute:?}",
                 w.dtype(),
                 x.dtype()
             );
         }
-        let mut cast = None;
+        let (mut cast, mut w_cast) = (None, None);
         let (xb, xbl) = in_compute(x, xl, compute, &mut cast)?;
+        let (wb, wbl) = in_compute(w, wl, compute, &mut w_cast)?;
         let (ab, bb) = (a.to_dtype(al, compute)?, b.to_dtype(bl, compute)?);
-        let wb = w.to_dtype(wl, compute)?;
-        // The casts are contiguous [out, in], [r, in] and [out, r], read transposed.
-        let wt = Layout::contiguous((out, k)).transpose(0, 1)?;
+        // W [out, in] read transposed; the casts of A and B are contiguous [r, in] and [out, r].
+        let wt = wbl.transpose(0, 1)?;
         let at = Layout::contiguous((r, k)).transpose(0, 1)?;
         let bt = Layout::contiguous((out, r)).transpose(0, 1)?;
         // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
-        let base = xb.matmul(&wb, (1, n, out, k), &xbl, &wt)?;
+        let base = xb.matmul(wb, (1, n, out, k), &xbl, &wt)?;
         let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
         let up = low.matmul(&bb, (1, n, out, r), &Layout::contiguous((n, r)), &bt)?;
         let (CpuStorage::BF16(base), CpuStorage::BF16(up)) = (base, up) else {
@@ -105,7 +108,7 @@ impl CustomOp3 for LoraLinear {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k, out, r) = self.dims(xl, al, bl)?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let (w_storage, w_layout) = self.compute_weight().storage_and_layout();
         let Storage::Cpu(w) = &*w_storage else {
             candle_core::bail!("lora linear: weight is not on the CPU");
         };
@@ -154,14 +157,13 @@ impl CustomOp3 for LoraLinear {
                 x.dtype()
             );
         }
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let (w_storage, w_layout) = self.compute_weight().storage_and_layout();
         let Storage::Cuda(w) = &*w_storage else {
             candle_core::bail!("lora linear: weight is not on the GPU");
         };
         let (len, s) = ((n * out) as u64, self.scale as f32);
         let cfg = cuda::elementwise(n * out);
-        // Transposed views of the contiguous casts of [out, in], [r, in] and [out, r].
-        let wt = Layout::contiguous((out, k)).transpose(0, 1)?;
+        // Transposed views of the contiguous casts of [r, in] and [out, r].
         let at = Layout::contiguous((r, k)).transpose(0, 1)?;
         let bt = Layout::contiguous((out, r)).transpose(0, 1)?;
         let low_l = Layout::contiguous((n, r));
@@ -178,13 +180,13 @@ impl CustomOp3 for LoraLinear {
                 Ok((base, Shape::from((n, out))))
             }
             Some(DType::BF16) => {
-                let mut cast = None;
+                let (mut cast, mut w_cast) = (None, None);
                 let (xb, xbl) = in_compute(x, xl, DType::BF16, &mut cast)?;
-                let wb = w.to_dtype(w_layout, DType::BF16)?;
+                let (wb, wbl) = in_compute(w, w_layout, DType::BF16, &mut w_cast)?;
                 let ab = a.to_dtype(al, DType::BF16)?;
                 let bb = b.to_dtype(bl, DType::BF16)?;
                 // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
-                let base = xb.matmul(&wb, (1, n, out, k), &xbl, &wt)?;
+                let base = xb.matmul(wb, (1, n, out, k), &xbl, &wbl.transpose(0, 1)?)?;
                 let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
                 let up = low.matmul(&bb, (1, n, out, r), &low_l, &bt)?;
                 let dev = x.device();
@@ -214,6 +216,11 @@ impl CustomOp3 for LoraLinear {
 }
 
 impl LoraLinear {
+    /// The weight the products read: its cast to the compute dtype when the caller kept one.
+    fn compute_weight(&self) -> &Tensor {
+        self.weight_compute.as_ref().unwrap_or(&self.weight)
+    }
+
     /// `(dx, da, db)` from the inputs and the output's gradient; `dx` in the output gradient's
     /// dtype, `da` and `db` in the adapter's.
     fn backward(
@@ -232,7 +239,7 @@ impl LoraLinear {
             _ => Ok(t.detach()),
         };
         let (xc, ac, bc) = (&cast(x)?, &cast(a)?, &cast(b)?);
-        let (gy, w) = (&cast(grad_y)?, &cast(&self.weight)?);
+        let (gy, w) = (&cast(grad_y)?, &cast(self.compute_weight())?);
         // The scale is applied in the parameters' dtype, to the small rank-r tensors: on a bf16
         // tensor candle's `affine` rounds the multiplier itself to bf16, which would make the
         // gradient that of `s' = bf16(s)` (1/3 becomes 0.3340, +0.2 %) while the forward
@@ -273,33 +280,65 @@ pub fn lora_linear(
     compute: Option<DType>,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    x.apply_op3(
-        a,
-        b,
-        LoraLinear {
-            weight: weight.detach(),
-            scale,
-            compute: compute.filter(|&dt| dt != weight.dtype()),
-        },
-    )
+    x.apply_op3(a, b, LoraLinear::new(weight, None, scale, compute)?)
 }
 
-/// The backward of [`lora_linear`] with the same arguments and the output's gradient `dy`:
-/// `(dx, da, db)`, for code that chains backward passes by hand.
+impl LoraLinear {
+    /// The op for `weight` and, when the caller keeps one, its cast `weight_compute` to the
+    /// compute dtype (which must be that cast: same shape, in `compute`).
+    fn new(
+        weight: &Tensor,
+        weight_compute: Option<&Tensor>,
+        scale: f64,
+        compute: Option<DType>,
+    ) -> candle_core::Result<Self> {
+        let compute = compute.filter(|&dt| dt != weight.dtype());
+        if let Some(wc) = weight_compute {
+            if Some(wc.dtype()) != compute || wc.shape() != weight.shape() {
+                candle_core::bail!(
+                    "lora linear: the weight's cast is {:?} {:?}, the weight {:?} computed in {compute:?}",
+                    wc.dtype(),
+                    wc.dims(),
+                    weight.dims()
+                );
+            }
+        }
+        Ok(LoraLinear {
+            weight: weight.detach(),
+            weight_compute: weight_compute.map(Tensor::detach),
+            scale,
+            compute,
+        })
+    }
+}
+
+/// [`lora_linear`] with the weight's cast to `compute` made by the caller, who keeps it for the
+/// backward ([`lora_linear_backward`]) of the same step: a layer node, outside the graph.
+pub(crate) fn lora_linear_cast(
+    x: &Tensor,
+    (weight, weight_compute): (&Tensor, &Tensor),
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    compute: DType,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = LoraLinear::new(weight, Some(weight_compute), scale, Some(compute))?;
+    x.apply_op3(a, b, op)
+}
+
+/// The backward of [`lora_linear`] (or [`lora_linear_cast`], passing its `weight_compute`) with
+/// the same arguments and the output's gradient `dy`: `(dx, da, db)`, for code that chains
+/// backward passes by hand.
 pub(crate) fn lora_linear_backward(
     x: &Tensor,
-    weight: &Tensor,
+    (weight, weight_compute): (&Tensor, Option<&Tensor>),
     (a, b): (&Tensor, &Tensor),
     scale: f64,
     compute: Option<DType>,
     dy: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let op = LoraLinear {
-        weight: weight.detach(),
-        scale,
-        compute: compute.filter(|&dt| dt != weight.dtype()),
-    };
-    op.backward(x, a, b, dy)
+    LoraLinear::new(weight, weight_compute, scale, compute)?.backward(x, a, b, dy)
 }
 
 #[cfg(test)]
@@ -372,8 +411,9 @@ mod tests {
         let pre = lora_linear(&bf(&x), &w, &a, &b, s, Some(DType::BF16)).unwrap();
         assert_eq!(max_diff(&pre, &fused), 0.0);
         let dy = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
-        let back =
-            |x: &Tensor| lora_linear_backward(x, &w, (&a, &b), s, Some(DType::BF16), &dy).unwrap();
+        let back = |x: &Tensor| {
+            lora_linear_backward(x, (&w, None), (&a, &b), s, Some(DType::BF16), &dy).unwrap()
+        };
         let (own, shared) = (back(&x), back(&bf(&x)));
         assert_eq!(shared.0.dtype(), DType::F32);
         for (o, p) in [
@@ -383,6 +423,36 @@ mod tests {
         ] {
             assert_eq!(max_diff(o, p), 0.0);
         }
+        // The weight cast beforehand too (a layer node keeps it for the step): the same bits,
+        // forward and backward; a cast that is not the weight's is refused.
+        let wb = bf(&w);
+        let kept = lora_linear_cast(&bf(&x), (&w, &wb), &a, &b, s, DType::BF16).unwrap();
+        assert_eq!(kept.dtype(), DType::F32);
+        assert_eq!(max_diff(&kept, &fused), 0.0);
+        let kept_back = lora_linear_backward(
+            &bf(&x),
+            (&w, Some(&wb)),
+            (&a, &b),
+            s,
+            Some(DType::BF16),
+            &dy,
+        )
+        .unwrap();
+        for (o, p) in [
+            (&own.0, &kept_back.0),
+            (&own.1, &kept_back.1),
+            (&own.2, &kept_back.2),
+        ] {
+            assert_eq!(max_diff(o, p), 0.0);
+        }
+        let wrong = w
+            .narrow(0, 0, out - 1)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let err = lora_linear_cast(&x, (&w, &wrong), &a, &b, s, DType::BF16).unwrap_err();
+        assert!(err.to_string().contains("the weight's cast"), "{err}");
+        assert!(lora_linear_cast(&x, (&w, &w), &a, &b, s, DType::BF16).is_err());
         let f64_input = x.to_dtype(DType::F64).unwrap();
         let err = lora_linear(&f64_input, &w, &a, &b, s, Some(DType::BF16)).unwrap_err();
         assert!(err.to_string().contains("f32 or bf16 inputs"), "{err}");
@@ -410,7 +480,7 @@ mod tests {
         );
         let s = 1.0 / 3.0;
         let (_, da, db) =
-            lora_linear_backward(&x, &w, (&a, &b), s, Some(DType::BF16), &dy).unwrap();
+            lora_linear_backward(&x, (&w, None), (&a, &b), s, Some(DType::BF16), &dy).unwrap();
         let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
         let low = f(&x).matmul(&f(&a).t().unwrap()).unwrap();
         let db_want = (f(&dy).t().unwrap().matmul(&low).unwrap() * s).unwrap();

@@ -14,32 +14,36 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 struct MixedLinear {
     compute: DType,
+    /// The result's dtype: the master weight's.
+    out: DType,
 }
 
+/// `x W^T` in `out`, with the product in `compute` on `x` and `w` cast to it (either may be
+/// in it already).
 fn forward<S: BackendStorage>(
     x: &S,
     xl: &Layout,
     w: &S,
     wl: &Layout,
-    compute: DType,
+    (compute, out_dtype): (DType, DType),
 ) -> candle_core::Result<(S, Shape)> {
     let (n, k) = xl.shape().dims2()?;
     let (out, w_in) = wl.shape().dims2()?;
     if w_in != k {
         candle_core::bail!("mixed linear: x [{n}, {k}] and W [{out}, {w_in}] do not fit");
     }
-    let mut cast = None;
+    let (mut cast, mut w_cast) = (None, None);
     let (xc, xcl) = in_compute(x, xl, compute, &mut cast)?;
-    let wc = w.to_dtype(wl, compute)?;
-    // [n, in] x [in, out]: the cast W is contiguous [out, in], read transposed.
-    let wt = Layout::contiguous((out, k)).transpose(0, 1)?;
-    let y = xc.matmul(&wc, (1, n, out, k), &xcl, &wt)?;
-    let y = y.to_dtype(&Layout::contiguous((n, out)), w.dtype())?;
+    let (wc, wcl) = in_compute(w, wl, compute, &mut w_cast)?;
+    // [n, in] x [in, out]: W [out, in] read transposed.
+    let y = xc.matmul(wc, (1, n, out, k), &xcl, &wcl.transpose(0, 1)?)?;
+    let y = y.to_dtype(&Layout::contiguous((n, out)), out_dtype)?;
     Ok((y, Shape::from((n, out))))
 }
 
 /// `x` in `compute`, with the layout to read it by: `x` itself when it already is (a layer node
-/// casts an input that several projections share once), else its cast, kept in `slot`.
+/// casts an input that several projections share once, and keeps a weight's cast for the
+/// step), else its cast, kept in `slot`.
 pub(crate) fn in_compute<'a, S: BackendStorage>(
     x: &'a S,
     xl: &Layout,
@@ -65,7 +69,7 @@ impl CustomOp2 for MixedLinear {
         w: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        forward(x, xl, w, wl, self.compute)
+        forward(x, xl, w, wl, (self.compute, self.out))
     }
 
     #[cfg(feature = "cuda")]
@@ -76,7 +80,7 @@ impl CustomOp2 for MixedLinear {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        forward(x, xl, w, wl, self.compute)
+        forward(x, xl, w, wl, (self.compute, self.out))
     }
 
     fn bwd(
@@ -86,25 +90,26 @@ impl CustomOp2 for MixedLinear {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = mixed_linear_backward(x, w, grad_y, self.compute)?;
+        let (dx, dw) = mixed_linear_backward(x, (w, None), grad_y, self.compute)?;
         Ok((Some(dx.to_dtype(x.dtype())?), Some(dw)))
     }
 }
 
-/// The backward of [`mixed_linear`]: `(dx, dweight)` from the inputs and the output's gradient,
-/// with both products in `compute`, `dx` in the output gradient's dtype, for code that chains
-/// backward passes by hand.
+/// The backward of [`mixed_linear`] (or [`mixed_linear_cast`], passing its `w_compute`):
+/// `(dx, dweight)` from the inputs and the output's gradient, with both products in `compute`,
+/// `dx` in the output gradient's dtype and `dweight` in `w`'s, for code that chains backward
+/// passes by hand.
 pub(crate) fn mixed_linear_backward(
     x: &Tensor,
-    w: &Tensor,
+    (w, w_compute): (&Tensor, Option<&Tensor>),
     grad_y: &Tensor,
     compute: DType,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (xc, wc, gc) = (
-        x.detach().to_dtype(compute)?,
-        w.detach().to_dtype(compute)?,
-        grad_y.to_dtype(compute)?,
-    );
+    let wc = match w_compute {
+        Some(wc) => wc.detach(),
+        None => w.detach().to_dtype(compute)?,
+    };
+    let (xc, gc) = (x.detach().to_dtype(compute)?, grad_y.to_dtype(compute)?);
     // [n, out] x [out, in] and [out, n] x [n, in]
     let dx = gc.matmul(&wc)?.to_dtype(grad_y.dtype())?;
     let dw = gc.t()?.matmul(&xc)?.to_dtype(w.dtype())?;
@@ -115,7 +120,28 @@ pub(crate) fn mixed_linear_backward(
 /// dtype; gradients flow to `weight` in its dtype and to `x` in the output's. `x` may already be
 /// in `compute` (a cast that several projections share).
 pub fn mixed_linear(x: &Tensor, weight: &Tensor, compute: DType) -> candle_core::Result<Tensor> {
-    x.apply_op2(weight, MixedLinear { compute })
+    let out = weight.dtype();
+    x.apply_op2(weight, MixedLinear { compute, out })
+}
+
+/// [`mixed_linear`] with the weight's cast to `compute` made by the caller, who keeps it for the
+/// backward ([`mixed_linear_backward`]) of the same step: a layer node, outside the graph. The
+/// result is in `weight`'s dtype.
+pub(crate) fn mixed_linear_cast(
+    x: &Tensor,
+    (weight, weight_compute): (&Tensor, &Tensor),
+    compute: DType,
+) -> candle_core::Result<Tensor> {
+    if weight_compute.dtype() != compute || weight_compute.shape() != weight.shape() {
+        candle_core::bail!(
+            "mixed linear: the weight's cast is {:?} {:?}, the weight {:?} computed in {compute:?}",
+            weight_compute.dtype(),
+            weight_compute.dims(),
+            weight.dims()
+        );
+    }
+    let out = weight.dtype();
+    x.apply_op2(&weight_compute.detach(), MixedLinear { compute, out })
 }
 
 #[cfg(test)]
@@ -153,12 +179,23 @@ mod tests {
         assert_eq!(values(&pre), values(&fused));
         let dy = Tensor::randn(0f32, 1.0, (9, 13), &dev).unwrap();
         let (own, shared) = (
-            mixed_linear_backward(&x, &w, &dy, DType::BF16).unwrap(),
-            mixed_linear_backward(&xb, &w, &dy, DType::BF16).unwrap(),
+            mixed_linear_backward(&x, (&w, None), &dy, DType::BF16).unwrap(),
+            mixed_linear_backward(&xb, (&w, None), &dy, DType::BF16).unwrap(),
         );
         assert_eq!(shared.0.dtype(), DType::F32);
         assert_eq!(values(&own.0), values(&shared.0));
         assert_eq!(values(&own.1), values(&shared.1));
+        // The weight cast beforehand too (a layer node keeps it for the step): the same bits,
+        // the result and `dw` in the master's dtype; a cast that is not the weight's is refused.
+        let wb = w.to_dtype(DType::BF16).unwrap();
+        let kept = mixed_linear_cast(&xb, (&w, &wb), DType::BF16).unwrap();
+        assert_eq!(kept.dtype(), DType::F32);
+        assert_eq!(values(&kept), values(&fused));
+        let kept_back = mixed_linear_backward(&xb, (&w, Some(&wb)), &dy, DType::BF16).unwrap();
+        assert_eq!(kept_back.1.dtype(), DType::F32);
+        assert_eq!(values(&own.0), values(&kept_back.0));
+        assert_eq!(values(&own.1), values(&kept_back.1));
+        assert!(mixed_linear_cast(&xb, (&w, &w), DType::BF16).is_err());
         let bad = Tensor::zeros((13, 23), DType::F32, &dev).unwrap();
         assert!(mixed_linear(&x, &bad, DType::BF16).is_err());
     }
