@@ -333,6 +333,43 @@ fn fused_sum_of_squares_and_adamw_match_the_cpu() {
     assert!(max_rel(&a.2, &b.2) < 1e-6, "exp_avg_sq");
 }
 
+/// The widening bf16 matmul (cuBLAS with an f32 result) gives the CPU's f32 sums of the same
+/// bf16 products for every orientation of its operands, including single rows and columns.
+#[test]
+fn widening_matmul_matches_the_cpu_in_every_orientation() {
+    use candle_core::DType::BF16;
+    use relora::ops::widening_matmul;
+    for (m, k, n) in [(33, 70, 45), (1, 64, 9), (17, 1, 5), (8, 40, 1)] {
+        let bf = |r: usize, c: usize| randn(&[r, c], 0.0, 1.0).to_dtype(BF16).unwrap();
+        let (a, at) = (bf(m, k), bf(k, m).t().unwrap());
+        let (b, bt) = (bf(k, n), bf(n, k).t().unwrap());
+        for (x, y) in [(&a, &b), (&at, &b), (&a, &bt), (&at, &bt)] {
+            let cpu = widening_matmul(x, y).unwrap();
+            let on_gpu = |t: &Tensor| t.to_device(&gpu()).unwrap();
+            // Transposed views stay transposed on the GPU: copy the source, then transpose.
+            let gx = if x.is_contiguous() {
+                on_gpu(x)
+            } else {
+                on_gpu(&x.t().unwrap()).t().unwrap()
+            };
+            let gy = if y.is_contiguous() {
+                on_gpu(y)
+            } else {
+                on_gpu(&y.t().unwrap()).t().unwrap()
+            };
+            let g = widening_matmul(&gx, &gy).unwrap();
+            assert_eq!(g.dtype(), candle_core::DType::F32);
+            let d = max_rel(&values(&cpu), &values(&g));
+            assert!(
+                d < 1e-5,
+                "[{m}, {k}] x [{k}, {n}] ({:?}, {:?}): {d}",
+                gx.stride(),
+                gy.stride()
+            );
+        }
+    }
+}
+
 /// The grouped AdamW kernel (every parameter in one launch, moments in place) follows the CPU
 /// and the per-tensor kernels over three steps: mixed shapes, decay on some,
 /// a transposed gradient, clipping's scale, and a resumed state whose two moments share one

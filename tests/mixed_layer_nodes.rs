@@ -1,8 +1,8 @@
-//! bf16 mixed precision (f32 masters, bf16 products) through the decoder-layer nodes on the CPU,
-//! the path a GPU trains on: full rank and with adapters, with grouped-query attention. The
-//! layer nodes must give the graph's loss and gradients (the same ops, chained by hand), and
-//! both must agree with candle's composed casts to bf16 rounding. The fused-kernel switch and
-//! the profiler are process-wide, so this file holds a single test.
+//! bf16 mixed precision (f32 masters, bf16 products summed in f32) through the decoder-layer
+//! nodes on the CPU, the path a GPU trains on: full rank and with adapters, with grouped-query
+//! attention. The layer nodes must give the graph's loss and gradients (the same ops, chained
+//! by hand), and both must agree with candle's composed casts to bf16 rounding. The
+//! fused-kernel switch and the profiler are process-wide, so this file holds a single test.
 
 mod common;
 
@@ -37,10 +37,10 @@ fn bf16_layer_nodes_match_the_graph_and_the_composed_casts() {
         let what = |s: &str| format!("{s} (adapters: {adapters})");
         // The same bf16 products in the same order (measured: equal bits).
         agree(&what("layer nodes vs graph"), &nodes, &graph, 1e-7, 1e-6);
-        // Full rank, the composed casts round where the nodes do (measured: 2e-7). The composed
-        // adapter adds its two bf16 products in bf16, the fused one in f32: bf16 rounding of
-        // the adapters' gradients (measured: 1.9e-2 on an A).
-        let tol = if adapters { 5e-2 } else { 1e-5 };
+        // The composed casts round every product to bf16 (and the gradients on their way
+        // back through the casts); the nodes keep the products they return in f32 (measured:
+        // 1.0e-2 full rank, 2.2e-2 on an adapter's A).
+        let tol = 5e-2;
         agree(
             &what("layer nodes vs composed"),
             &nodes,

@@ -251,12 +251,6 @@ extern "C" __global__ void sum_f64(const double* partials, unsigned long long n,
 // bf16 (its bits in an unsigned short) widened to f32: exact.
 __device__ float bf16_to_f32(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
 
-// y = base + s * up in f32 from the bf16 products of a mixed-precision adapted projection.
-extern "C" __global__ void add_scaled_bf16(const unsigned short* base, const unsigned short* up,
-                                           float s, float* y, unsigned long long n) {
-    GRID_STRIDE(i, n) { y[i] = bf16_to_f32(base[i]) + s * bf16_to_f32(up[i]); }
-}
-
 // Rotary embedding of x [rows, d] (row at position row % t), one thread per pair (j, j + d/2):
 // forward y = x cos + rot(x) sin; inverse (the backward) rotates by the opposite angle.
 extern "C" __global__ void rotary(const float* x, const float* cs, const float* sn, float* y,

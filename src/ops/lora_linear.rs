@@ -9,9 +9,11 @@
 //!
 //! With a compute dtype (bf16 mixed precision) the op casts its f32 inputs for the
 //! matmuls inside the node, so the graph keeps none of the bf16 copies or `[n, out]`
-//! intermediates the composed form would; the result and the gradients come back in f32. An
-//! input already in the compute dtype (a layer node casts the input q, k and v share once) is
-//! read as it is.
+//! intermediates the composed form would; the result and the gradients come back in f32. The
+//! products whose results are kept in f32 (the frozen product, the adapter's up-projection, and
+//! every gradient) accumulate in f32 and stay there ([`super::widening_matmul`]); only the
+//! rank-r intermediates that feed another product are rounded to bf16. An input already in the
+//! compute dtype (a layer node casts the input q, k and v share once) is read as it is.
 
 use super::mixed_linear::in_compute;
 use candle_core::backend::BackendStorage;
@@ -49,8 +51,9 @@ impl LoraLinear {
     }
 
     /// The CPU forward with the products in `compute` (bf16) on casts of the f32 inputs, as the
-    /// CUDA kernel does: the three products round to bf16, then `y = base + s * up` in f32. It
-    /// lets the CPU run, and the tests check, the mixed-precision paths the GPU takes.
+    /// CUDA kernel does: `base` and `up` in f32 from widening products, the rank-r `low` rounded
+    /// to bf16, then `y = base + s * up` in f32. It lets the CPU run, and the tests check, the
+    /// mixed-precision paths the GPU takes.
     fn cpu_fwd_mixed(
         &self,
         (n, k, out, r): (usize, usize, usize, usize),
@@ -77,18 +80,15 @@ impl LoraLinear {
         let at = Layout::contiguous((r, k)).transpose(0, 1)?;
         let bt = Layout::contiguous((out, r)).transpose(0, 1)?;
         // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
-        let base = xb.matmul(wb, (1, n, out, k), &xbl, &wt)?;
+        let widen = super::widening_matmul::cpu;
+        let base = widen(xb, &xbl, wb, &wt)?;
         let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
-        let up = low.matmul(&bb, (1, n, out, r), &Layout::contiguous((n, r)), &bt)?;
-        let (CpuStorage::BF16(base), CpuStorage::BF16(up)) = (base, up) else {
-            candle_core::bail!("lora linear: the bf16 products came back in another dtype");
+        let up = widen(&low, &Layout::contiguous((n, r)), &bb, &bt)?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(up)) = (base, up) else {
+            candle_core::bail!("lora linear: the widening products came back in another dtype");
         };
         let s = self.scale as f32;
-        let y = base
-            .iter()
-            .zip(&up)
-            .map(|(b, u)| b.to_f32() + s * u.to_f32())
-            .collect();
+        y.iter_mut().zip(&up).for_each(|(y, u)| *y += s * u);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 }
@@ -185,18 +185,17 @@ impl CustomOp3 for LoraLinear {
                 let (wb, wbl) = in_compute(w, w_layout, DType::BF16, &mut w_cast)?;
                 let ab = a.to_dtype(al, DType::BF16)?;
                 let bb = b.to_dtype(bl, DType::BF16)?;
-                // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
-                let base = xb.matmul(wb, (1, n, out, k), &xbl, &wbl.transpose(0, 1)?)?;
+                // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]: the kept
+                // products straight to f32, then `base += s * up` as in f32.
+                let widen = super::widening_matmul::cuda;
+                let base = widen(xb, &xbl, wb, &wbl.transpose(0, 1)?)?;
                 let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
-                let up = low.matmul(&bb, (1, n, out, r), &low_l, &bt)?;
-                let dev = x.device();
-                let y = cuda::output::<f32>(dev, n * out)?;
+                let up = widen(&low, &low_l, &bb, &bt)?;
                 {
-                    let base = base.as_cuda_slice::<half::bf16>()?;
-                    let up = up.as_cuda_slice::<half::bf16>()?;
-                    cuda::launch!(dev, "add_scaled_bf16", cfg, base, up, &s, &y, &len);
+                    let (y, u) = (base.as_cuda_slice::<f32>()?, up.as_cuda_slice::<f32>()?);
+                    cuda::launch!(x.device(), "add_scaled", cfg, y, u, &s, &len);
                 }
-                Ok((cuda::storage(y, dev), Shape::from((n, out))))
+                Ok((base, Shape::from((n, out))))
             }
             Some(other) => candle_core::bail!("lora linear: no CUDA kernel computes in {other:?}"),
         }
@@ -252,16 +251,21 @@ impl LoraLinear {
                 g.to_dtype(like.dtype())
             }
         };
+        // The products kept as results: in bf16, widening to f32.
+        let kept = |l: &Tensor, r: &Tensor| match self.compute {
+            Some(DType::BF16) => super::widening_matmul(l, r),
+            _ => l.matmul(r),
+        };
         // [n, in] x [in, r]: recomputed, it is rank-r cheap.
         let low = xc.matmul(&ac.t()?)?;
         // [n, out] x [out, r]: the gradient of `low`, over s.
         let grad_low = gy.matmul(bc)?;
         // [out, n] x [n, r]
-        let grad_b = back(gy.t()?.matmul(&low)?, b)?.affine(s, 0.0)?;
+        let grad_b = back(kept(&gy.t()?, &low)?, b)?.affine(s, 0.0)?;
         // [r, n] x [n, in]
-        let grad_a = back(grad_low.t()?.matmul(xc)?, a)?.affine(s, 0.0)?;
+        let grad_a = back(kept(&grad_low.t()?, xc)?, a)?.affine(s, 0.0)?;
         // [n, out] x [out, in] + [n, r] x [r, in]
-        let grad_x = (gy.matmul(w)? + grad_low.matmul(a_scaled)?)?;
+        let grad_x = (kept(gy, w)? + kept(&grad_low, a_scaled)?)?;
         Ok((back(grad_x, grad_y)?, grad_a, grad_b))
     }
 }
@@ -374,9 +378,10 @@ mod tests {
         assert!(gf.get(&w).is_none(), "frozen weight got a gradient");
     }
 
-    /// With bf16 products on the CPU the op rounds as the CUDA kernel does: each product to bf16,
-    /// then `base + s * up` in f32, so it equals those casts composed bit for bit; its gradients
-    /// agree with the composed casts' to bf16 rounding.
+    /// With bf16 products on the CPU the op computes as the CUDA kernel does: the frozen
+    /// product and the up-projection as f32 sums of exact bf16 products, the rank-r `low`
+    /// rounded to bf16, then `base + s * up` in f32, so it equals those casts composed bit for
+    /// bit; its gradients agree with the composed casts' to bf16 rounding.
     #[test]
     fn bf16_products_on_the_cpu_equal_the_composed_casts() {
         let dev = Device::Cpu;
@@ -389,11 +394,11 @@ mod tests {
         let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
         let fused = lora_linear(&x, &w, &a, &b, s, Some(DType::BF16)).unwrap();
         assert_eq!(fused.dtype(), DType::F32);
-        let base = bf(&x).matmul(&bf(&w).t().unwrap()).unwrap();
-        let low = bf(&x).matmul(&bf(&a).t().unwrap()).unwrap();
-        let up = low.matmul(&bf(&b).t().unwrap()).unwrap();
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-        let composed = (f32(base) + f32(up).affine(s, 0.0).unwrap()).unwrap();
+        let base = f32(bf(&x)).matmul(&f32(bf(&w)).t().unwrap()).unwrap();
+        let low = bf(&x).matmul(&bf(&a).t().unwrap()).unwrap();
+        let up = f32(low).matmul(&f32(bf(&b)).t().unwrap()).unwrap();
+        let composed = (base + up.affine(s, 0.0).unwrap()).unwrap();
         assert_eq!(max_diff(&fused, &composed), 0.0);
         let (gf, gc) = crate::ops::float::probed_grads(&fused, &composed);
         for (name, v) in [("x", &x), ("a", &a), ("b", &b)] {

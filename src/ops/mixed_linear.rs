@@ -1,6 +1,7 @@
 //! A full-rank projection in mixed precision as one autograd node: `y = x W^T` with the matmul
 //! in a compute dtype (bf16) on casts of the f32 `x [n, in]` and master weight `W [out, in]`, and
-//! `y [n, out]` back in f32.
+//! `y [n, out]` in f32. In bf16 the products accumulate in f32 and stay there
+//! ([`super::widening_matmul`]), for `y` and for both gradients.
 //!
 //! Composed (cast x, cast W, transpose, matmul, cast y) the graph keeps the bf16 copies of the
 //! activation and of the weight alive until the backward, and each of the five nodes accumulates
@@ -19,13 +20,12 @@ struct MixedLinear {
 }
 
 /// `x W^T` in `out`, with the product in `compute` on `x` and `w` cast to it (either may be
-/// in it already).
+/// in it already); in bf16 through `widen`, the device's widening matmul.
 fn forward<S: BackendStorage>(
-    x: &S,
-    xl: &Layout,
-    w: &S,
-    wl: &Layout,
+    (x, xl): (&S, &Layout),
+    (w, wl): (&S, &Layout),
     (compute, out_dtype): (DType, DType),
+    widen: impl Fn(&S, &Layout, &S, &Layout) -> candle_core::Result<S>,
 ) -> candle_core::Result<(S, Shape)> {
     let (n, k) = xl.shape().dims2()?;
     let (out, w_in) = wl.shape().dims2()?;
@@ -36,8 +36,17 @@ fn forward<S: BackendStorage>(
     let (xc, xcl) = in_compute(x, xl, compute, &mut cast)?;
     let (wc, wcl) = in_compute(w, wl, compute, &mut w_cast)?;
     // [n, in] x [in, out]: W [out, in] read transposed.
-    let y = xc.matmul(wc, (1, n, out, k), &xcl, &wcl.transpose(0, 1)?)?;
-    let y = y.to_dtype(&Layout::contiguous((n, out)), out_dtype)?;
+    let wt = wcl.transpose(0, 1)?;
+    let (y, y_dtype) = if compute == DType::BF16 {
+        (widen(xc, &xcl, wc, &wt)?, DType::F32)
+    } else {
+        (xc.matmul(wc, (1, n, out, k), &xcl, &wt)?, compute)
+    };
+    let y = if y_dtype == out_dtype {
+        y
+    } else {
+        y.to_dtype(&Layout::contiguous((n, out)), out_dtype)?
+    };
     Ok((y, Shape::from((n, out))))
 }
 
@@ -69,7 +78,8 @@ impl CustomOp2 for MixedLinear {
         w: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        forward(x, xl, w, wl, (self.compute, self.out))
+        let widen = super::widening_matmul::cpu;
+        forward((x, xl), (w, wl), (self.compute, self.out), widen)
     }
 
     #[cfg(feature = "cuda")]
@@ -80,7 +90,8 @@ impl CustomOp2 for MixedLinear {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        forward(x, xl, w, wl, (self.compute, self.out))
+        let widen = super::widening_matmul::cuda;
+        forward((x, xl), (w, wl), (self.compute, self.out), widen)
     }
 
     fn bwd(
@@ -110,9 +121,13 @@ pub(crate) fn mixed_linear_backward(
         None => w.detach().to_dtype(compute)?,
     };
     let (xc, gc) = (x.detach().to_dtype(compute)?, grad_y.to_dtype(compute)?);
+    let product = |a: &Tensor, b: &Tensor| match compute {
+        DType::BF16 => super::widening_matmul(a, b),
+        _ => a.matmul(b),
+    };
     // [n, out] x [out, in] and [out, n] x [n, in]
-    let dx = gc.matmul(&wc)?.to_dtype(grad_y.dtype())?;
-    let dw = gc.t()?.matmul(&xc)?.to_dtype(w.dtype())?;
+    let dx = product(&gc, &wc)?.to_dtype(grad_y.dtype())?;
+    let dw = product(&gc.t()?, &xc)?.to_dtype(w.dtype())?;
     Ok((dx, dw))
 }
 
@@ -149,27 +164,44 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The product and both gradients are the exact products of the bf16 casts, summed in f32:
+    /// the forward equals the f32 matmul of the widened casts bit for bit, and the gradients
+    /// equal the f64 products of the casts of the output's gradient and the other operand to
+    /// f32 rounding (a gradient rounded to bf16 on the way, as a composed cast would round it,
+    /// is 100 times further off).
     #[test]
-    fn values_and_gradients_equal_the_composed_casts() {
+    fn values_and_gradients_are_f32_sums_of_bf16_products() {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1.0, (9, 24), &dev).unwrap();
         let w = Var::randn(0f32, 0.2, (13, 24), &dev).unwrap();
         let fused = mixed_linear(&x, &w, DType::BF16).unwrap();
-        let composed = x
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .matmul(&w.to_dtype(DType::BF16).unwrap().t().unwrap())
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
+        let widened = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let composed = widened(&x).matmul(&widened(&w).t().unwrap()).unwrap();
         assert_eq!(fused.dtype(), DType::F32);
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(values(&fused), values(&composed));
-        let (gf, gc) = crate::ops::float::probed_grads(&fused, &composed);
-        for (v, what) in [(&x, "dx"), (&w, "dw")] {
-            let (a, b) = (gf.get(v).unwrap(), gc.get(v).unwrap());
-            assert_eq!(a.dtype(), DType::F32, "{what}");
-            assert_eq!(values(a), values(b), "{what}");
+        let probe = Tensor::randn(0f32, 1.0, (9, 13), &dev).unwrap();
+        let grads = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let f64_cast = |t: &Tensor| widened(t).to_dtype(DType::F64).unwrap();
+        let want_dx = f64_cast(&probe).matmul(&f64_cast(&w)).unwrap();
+        let want_dw = f64_cast(&probe).t().unwrap().matmul(&f64_cast(&x)).unwrap();
+        for (v, want, what) in [(&x, want_dx, "dx"), (&w, want_dw, "dw")] {
+            let got = grads.get(v).unwrap();
+            assert_eq!(got.dtype(), DType::F32, "{what}");
+            let got = got.to_dtype(DType::F64).unwrap();
+            let scale = crate::ops::float::max_abs_diff(&want, &want.zeros_like().unwrap());
+            let d = crate::ops::float::max_abs_diff(&got, &want);
+            assert!(d <= 1e-6 * scale, "{what}: off by {d} (largest {scale})");
         }
         // An input cast beforehand (shared among projections) gives the same bits, and the
         // result and `dx` still in f32.

@@ -26,6 +26,7 @@ pub mod rms_norm;
 pub mod rotary;
 pub mod sum_squares;
 pub mod swiglu;
+pub mod widening_matmul;
 
 pub use adamw_group::{grouped_updates, set_grouped_updates};
 pub use attention::{causal_attention, fused_attention_applies, Heads};
@@ -38,6 +39,7 @@ pub use rms_norm::rms_norm_fused;
 pub use rotary::rotary;
 pub use sum_squares::sum_squares;
 pub use swiglu::swiglu;
+pub use widening_matmul::widening_matmul;
 
 use candle_core::{DType, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
