@@ -361,9 +361,9 @@ pub(crate) fn layer_node(
         head_dim: att.head_dim,
     };
     let (attended, attention) = region("layer fwd attention", dev, || {
-        let (attended, saved) =
-            attention_forward(&q_out, &k_out, &v_out, cos, sin, heads, att.compute)?;
-        Ok::<_, candle_core::Error>((to_compute(attended, att.compute)?, saved))
+        // The result in the compute dtype, which is all o's product reads.
+        let dtypes = (att.compute, att.compute.unwrap_or(q_out.dtype()));
+        attention_forward(&q_out, &k_out, &v_out, cos, sin, heads, dtypes)
     })?;
     drop((q_out, k_out, v_out));
     let (o_out, o) = region("layer fwd o", dev, || {

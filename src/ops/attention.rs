@@ -185,7 +185,7 @@ pub fn causal_attention(
     h: Heads,
     matmul: Option<DType>,
 ) -> candle_core::Result<Tensor> {
-    let (out, saved) = attention_forward(q, k, v, cos, sin, h, matmul)?;
+    let (out, saved) = attention_forward(q, k, v, cos, sin, h, (matmul, q.dtype()))?;
     let node = AttentionNode {
         saved,
         out: Precomputed::new("attention", out),
@@ -193,8 +193,11 @@ pub fn causal_attention(
     q.apply_op3(k, v, node)
 }
 
-/// [`causal_attention`] outside the graph: the result and what [`AttentionSaved::backward`]
-/// needs, for code that chains backward passes by hand.
+/// [`causal_attention`] outside the graph: the result in `result` and what
+/// [`AttentionSaved::backward`] needs, for code that chains backward passes by hand. A caller
+/// that feeds the result to a bf16 product asks for it in bf16: the heads are merged in the
+/// dtype of their product, with no round trip through `q`'s dtype (the same values: widening
+/// a bf16 value and rounding it back is exact).
 pub(crate) fn attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -202,7 +205,7 @@ pub(crate) fn attention_forward(
     cos: &Tensor,
     sin: &Tensor,
     h: Heads,
-    matmul: Option<DType>,
+    (matmul, result): (Option<DType>, DType),
 ) -> candle_core::Result<(Tensor, AttentionSaved)> {
     let Heads {
         batch: b,
@@ -250,7 +253,7 @@ pub(crate) fn attention_forward(
     drop(scores);
     let probs_mm = cast(&probs, mm)?;
     // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, heads*d]
-    let out = cast(&probs_mm.matmul(&vr)?, param)?
+    let out = cast(&probs_mm.matmul(&vr)?, result)?
         .transpose(1, 2)?
         .reshape((b * t, heads * d))?
         .contiguous()?;
