@@ -334,7 +334,8 @@ fn fused_sum_of_squares_and_adamw_match_the_cpu() {
 }
 
 /// The widening bf16 matmul (cuBLAS with an f32 result) gives the CPU's f32 sums of the same
-/// bf16 products for every orientation of its operands, including single rows and columns.
+/// bf16 products for every orientation of its operands, including single rows and columns, and
+/// so does adding a second product in place.
 #[test]
 fn widening_matmul_matches_the_cpu_in_every_orientation() {
     use candle_core::DType::BF16;
@@ -360,6 +361,11 @@ fn widening_matmul_matches_the_cpu_in_every_orientation() {
             let g = widening_matmul(&gx, &gy).unwrap();
             assert_eq!(g.dtype(), candle_core::DType::F32);
             let d = max_rel(&values(&cpu), &values(&g));
+            // A second product added in place (cuBLAS with beta = 1), scaled.
+            relora::ops::widening_matmul_add(&cpu, x, y, 0.5).unwrap();
+            relora::ops::widening_matmul_add(&g, &gx, &gy, 0.5).unwrap();
+            let d_add = max_rel(&values(&cpu), &values(&g));
+            assert!(d_add < 1e-5, "[{m}, {k}] x [{k}, {n}] added: {d_add}");
             assert!(
                 d < 1e-5,
                 "[{m}, {k}] x [{k}, {n}] ({:?}, {:?}): {d}",

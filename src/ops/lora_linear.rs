@@ -80,15 +80,14 @@ impl LoraLinear {
         let at = Layout::contiguous((r, k)).transpose(0, 1)?;
         let bt = Layout::contiguous((out, r)).transpose(0, 1)?;
         // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
-        let widen = super::widening_matmul::cpu;
-        let base = widen(xb, &xbl, wb, &wt)?;
+        let base = super::widening_matmul::cpu(xb, &xbl, wb, &wt)?;
         let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
-        let up = widen(&low, &Layout::contiguous((n, r)), &bb, &bt)?;
-        let (CpuStorage::F32(mut y), CpuStorage::F32(up)) = (base, up) else {
-            candle_core::bail!("lora linear: the widening products came back in another dtype");
+        let CpuStorage::F32(mut y) = base else {
+            candle_core::bail!("lora linear: the widening product came back in another dtype");
         };
+        let low = (&low, &Layout::contiguous((n, r)));
         let s = self.scale as f32;
-        y.iter_mut().zip(&up).for_each(|(y, u)| *y += s * u);
+        super::widening_matmul::cpu_accumulate(low, (&bb, &bt), &mut y, s)?;
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 }
@@ -185,15 +184,14 @@ impl CustomOp3 for LoraLinear {
                 let (wb, wbl) = in_compute(w, w_layout, DType::BF16, &mut w_cast)?;
                 let ab = a.to_dtype(al, DType::BF16)?;
                 let bb = b.to_dtype(bl, DType::BF16)?;
-                // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]: the kept
-                // products straight to f32, then `base += s * up` as in f32.
-                let widen = super::widening_matmul::cuda;
-                let base = widen(xb, &xbl, wb, &wbl.transpose(0, 1)?)?;
+                // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]: the frozen
+                // product straight to f32, and cuBLAS adds `s up` into it where it lies.
+                use super::widening_matmul as wm;
+                let mut base = wm::cuda(xb, &xbl, wb, &wbl.transpose(0, 1)?)?;
                 let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
-                let up = widen(&low, &low_l, &bb, &bt)?;
                 {
-                    let (y, u) = (base.as_cuda_slice::<f32>()?, up.as_cuda_slice::<f32>()?);
-                    cuda::launch!(x.device(), "add_scaled", cfg, y, u, &s, &len);
+                    let mut y = base.as_cuda_slice_mut::<f32>()?.slice_mut(..);
+                    wm::cuda_into((&low, &low_l), (&bb, &bt), &mut y, (s, 1.0))?;
                 }
                 Ok((base, Shape::from((n, out))))
             }
@@ -252,9 +250,13 @@ impl LoraLinear {
             }
         };
         // The products kept as results: in bf16, widening to f32.
-        let kept = |l: &Tensor, r: &Tensor| match self.compute {
-            Some(DType::BF16) => super::widening_matmul(l, r),
-            _ => l.matmul(r),
+        let widening = self.compute == Some(DType::BF16);
+        let kept = |l: &Tensor, r: &Tensor| {
+            if widening {
+                super::widening_matmul(l, r)
+            } else {
+                l.matmul(r)
+            }
         };
         // [n, in] x [in, r]: recomputed, it is rank-r cheap.
         let low = xc.matmul(&ac.t()?)?;
@@ -264,8 +266,15 @@ impl LoraLinear {
         let grad_b = back(kept(&gy.t()?, &low)?, b)?.affine(s, 0.0)?;
         // [r, n] x [n, in]
         let grad_a = back(kept(&grad_low.t()?, xc)?, a)?.affine(s, 0.0)?;
-        // [n, out] x [out, in] + [n, r] x [r, in]
-        let grad_x = (kept(gy, w)? + kept(&grad_low, a_scaled)?)?;
+        // [n, out] x [out, in] + [n, r] x [r, in]; in bf16 the second product is added where
+        // the first lies.
+        let grad_x = kept(gy, w)?;
+        let grad_x = if widening {
+            super::widening_matmul_add(&grad_x, &grad_low, a_scaled, 1.0)?;
+            grad_x
+        } else {
+            (grad_x + grad_low.matmul(a_scaled)?)?
+        };
         Ok((back(grad_x, grad_y)?, grad_a, grad_b))
     }
 }

@@ -117,17 +117,53 @@ pub(crate) fn cuda(
     b: &candle_core::CudaStorage,
     bl: &Layout,
 ) -> candle_core::Result<candle_core::CudaStorage> {
+    let (m, _, n) = dims((a.dtype(), al), (b.dtype(), bl))?;
+    let dev = a.device().clone();
+    if m * n == 0 {
+        return Ok(super::cuda::storage(dev.alloc_zeros::<f32>(1)?, &dev));
+    }
+    let mut c = super::cuda::output::<f32>(&dev, m * n)?;
+    cuda_into((a, al), (b, bl), &mut c.slice_mut(..), (1.0, 0.0))?;
+    Ok(super::cuda::storage(c, &dev))
+}
+
+/// `c = alpha a b + beta c` on CUDA for `c [m, n]` f32, row-major, from its first element: one
+/// `cublasGemmEx` (bf16 operands, f32 accumulation). With `beta = 1` a second product adds
+/// into the first where it lies, without a buffer or a pass of its own. `beta = 0` ignores what
+/// `c` held, so it may be uninitialised.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_into(
+    (a, al): (&candle_core::CudaStorage, &Layout),
+    (b, bl): (&candle_core::CudaStorage, &Layout),
+    c: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<f32>,
+    (alpha, beta): (f32, f32),
+) -> candle_core::Result<()> {
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr as _, DevicePtrMut as _};
     use candle_core::cuda_backend::WrapErr as _;
     let (m, k, n) = dims((a.dtype(), al), (b.dtype(), bl))?;
-    let dev = a.device().clone();
-    if m * n == 0 || k == 0 {
-        // No products: cuBLAS is not called with empty operands.
-        let zeros = dev.alloc_zeros::<f32>((m * n).max(1))?;
-        return Ok(super::cuda::storage(zeros, &dev));
+    if c.len() < m * n {
+        candle_core::bail!(
+            "widening matmul: [{m}, {n}] does not fit an output of {}",
+            c.len()
+        );
     }
+    if m * n == 0 {
+        return Ok(());
+    }
+    let dev = a.device().clone();
     let int = |what: &str, v: usize| super::cuda::int("widening matmul", what, v);
+    if k == 0 {
+        // No products, and cuBLAS is not called with empty operands: c = beta c, for the betas
+        // the callers use.
+        if beta == 1.0 {
+            return Ok(());
+        }
+        if beta == 0.0 {
+            return dev.cuda_stream().memset_zeros(c).w();
+        }
+        candle_core::bail!("widening matmul: an empty product with beta {beta}");
+    }
     // cuBLAS is column-major: the row-major C [m, n] is the column-major C^T [n, m] =
     // B^T A^T, so B is its first operand and A its second. A row-major operand is, read
     // column-major, its own transpose (op N); a transposed one is the matrix itself (op T).
@@ -139,44 +175,61 @@ pub(crate) fn cuda(
     let (op_a, lda) = op(al, k, m);
     let a_view = a.as_cuda_slice::<half::bf16>()?.slice(al.start_offset()..);
     let b_view = b.as_cuda_slice::<half::bf16>()?.slice(bl.start_offset()..);
-    let mut c = super::cuda::output::<f32>(&dev, m * n)?;
-    let (alpha, beta) = (1f32, 0f32);
     let blas = dev.cublas_handle();
     let stream = dev.cuda_stream();
-    {
-        let (a_ptr, _a_guard) = a_view.device_ptr(&stream);
-        let (b_ptr, _b_guard) = b_view.device_ptr(&stream);
-        let (c_ptr, _c_guard) = c.device_ptr_mut(&stream);
-        // SAFETY: the pointers are live device buffers of the operands' element ranges (the
-        // layouts were checked to be row-major or transposed [m, k] and [k, n] from their start
-        // offsets) and of an [m, n] f32 output; alpha and beta are f32, as CUBLAS_COMPUTE_32F
-        // requires; the handle belongs to this device and stream.
-        unsafe {
-            gemm_ex(
-                *blas.handle(),
-                op_b,
-                op_a,
-                int("n", n)?,
-                int("m", m)?,
-                int("k", k)?,
-                (&alpha) as *const f32 as *const _,
-                b_ptr as *const _,
-                sys::cudaDataType_t::CUDA_R_16BF,
-                int("ldb", ldb)?,
-                a_ptr as *const _,
-                sys::cudaDataType_t::CUDA_R_16BF,
-                int("lda", lda)?,
-                (&beta) as *const f32 as *const _,
-                c_ptr as *mut _,
-                sys::cudaDataType_t::CUDA_R_32F,
-                int("ldc", n)?,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-            )
-            .w()?;
-        }
+    let (a_ptr, _a_guard) = a_view.device_ptr(&stream);
+    let (b_ptr, _b_guard) = b_view.device_ptr(&stream);
+    let (c_ptr, _c_guard) = c.device_ptr_mut(&stream);
+    // SAFETY: the pointers are live device buffers of the operands' element ranges (the
+    // layouts were checked to be row-major or transposed [m, k] and [k, n] from their start
+    // offsets) and of at least [m, n] f32 outputs; alpha and beta are f32, as
+    // CUBLAS_COMPUTE_32F requires; the handle belongs to this device and stream.
+    unsafe {
+        gemm_ex(
+            *blas.handle(),
+            op_b,
+            op_a,
+            int("n", n)?,
+            int("m", m)?,
+            int("k", k)?,
+            (&alpha) as *const f32 as *const _,
+            b_ptr as *const _,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            int("ldb", ldb)?,
+            a_ptr as *const _,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            int("lda", lda)?,
+            (&beta) as *const f32 as *const _,
+            c_ptr as *mut _,
+            sys::cudaDataType_t::CUDA_R_32F,
+            int("ldc", n)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+        .w()?;
     }
-    Ok(super::cuda::storage(c, &dev))
+    Ok(())
+}
+
+/// `c += alpha a b` on the CPU for `c [m, n]` f32: the widening product, then one add.
+pub(crate) fn cpu_accumulate(
+    (a, al): (&CpuStorage, &Layout),
+    (b, bl): (&CpuStorage, &Layout),
+    c: &mut [f32],
+    alpha: f32,
+) -> candle_core::Result<()> {
+    let CpuStorage::F32(p) = cpu(a, al, b, bl)? else {
+        candle_core::bail!("widening matmul: the product came back in another dtype");
+    };
+    if c.len() != p.len() {
+        candle_core::bail!(
+            "widening matmul: {} products for {} outputs",
+            p.len(),
+            c.len()
+        );
+    }
+    c.iter_mut().zip(&p).for_each(|(c, p)| *c += alpha * p);
+    Ok(())
 }
 
 struct WideningMatmul;
@@ -221,6 +274,91 @@ pub fn widening_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         }
     };
     fit(a)?.apply_op2_no_bwd(&fit(b)?, &WideningMatmul)
+}
+
+/// `c += alpha a b` in place (see [`widening_matmul_add`]).
+struct WideningMatmulAdd {
+    alpha: f64,
+}
+
+impl WideningMatmulAdd {
+    /// The range of `c` the product adds to: all of a contiguous `[m, n]` f32 tensor.
+    fn target(
+        c: (DType, &Layout),
+        a: &Layout,
+        b: &Layout,
+    ) -> candle_core::Result<std::ops::Range<usize>> {
+        let (m, n) = (a.dims()[0], b.dims()[1]);
+        let Some((start, end)) = c.1.contiguous_offsets() else {
+            candle_core::bail!("widening matmul: the sum is not contiguous");
+        };
+        if c.0 != DType::F32 || c.1.dims() != [m, n] {
+            candle_core::bail!(
+                "widening matmul: adds [{m}, {n}] products to an f32 [{m}, {n}], got {:?} {:?}",
+                c.0,
+                c.1.dims()
+            );
+        }
+        Ok(start..end)
+    }
+}
+
+impl candle_core::InplaceOp3 for WideningMatmulAdd {
+    fn name(&self) -> &'static str {
+        "widening-matmul-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        c: &mut CpuStorage,
+        cl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        dims((a.dtype(), al), (b.dtype(), bl))?;
+        let range = Self::target((c.dtype(), cl), al, bl)?;
+        let CpuStorage::F32(c) = c else {
+            candle_core::bail!("widening matmul: the sum is not f32");
+        };
+        cpu_accumulate((a, al), (b, bl), &mut c[range], self.alpha as f32)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        c: &mut candle_core::CudaStorage,
+        cl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        dims((a.dtype(), al), (b.dtype(), bl))?;
+        let range = Self::target((c.dtype(), cl), al, bl)?;
+        let mut out = c.as_cuda_slice_mut::<f32>()?.slice_mut(range);
+        cuda_into((a, al), (b, bl), &mut out, (self.alpha as f32, 1.0))
+    }
+}
+
+/// `c += alpha a b` in place, for a contiguous f32 `c [m, n]` and bf16 `a [m, k]`, `b [k, n]`
+/// (each row-major or a transposed view): the second product of a sum added where the first
+/// lies. On CUDA cuBLAS adds it (`beta = 1`), with no buffer or pass of its own; the CPU adds
+/// the widening product. Not differentiable; `c` must not share memory with `a` or `b`.
+pub fn widening_matmul_add(
+    c: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    alpha: f64,
+) -> candle_core::Result<()> {
+    let fit = |t: &Tensor| -> candle_core::Result<Tensor> {
+        match orientation(t.layout()) {
+            Some(_) => Ok(t.detach()),
+            None => t.detach().contiguous(),
+        }
+    };
+    c.inplace_op3(&fit(a)?, &fit(b)?, &WideningMatmulAdd { alpha })
 }
 
 #[cfg(test)]
@@ -281,6 +419,27 @@ mod tests {
             }
             assert_eq!(got64, f64s(&a.1.matmul(&b.1).unwrap()));
         }
+    }
+
+    /// Adding a second product in place gives the sum of the two products, the scale applied
+    /// to the second, as two products and an add would.
+    #[test]
+    fn a_second_product_adds_in_place() {
+        let dev = Device::Cpu;
+        let bf = |r, c| {
+            Tensor::randn(0f32, 1.0, (r, c), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let (x, w, l, a) = (bf(6, 20), bf(20, 9), bf(6, 3), bf(9, 3).t().unwrap());
+        let first = widening_matmul(&x, &w).unwrap();
+        let want = (&first + widening_matmul(&l, &a).unwrap().affine(0.25, 0.0).unwrap()).unwrap();
+        widening_matmul_add(&first, &l, &a, 0.25).unwrap();
+        assert_eq!(f64s(&first), f64s(&want));
+        let wrong = Tensor::zeros((6, 8), DType::F32, &dev).unwrap();
+        let e = widening_matmul_add(&wrong, &l, &a, 1.0).unwrap_err();
+        assert!(e.to_string().contains("adds [6, 9] products"), "{e}");
     }
 
     #[test]
