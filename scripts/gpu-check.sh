@@ -6,7 +6,8 @@
 #   3. `relora bench` of the 130m and 350m presets, full and relora, bf16 mixed precision and
 #      f32 (TF32), and at 350m bf16 again with the decoder layers on candle's graph
 #      (`--graph-layers`), with an AdamW launch per tensor instead of the grouped update
-#      (`--per-tensor-optimizer`), and with candle's composed ops instead of the kernels;
+#      (`--per-tensor-optimizer`), with bf16 products rounded before they are kept in f32
+#      (`--rounded-products`), and with candle's composed ops instead of the kernels;
 #   4. the same configurations through PyTorch + transformers (eager attention) + peft;
 #   5. a profiled 350m bf16 run (`relora bench --profile`): where a step goes, region by region;
 # then one table last, with the raw JSON and summary.json under $OUT.
@@ -85,16 +86,26 @@ print(json.dumps({"bf16_tflops": 2 * 8192**3 / dt / 1e12}))
 PY
 fi
 
-# relora bench: $1 preset, $2 label, $3 mode, rest: extra flags.
+# relora bench: $1 preset, $2 label, $3 mode, rest: extra flags. A run that fails is run again
+# with the newest GPU paths off (the products rounded as before, the AdamW update per tensor),
+# so that a fault in them costs this session a comparison, not its numbers; the log says so.
 bench() {
   local preset=$1 label=$2 mode=$3; shift 3
+  local base=$OUT/relora-$preset-$label-$mode
   sample_start "$OUT/mem-relora-$preset-$label-$mode.txt"
   timeout 120 $RUN "$BUNDLE/relora" bench --device cuda:0 --preset "$preset" --seq-len "$SEQ" \
     --batch-size "$BATCH" --rank "$RANK" --modes "$mode" --steps "$STEPS" --warmup 2 "$@" \
-    --json "$OUT/relora-$preset-$label-$mode.json" > "$OUT/relora-$preset-$label-$mode.txt" 2>&1 \
-    || tail -n 5 "$OUT/relora-$preset-$label-$mode.txt"
+    --json "$base.json" > "$base.txt" 2>&1 || {
+      tail -n 5 "$base.txt"
+      log "FAILED: relora $preset $label $mode; again with --rounded-products --per-tensor-optimizer"
+      mv "$base.txt" "$base.failed.txt"
+      timeout 120 $RUN "$BUNDLE/relora" bench --device cuda:0 --preset "$preset" --seq-len "$SEQ" \
+        --batch-size "$BATCH" --rank "$RANK" --modes "$mode" --steps "$STEPS" --warmup 2 "$@" \
+        --rounded-products --per-tensor-optimizer \
+        --json "$base.json" > "$base.txt" 2>&1 || tail -n 5 "$base.txt"
+    }
   sample_stop
-  tail -n 1 "$OUT/relora-$preset-$label-$mode.txt"
+  tail -n 1 "$base.txt"
 }
 # torch reference: $1 preset, $2 mode, $3 attention implementation, $4 label (default: $3).
 torch_bench() {
@@ -133,9 +144,13 @@ if stage profile; then
   }
 fi
 if stage bench; then
-  # What the grouped AdamW update buys: the same runs with a launch per tensor.
+  # What the grouped AdamW update and the widening products buy: the same runs with a launch
+  # per tensor, and with the products rounded to bf16 and cast.
   for mode in full relora; do
     in_budget "relora 350m per-tensor optimizer $mode" && { log "relora 350m bf16 per-tensor optimizer $mode"; bench 350m bf16-per-tensor "$mode" --compute-dtype bf16 --per-tensor-optimizer; }
+  done
+  for mode in full relora; do
+    in_budget "relora 350m rounded products $mode" && { log "relora 350m bf16 rounded products $mode"; bench 350m bf16-rounded "$mode" --compute-dtype bf16 --rounded-products; }
   done
   for mode in full relora; do
     in_budget "relora 350m bf16 batch 16 $mode" && { log "relora 350m bf16 batch 16 $mode"; BATCH=16 bench 350m bf16-b16 "$mode" --compute-dtype bf16; }
@@ -197,7 +212,8 @@ for p in sizes:
     for label, eng in (("bf16", "relora bf16"), ("tf32", "relora tf32"),
                        ("bf16-graph", "relora bf16 graph layers"),
                        ("bf16-composed", "relora bf16 composed"), ("bf16-b16", "relora bf16 batch16"),
-                       ("bf16-per-tensor", "relora bf16 per-tensor opt")):
+                       ("bf16-per-tensor", "relora bf16 per-tensor opt"),
+                       ("bf16-rounded", "relora bf16 rounded products")):
         for mode in ("full", "relora"):
             f = out / f"relora-{p}-{label}-{mode}.json"
             if f.exists():

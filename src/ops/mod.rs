@@ -39,7 +39,7 @@ pub use rms_norm::rms_norm_fused;
 pub use rotary::rotary;
 pub use sum_squares::sum_squares;
 pub use swiglu::swiglu;
-pub use widening_matmul::{widening_matmul, widening_matmul_add};
+pub use widening_matmul::{set_widening_products, widening_matmul, widening_matmul_add};
 
 use candle_core::{DType, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -12,9 +12,38 @@
 //! Operands are 2-D and each either row-major or the transpose of a row-major matrix (how
 //! weights and gradients are read). There is no backward: the callers chain their backward
 //! passes by hand.
+//!
+//! [`set_widening_products`] turns this off for the process: the products are then rounded to
+//! bf16 and cast to f32, as before, through candle's own matmul (to measure what widening buys,
+//! and as a way round a cuBLAS fault).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static WIDENING: AtomicBool = AtomicBool::new(true);
+
+/// Turns widening products off (or back on) for the whole process: off, every product this
+/// module computes is rounded to bf16 by candle's matmul and then cast to f32. On by default.
+pub fn set_widening_products(enabled: bool) {
+    WIDENING.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether products widen to f32 (see [`set_widening_products`]).
+pub fn widening_products() -> bool {
+    WIDENING.load(Ordering::Relaxed)
+}
+
+/// The product rounded to bf16 by the backend's matmul, then cast to f32: what the module
+/// computes with widening off.
+fn rounded<S: BackendStorage>(
+    (a, al): (&S, &Layout),
+    (b, bl): (&S, &Layout),
+    (m, k, n): (usize, usize, usize),
+) -> candle_core::Result<S> {
+    a.matmul(b, (1, m, n, k), al, bl)?
+        .to_dtype(&Layout::contiguous((m, n)), DType::F32)
+}
 
 /// How a 2-D operand lies in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +103,9 @@ pub(crate) fn cpu(
     bl: &Layout,
 ) -> candle_core::Result<CpuStorage> {
     let (m, k, n) = dims((a.dtype(), al), (b.dtype(), bl))?;
+    if !widening_products() {
+        return rounded((a, al), (b, bl), (m, k, n));
+    }
     let (a32, a32l) = widen_in_place(a, al)?;
     let (b32, b32l) = widen_in_place(b, bl)?;
     a32.matmul(&b32, (1, m, n, k), &a32l, &b32l)
@@ -117,8 +149,11 @@ pub(crate) fn cuda(
     b: &candle_core::CudaStorage,
     bl: &Layout,
 ) -> candle_core::Result<candle_core::CudaStorage> {
-    let (m, _, n) = dims((a.dtype(), al), (b.dtype(), bl))?;
+    let (m, k, n) = dims((a.dtype(), al), (b.dtype(), bl))?;
     let dev = a.device().clone();
+    if !widening_products() && m * n * k > 0 {
+        return rounded((a, al), (b, bl), (m, k, n));
+    }
     if m * n == 0 {
         return Ok(super::cuda::storage(dev.alloc_zeros::<f32>(1)?, &dev));
     }
@@ -163,6 +198,17 @@ pub(crate) fn cuda_into(
             return dev.cuda_stream().memset_zeros(c).w();
         }
         candle_core::bail!("widening matmul: an empty product with beta {beta}");
+    }
+    if !widening_products() {
+        // c += alpha p with the rounded product p, for the one use with widening off.
+        if beta != 1.0 {
+            candle_core::bail!("widening matmul: rounded products only add into c (beta 1)");
+        }
+        let p = rounded((a, al), (b, bl), (m, k, n))?;
+        let p = p.as_cuda_slice::<f32>()?;
+        let (cfg, len) = (super::cuda::elementwise(m * n), (m * n) as u64);
+        super::cuda::launch!(dev, "add_scaled", cfg, c, p, &alpha, &len);
+        return Ok(());
     }
     // cuBLAS is column-major: the row-major C [m, n] is the column-major C^T [n, m] =
     // B^T A^T, so B is its first operand and A its second. A row-major operand is, read

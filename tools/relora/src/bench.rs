@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// all parameters, to measure what grouping buys.
     #[arg(long)]
     per_tensor_optimizer: bool,
+    /// In bf16, round the products the model keeps in f32 to bf16 first (candle's matmul and a
+    /// cast) instead of keeping cuBLAS's f32 sums, to measure what that buys.
+    #[arg(long)]
+    rounded_products: bool,
     /// Time named regions of the step (each layer's projections, attention, norms; the loss; the
     /// optimizer) and print where a step goes. Waits for the device around every region, so
     /// the step itself is slower: take tokens/s from a run without it.
@@ -131,6 +135,7 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     relora::ops::set_fused_kernels(!a.composed_ops);
     relora::model::layer_node::set_layer_nodes(!a.graph_layers);
     relora::ops::set_grouped_updates(!a.per_tensor_optimizer);
+    relora::ops::set_widening_products(!a.rounded_products);
     let mut model = ModelConfig::preset(&a.preset)?;
     let tok = inputs::tokenizer(&a.tokenizer)?;
     model.vocab_size = tok.vocab_size();
@@ -285,6 +290,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.per_tensor_optimizer {
             cmd.arg("--per-tensor-optimizer");
         }
+        if a.rounded_products {
+            cmd.arg("--rounded-products");
+        }
         if a.profile {
             cmd.arg("--profile");
         }
@@ -376,6 +384,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
             "fused_kernels": !a.composed_ops, "layer_nodes": !a.graph_layers,
             "grouped_optimizer": !a.per_tensor_optimizer,
+            "widening_products": !a.rounded_products,
             "profiled": a.profile,
             "gemm_peak_gflops": peak_gflops,
             "tokenizer": a.tokenizer,
