@@ -309,17 +309,19 @@ impl CustomOp2 for WideningMatmul {
     }
 }
 
+/// `t` as an operand: itself when row-major or transposed, else a row-major copy.
+fn operand(t: &Tensor) -> candle_core::Result<Tensor> {
+    match orientation(t.layout()) {
+        Some(_) => Ok(t.detach()),
+        None => t.detach().contiguous(),
+    }
+}
+
 /// `a [m, k] b [k, n]` as `[m, n]` f32, for bf16 `a` and `b` (each row-major or a transposed
 /// view), with exact products accumulated in f32. Not differentiable: for hand-chained backward
 /// passes and nodes outside the graph. Operands in another layout are copied first.
 pub fn widening_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let fit = |t: &Tensor| -> candle_core::Result<Tensor> {
-        match orientation(t.layout()) {
-            Some(_) => Ok(t.detach()),
-            None => t.detach().contiguous(),
-        }
-    };
-    fit(a)?.apply_op2_no_bwd(&fit(b)?, &WideningMatmul)
+    operand(a)?.apply_op2_no_bwd(&operand(b)?, &WideningMatmul)
 }
 
 /// `c += alpha a b` in place (see [`widening_matmul_add`]).
@@ -398,13 +400,7 @@ pub fn widening_matmul_add(
     b: &Tensor,
     alpha: f64,
 ) -> candle_core::Result<()> {
-    let fit = |t: &Tensor| -> candle_core::Result<Tensor> {
-        match orientation(t.layout()) {
-            Some(_) => Ok(t.detach()),
-            None => t.detach().contiguous(),
-        }
-    };
-    c.inplace_op3(&fit(a)?, &fit(b)?, &WideningMatmulAdd { alpha })
+    c.inplace_op3(&operand(a)?, &operand(b)?, &WideningMatmulAdd { alpha })
 }
 
 #[cfg(test)]
