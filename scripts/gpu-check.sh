@@ -10,7 +10,8 @@
 #      (`--rounded-products`), and with candle's composed ops instead of the kernels;
 #   4. the same configurations through PyTorch + transformers (eager attention) + peft;
 #   5. a profiled 350m bf16 run (`relora bench --profile`): where a step goes, region by region;
-# then one table last, with the raw JSON and summary.json under $OUT.
+# then one table last, with the raw JSON and summary.json under $OUT. Optional stages that would
+# start after BUDGET_S (420) seconds are skipped, so a call with timeout_s 560 ends with its summary.
 #
 # Inputs: gpu-bundle.tar.xz (or an unpacked gpu-bundle/) with the `relora` binary and the `cuda`
 # test binary, built by scripts/build-gpu-bundle.sh on a CPU machine.
@@ -23,7 +24,7 @@ BUNDLE=${BUNDLE:-gpu-bundle}
 OUT=${OUT:-/tmp/relora-gpu-out}
 PY=${TORCH_PYTHON:-/opt/torch/.venv/bin/python}
 STAGES=${STAGES:-tests nccl peak bench torch profile}
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-420}
 SEQ=${SEQ:-512}; BATCH=${BATCH:-8}; RANK=${RANK:-128}; STEPS=${STEPS:-6}
 mkdir -p "$OUT"
 if [ ! -x "$BUNDLE/relora" ] && [ -f gpu-bundle.tar.xz ]; then
