@@ -278,23 +278,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(t) = a.threads {
             cmd.args(["--threads", &t.to_string()]);
         }
-        if a.tf32 {
-            cmd.arg("--tf32");
-        }
-        if a.composed_ops {
-            cmd.arg("--composed-ops");
-        }
-        if a.graph_layers {
-            cmd.arg("--graph-layers");
-        }
-        if a.per_tensor_optimizer {
-            cmd.arg("--per-tensor-optimizer");
-        }
-        if a.rounded_products {
-            cmd.arg("--rounded-products");
-        }
-        if a.profile {
-            cmd.arg("--profile");
+        // The switches pass through to the child as given.
+        for (on, flag) in [
+            (a.tf32, "--tf32"),
+            (a.composed_ops, "--composed-ops"),
+            (a.graph_layers, "--graph-layers"),
+            (a.per_tensor_optimizer, "--per-tensor-optimizer"),
+            (a.rounded_products, "--rounded-products"),
+            (a.profile, "--profile"),
+        ] {
+            if on {
+                cmd.arg(flag);
+            }
         }
         cmd.args(["--tokenizer", &a.tokenizer]);
         if !a.compute_dtype.is_empty() {
