@@ -187,14 +187,12 @@ struct AdamWGroupEntry {
 };
 
 // AdamW over many tensors in one launch, in one pass: blockIdx.y picks the tensor, the blocks
-// along x stride over its elements. Moments and parameter are updated in place (the caller
+// along x stride over its elements (GRID_STRIDE reads only the x dimension). Moments and parameter are updated in place (the caller
 // checked that no two written ranges overlap).
 extern "C" __global__ void adamw_group(const AdamWGroupEntry* entries, float gs, float b1,
                                        float b1c, float b2, float b2c, float eps) {
     const AdamWGroupEntry e = entries[blockIdx.y];
-    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-         i < e.n; i += stride) {
+    GRID_STRIDE(i, e.n) {
         float gi = e.g[i] * gs;
         float m = adamw_m(e.m[i], gi, b1, b1c);
         float v = adamw_v(e.v[i], gi, b2, b2c);
@@ -228,10 +226,8 @@ struct SquaresEntry {
 extern "C" __global__ void sum_squares_group(const SquaresEntry* entries, double* partials) {
     __shared__ double sh[WARP];
     const SquaresEntry e = entries[blockIdx.y];
-    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     double s = 0.0;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-         i < e.n; i += stride) {
+    GRID_STRIDE(i, e.n) {
         double v = (double)e.x[i];
         s += v * v;
     }
