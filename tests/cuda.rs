@@ -566,6 +566,25 @@ fn lora_linear_on_a_shared_bf16_input_gives_the_same_bits() {
     assert!(values(&own) == values(&shared), "mixed linear forward");
 }
 
+/// Trains `cpu` and `gpu_t` on the same `steps` random batches (4 x 32 tokens of 258, seeds
+/// from `seed`) and checks every step's loss on the GPU within `tol` (relative) of the CPU's;
+/// returns the worst relative difference.
+fn follow_the_cpu(cpu: &mut Trainer, gpu_t: &mut Trainer, steps: u64, seed: u64, tol: f64) -> f64 {
+    let mut worst = 0f64;
+    for s in 0..steps {
+        let b = random_batch(4, 32, 258, seed + s);
+        let a = f64::from(cpu.step(std::slice::from_ref(&b)).unwrap().loss);
+        let g = f64::from(gpu_t.step(&[b]).unwrap().loss);
+        let rel = (a - g).abs() / a.abs();
+        worst = worst.max(rel);
+        assert!(
+            rel < tol,
+            "step {s}: loss {a} on the CPU, {g} on the GPU ({rel:e})"
+        );
+    }
+    worst
+}
+
 /// bf16 mixed precision end to end: the GPU (cuBLAS bf16 products, the bf16 softmax) follows
 /// the CPU's mixed-precision training (the same casts through the same layer nodes) through
 /// the switch and merges, to bf16 rounding.
@@ -579,15 +598,7 @@ fn bf16_training_on_the_gpu_follows_the_cpu_in_bf16() {
     cfg.batch_size = 4;
     let mut cpu = Trainer::new(&tiny(258), &cfg, &Device::Cpu).unwrap();
     let mut gpu_t = Trainer::new(&tiny(258), &cfg, &gpu()).unwrap();
-    let mut worst = 0f64;
-    for s in 0..14 {
-        let b = random_batch(4, 32, 258, 300 + s);
-        let a = f64::from(cpu.step(std::slice::from_ref(&b)).unwrap().loss);
-        let g = f64::from(gpu_t.step(&[b]).unwrap().loss);
-        let rel = (a - g).abs() / a.abs();
-        worst = worst.max(rel);
-        assert!(rel < 2e-2, "step {s}: loss {a} on the CPU, {g} on the GPU");
-    }
+    let worst = follow_the_cpu(&mut cpu, &mut gpu_t, 14, 300, 2e-2);
     assert!(gpu_t.phases().len() >= 3, "{} phases", gpu_t.phases().len());
     eprintln!("bf16 mixed precision, 14 steps: worst relative loss difference {worst:e}");
 }
@@ -604,18 +615,7 @@ fn tiny_preset_first_20_losses_match_the_cpu_to_1e4_relative() {
     cfg.batch_size = 4;
     let mut cpu = Trainer::new(&model, &cfg, &Device::Cpu).unwrap();
     let mut gpu_t = Trainer::new(&model, &cfg, &gpu()).unwrap();
-    let mut worst = 0f64;
-    for s in 0..20 {
-        let b = random_batch(4, 32, 258, 100 + s);
-        let a = f64::from(cpu.step(std::slice::from_ref(&b)).unwrap().loss);
-        let g = f64::from(gpu_t.step(&[b]).unwrap().loss);
-        let rel = (a - g).abs() / a.abs();
-        worst = worst.max(rel);
-        assert!(
-            rel < 1e-4,
-            "step {s}: loss {a} on the CPU, {g} on the GPU ({rel:e})"
-        );
-    }
+    let worst = follow_the_cpu(&mut cpu, &mut gpu_t, 20, 100, 1e-4);
     // The run went through the switch and at least one merge.
     assert!(gpu_t.phases().len() >= 2, "{} phases", gpu_t.phases().len());
     eprintln!("tiny preset, 20 steps: worst relative loss difference {worst:e}");
