@@ -269,6 +269,94 @@ fn every_kernel_of_kernels_cu_is_emulated() {
     );
 }
 
+/// The pieces of `text` separated by commas outside brackets.
+fn top_level_items(text: &str) -> Vec<String> {
+    let (mut items, mut depth, mut cur) = (Vec::new(), 0, String::new());
+    for c in text.chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(std::mem::take(&mut cur).trim().to_string());
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    if !cur.trim().is_empty() {
+        items.push(cur.trim().to_string());
+    }
+    items
+}
+
+/// The text between the bracket that opens at `open` and its match.
+fn bracketed(text: &str, open: usize) -> &str {
+    let mut depth = 0;
+    for (i, c) in text[open..].char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &text[open + 1..open + i];
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced brackets after byte {open}");
+}
+
+/// Every `launch!` in `src/` passes as many arguments as its kernel has parameters. cudarc's
+/// launch builder checks nothing, so on a GPU a missing or extra argument would read garbage;
+/// the emulator tests above write their own launches, so this ties them to the real ones.
+#[test]
+fn every_launch_in_src_passes_one_argument_per_kernel_parameter() {
+    let mut params = std::collections::BTreeMap::new();
+    for piece in KERNELS.split("extern \"C\" __global__ void ").skip(1) {
+        let name = piece[..piece.find('(').unwrap()].trim().to_string();
+        params.insert(
+            name,
+            top_level_items(bracketed(piece, piece.find('(').unwrap())).len(),
+        );
+    }
+    let mut launches = 0;
+    let mut stack = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (at, _) in text.match_indices("launch!(") {
+                let items = top_level_items(bracketed(&text, at + "launch!".len()));
+                if items.len() < 3 || !items[1].starts_with('"') {
+                    continue; // the macro's own definition and documentation
+                }
+                let name = items[1].trim_matches('"');
+                let want = params
+                    .get(name)
+                    .unwrap_or_else(|| panic!("{}: no kernel {name}", path.display()));
+                assert_eq!(
+                    items.len() - 3,
+                    *want,
+                    "{}: launch of {name} passes {} arguments for {want} parameters",
+                    path.display(),
+                    items.len() - 3
+                );
+                launches += 1;
+            }
+        }
+    }
+    assert!(launches >= 19, "found only {launches} launches");
+}
+
 /// The emulator's own checks fire: a read past a buffer's end, a block that is not whole warps
 /// where a kernel shuffles, and an argument of the wrong type all stop the run with a message,
 /// and so would hide nothing.
