@@ -16,12 +16,12 @@
 
 use super::llama::Layer;
 use crate::ops::attention::{attention_forward, fused_attention_applies, AttentionSaved};
-use crate::ops::lora_linear::{lora_linear_backward, lora_linear_cast};
+use crate::ops::lora_linear::{lora_linear_backward, lora_linear_step, StepWeight};
 use crate::ops::mixed_linear::{mixed_linear_backward, mixed_linear_cast};
 use crate::ops::precomputed::Precomputed;
 use crate::ops::rms_norm::rms_norm_backward;
 use crate::ops::swiglu::swiglu_backward;
-use crate::ops::{lora_linear, rms_norm_fused, swiglu, Heads};
+use crate::ops::{rms_norm_fused, swiglu, Heads};
 use crate::profile::region;
 use crate::relora::linear::lora_kernel_applies;
 use crate::relora::AdaptableLinear;
@@ -84,10 +84,11 @@ enum Projection {
         weight_compute: Tensor,
         compute: DType,
     },
-    /// `x Wᵀ + s (x Aᵀ) Bᵀ` with `W` frozen; in mixed precision, `weight_compute` is its cast.
+    /// `x Wᵀ + s (x Aᵀ) Bᵀ` with `W` frozen; `step` is what its products read: the effective
+    /// weight `W + s B A`, or in mixed precision `W`'s cast.
     Adapter {
         weight: Tensor,
-        weight_compute: Option<Tensor>,
+        step: StepWeight,
         a: Tensor,
         b: Tensor,
         scale: f64,
@@ -109,20 +110,13 @@ impl Projection {
             Some(ad) => {
                 let (a, b) = (ad.a.as_tensor().clone(), ad.b.as_tensor().clone());
                 let (ad_a, ad_b) = (&a.detach(), &b.detach());
-                let (y, weight_compute) = match compute {
-                    Some(dt) if dt != weight.dtype() => {
-                        let wc = weight.detach().to_dtype(dt)?;
-                        let y = lora_linear_cast(x, (&weight, &wc), ad_a, ad_b, ad.scale, dt)?;
-                        (y, Some(wc))
-                    }
-                    _ => (
-                        lora_linear(x, &weight, ad_a, ad_b, ad.scale, compute)?,
-                        None,
-                    ),
-                };
+                let rows = x.dim(0)?;
+                let step =
+                    StepWeight::choose(rows, (&weight, ad_a, ad_b), ad.scale, compute, true)?;
+                let y = lora_linear_step(x, (&weight, &step), (ad_a, ad_b), ad.scale, compute)?;
                 let back = Projection::Adapter {
                     weight,
-                    weight_compute,
+                    step,
                     a,
                     b,
                     scale: ad.scale,
@@ -172,7 +166,7 @@ impl Projection {
             }
             Projection::Adapter {
                 weight,
-                weight_compute,
+                step,
                 a,
                 b,
                 scale,
@@ -180,7 +174,7 @@ impl Projection {
             } => {
                 let (dx, da, db) = lora_linear_backward(
                     x,
-                    (weight, weight_compute.as_ref()),
+                    (weight, step),
                     (&a.detach(), &b.detach()),
                     *scale,
                     *compute,

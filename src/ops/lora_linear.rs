@@ -14,7 +14,18 @@
 //! every gradient) accumulate in f32 and stay there ([`super::widening_matmul`]); only the
 //! rank-r intermediates that feed another product are rounded to bf16. An input already in the
 //! compute dtype (a layer node casts the input q, k and v share once) is read as it is.
+//!
+//! When a call has enough rows (a training batch), the op first forms the effective weight
+//! `W' = W + s B A` ([`StepWeight::Effective`], in the parameters' dtype, then cast to the compute
+//! dtype) and runs `y = x W'^T` and `dx = dy W'`: one product each way instead of three and two.
+//! That skips `x A^T`, its up-projection and `(s dy B) A`, `rows r (2 in + out)` multiply-adds,
+//! for the `r in out` of `B A`. It is the same function: the gradients of A and B are unchanged,
+//! and the forward differs only in rounding (in bf16 mixed precision the adapters' share is
+//! rounded into W' as full-rank training rounds its updates into the cast of W).
+//! [`super::set_effective_weights`] turns it off; the weight itself is built in
+//! [`super::effective_weight`].
 
+pub(crate) use super::effective_weight::StepWeight;
 use super::mixed_linear::in_compute;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
@@ -22,9 +33,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 struct LoraLinear {
     /// `[out, in]`, frozen, never part of the autograd graph.
     weight: Tensor,
-    /// `weight` already cast to `compute`, when the caller keeps that cast for the forward and
-    /// the backward of one step (a layer node), so neither casts it again.
-    weight_compute: Option<Tensor>,
+    /// What the products read in place of `weight`.
+    step: StepWeight,
     scale: f64,
     /// Matmul dtype when it differs from the parameters' (bf16 mixed precision).
     compute: Option<DType>,
@@ -74,13 +84,16 @@ impl LoraLinear {
         let (mut cast, mut w_cast) = (None, None);
         let (xb, xbl) = in_compute(x, xl, compute, &mut cast)?;
         let (wb, wbl) = in_compute(w, wl, compute, &mut w_cast)?;
-        let (ab, bb) = (a.to_dtype(al, compute)?, b.to_dtype(bl, compute)?);
         // W [out, in] read transposed; the casts of A and B are contiguous [r, in] and [out, r].
         let wt = wbl.transpose(0, 1)?;
-        let at = Layout::contiguous((r, k)).transpose(0, 1)?;
-        let bt = Layout::contiguous((out, r)).transpose(0, 1)?;
         // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]
         let base = super::widening_matmul::cpu(xb, &xbl, wb, &wt)?;
+        if self.effective() {
+            return Ok((base, Shape::from((n, out))));
+        }
+        let (ab, bb) = (a.to_dtype(al, compute)?, b.to_dtype(bl, compute)?);
+        let at = Layout::contiguous((r, k)).transpose(0, 1)?;
+        let bt = Layout::contiguous((out, r)).transpose(0, 1)?;
         let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
         let CpuStorage::F32(mut y) = base else {
             candle_core::bail!("lora linear: the widening product came back in another dtype");
@@ -118,6 +131,9 @@ impl CustomOp3 for LoraLinear {
         let wl = &w_layout.transpose(0, 1)?;
         // [n, in] x [in, out]
         let base = x.matmul(w, (1, n, out, k), xl, wl)?;
+        if self.effective() {
+            return Ok((base, Shape::from((n, out))));
+        }
         // [n, in] x [in, r] -> [n, r] x [r, out]
         let low = x.matmul(a, (1, n, r, k), xl, &al.transpose(0, 1)?)?;
         let low_layout = Layout::contiguous((n, r));
@@ -170,6 +186,9 @@ impl CustomOp3 for LoraLinear {
             None => {
                 // Three cuBLAS products as on the CPU, then one fused `base += s * up` pass.
                 let base = x.matmul(w, (1, n, out, k), xl, &w_layout.transpose(0, 1)?)?;
+                if self.effective() {
+                    return Ok((base, Shape::from((n, out))));
+                }
                 let low = x.matmul(a, (1, n, r, k), xl, &al.transpose(0, 1)?)?;
                 let up = low.matmul(b, (1, n, out, r), &low_l, &bl.transpose(0, 1)?)?;
                 {
@@ -182,12 +201,15 @@ impl CustomOp3 for LoraLinear {
                 let (mut cast, mut w_cast) = (None, None);
                 let (xb, xbl) = in_compute(x, xl, DType::BF16, &mut cast)?;
                 let (wb, wbl) = in_compute(w, w_layout, DType::BF16, &mut w_cast)?;
-                let ab = a.to_dtype(al, DType::BF16)?;
-                let bb = b.to_dtype(bl, DType::BF16)?;
                 // [n, in] x [in, out]; [n, in] x [in, r] -> [n, r] x [r, out]: the frozen
                 // product straight to f32, and cuBLAS adds `s up` into it where it lies.
                 use super::widening_matmul as wm;
                 let mut base = wm::cuda(xb, &xbl, wb, &wbl.transpose(0, 1)?)?;
+                if self.effective() {
+                    return Ok((base, Shape::from((n, out))));
+                }
+                let ab = a.to_dtype(al, DType::BF16)?;
+                let bb = b.to_dtype(bl, DType::BF16)?;
                 let low = xb.matmul(&ab, (1, n, r, k), &xbl, &at)?;
                 {
                     let mut y = base.as_cuda_slice_mut::<f32>()?.slice_mut(..);
@@ -213,9 +235,17 @@ impl CustomOp3 for LoraLinear {
 }
 
 impl LoraLinear {
-    /// The weight the products read: its cast to the compute dtype when the caller kept one.
+    /// The weight the products read: `W`, its cast, or the effective weight.
     fn compute_weight(&self) -> &Tensor {
-        self.weight_compute.as_ref().unwrap_or(&self.weight)
+        match &self.step {
+            StepWeight::Frozen => &self.weight,
+            StepWeight::Cast(w) | StepWeight::Effective(w) => w,
+        }
+    }
+
+    /// Whether the products read the effective weight `W + s B A`, which carries the adapter.
+    fn effective(&self) -> bool {
+        matches!(self.step, StepWeight::Effective(_))
     }
 
     /// `(dx, da, db)` from the inputs and the output's gradient; `dx` in the output gradient's
@@ -237,11 +267,6 @@ impl LoraLinear {
         };
         let (xc, ac, bc) = (&cast(x)?, &cast(a)?, &cast(b)?);
         let (gy, w) = (&cast(grad_y)?, &cast(self.compute_weight())?);
-        // The scale is applied in the parameters' dtype, to the small rank-r tensors: on a bf16
-        // tensor candle's `affine` rounds the multiplier itself to bf16, which would make the
-        // gradient that of `s' = bf16(s)` (1/3 becomes 0.3340, +0.2 %) while the forward
-        // used `s`.
-        let a_scaled = &cast(&a.detach().affine(s, 0.0)?)?;
         let back = |g: Tensor, like: &Tensor| {
             if g.dtype() == like.dtype() {
                 Ok(g)
@@ -267,8 +292,16 @@ impl LoraLinear {
         // [r, n] x [n, in]
         let grad_a = back(kept(&grad_low.t()?, xc)?, a)?.affine(s, 0.0)?;
         // [n, out] x [out, in] + [n, r] x [r, in]; in bf16 the second product is added where
-        // the first lies.
+        // the first lies. The effective weight carries the second term already.
         let grad_x = kept(gy, w)?;
+        if self.effective() {
+            return Ok((back(grad_x, grad_y)?, grad_a, grad_b));
+        }
+        // The scale is applied in the parameters' dtype, to the small rank-r tensors: on a bf16
+        // tensor candle's `affine` rounds the multiplier itself to bf16, which would make the
+        // gradient that of `s' = bf16(s)` (1/3 becomes 0.3340, +0.2 %) while the forward
+        // used `s`.
+        let a_scaled = &cast(&a.detach().affine(s, 0.0)?)?;
         let grad_x = if widening {
             super::widening_matmul_add(&grad_x, &grad_low, a_scaled, 1.0)?;
             grad_x
@@ -283,7 +316,8 @@ impl LoraLinear {
 /// `a [r, in]`, `b [out, r]`: f32 or f64 on the CPU, f32 on CUDA ([`super::has_kernel`]).
 /// `compute` (bf16, with f32 parameters) runs the matmuls in that dtype on casts of the inputs;
 /// `x` may already be in `compute` (a cast that several projections share). The result is in
-/// the parameters' dtype.
+/// the parameters' dtype. With enough rows the products read the effective weight `W + s B A`
+/// (see the module's documentation).
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -293,70 +327,86 @@ pub fn lora_linear(
     compute: Option<DType>,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    x.apply_op3(a, b, LoraLinear::new(weight, None, scale, compute)?)
+    let rows = x.dims().first().copied().unwrap_or(0);
+    let step = StepWeight::choose(rows, (weight, a, b), scale, compute, false)?;
+    x.apply_op3(a, b, LoraLinear::new(weight, step, scale, compute)?)
 }
 
 impl LoraLinear {
-    /// The op for `weight` and, when the caller keeps one, its cast `weight_compute` to the
-    /// compute dtype (which must be that cast: same shape, in `compute`).
+    /// The op for `weight` and what its products read (a cast must be in `compute`, the
+    /// effective weight in `compute` or, without one, in the weight's dtype; both of the
+    /// weight's shape).
     fn new(
         weight: &Tensor,
-        weight_compute: Option<&Tensor>,
+        step: StepWeight,
         scale: f64,
         compute: Option<DType>,
     ) -> candle_core::Result<Self> {
         let compute = compute.filter(|&dt| dt != weight.dtype());
-        if let Some(wc) = weight_compute {
-            if Some(wc.dtype()) != compute || wc.shape() != weight.shape() {
+        let (what, want) = match &step {
+            StepWeight::Frozen => ("", None),
+            StepWeight::Cast(w) => ("cast", Some((w, compute))),
+            StepWeight::Effective(w) => (
+                "effective weight",
+                Some((w, Some(compute.unwrap_or(weight.dtype())))),
+            ),
+        };
+        if let Some((w, dtype)) = want {
+            if Some(w.dtype()) != dtype || w.shape() != weight.shape() {
                 candle_core::bail!(
-                    "lora linear: the weight's cast is {:?} {:?}, the weight {:?} computed in {compute:?}",
-                    wc.dtype(),
-                    wc.dims(),
+                    "lora linear: the weight's {what} is {:?} {:?}, the weight {:?} computed in {compute:?}",
+                    w.dtype(),
+                    w.dims(),
                     weight.dims()
                 );
             }
         }
+        let step = match step {
+            StepWeight::Cast(w) => StepWeight::Cast(w.detach()),
+            StepWeight::Effective(w) => StepWeight::Effective(w.detach()),
+            frozen => frozen,
+        };
         Ok(LoraLinear {
             weight: weight.detach(),
-            weight_compute: weight_compute.map(Tensor::detach),
+            step,
             scale,
             compute,
         })
     }
 }
 
-/// [`lora_linear`] with the weight's cast to `compute` made by the caller, who keeps it for the
-/// backward ([`lora_linear_backward`]) of the same step: a layer node, outside the graph.
-pub(crate) fn lora_linear_cast(
+/// [`lora_linear`] on what the caller chose for the products to read ([`StepWeight::choose`]),
+/// which it keeps for the backward ([`lora_linear_backward`]) of the same step: a layer node,
+/// outside the graph.
+pub(crate) fn lora_linear_step(
     x: &Tensor,
-    (weight, weight_compute): (&Tensor, &Tensor),
-    a: &Tensor,
-    b: &Tensor,
+    (weight, step): (&Tensor, &StepWeight),
+    (a, b): (&Tensor, &Tensor),
     scale: f64,
-    compute: DType,
+    compute: Option<DType>,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    let op = LoraLinear::new(weight, Some(weight_compute), scale, Some(compute))?;
+    let op = LoraLinear::new(weight, step.clone(), scale, compute)?;
     x.apply_op3(a, b, op)
 }
 
-/// The backward of [`lora_linear`] (or [`lora_linear_cast`], passing its `weight_compute`) with
-/// the same arguments and the output's gradient `dy`: `(dx, da, db)`, for code that chains
-/// backward passes by hand.
+/// The backward of [`lora_linear_step`] with the same arguments and the output's gradient `dy`:
+/// `(dx, da, db)`, for code that chains backward passes by hand.
 pub(crate) fn lora_linear_backward(
     x: &Tensor,
-    (weight, weight_compute): (&Tensor, Option<&Tensor>),
+    (weight, step): (&Tensor, &StepWeight),
     (a, b): (&Tensor, &Tensor),
     scale: f64,
     compute: Option<DType>,
     dy: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    LoraLinear::new(weight, weight_compute, scale, compute)?.backward(x, a, b, dy)
+    LoraLinear::new(weight, step.clone(), scale, compute)?.backward(x, a, b, dy)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::effective_weight::{effective_weight, effective_weight_pays};
     use crate::ops::float::max_abs_diff as max_diff;
     use candle_core::{Device, Var};
 
@@ -426,7 +476,15 @@ mod tests {
         assert_eq!(max_diff(&pre, &fused), 0.0);
         let dy = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
         let back = |x: &Tensor| {
-            lora_linear_backward(x, (&w, None), (&a, &b), s, Some(DType::BF16), &dy).unwrap()
+            lora_linear_backward(
+                x,
+                (&w, &StepWeight::Frozen),
+                (&a, &b),
+                s,
+                Some(DType::BF16),
+                &dy,
+            )
+            .unwrap()
         };
         let (own, shared) = (back(&x), back(&bf(&x)));
         assert_eq!(shared.0.dtype(), DType::F32);
@@ -440,18 +498,13 @@ mod tests {
         // The weight cast beforehand too (a layer node keeps it for the step): the same bits,
         // forward and backward; a cast that is not the weight's is refused.
         let wb = bf(&w);
-        let kept = lora_linear_cast(&bf(&x), (&w, &wb), &a, &b, s, DType::BF16).unwrap();
+        let cast = StepWeight::Cast(wb.clone());
+        let kept = lora_linear_step(&bf(&x), (&w, &cast), (&a, &b), s, Some(DType::BF16)).unwrap();
         assert_eq!(kept.dtype(), DType::F32);
         assert_eq!(max_diff(&kept, &fused), 0.0);
-        let kept_back = lora_linear_backward(
-            &bf(&x),
-            (&w, Some(&wb)),
-            (&a, &b),
-            s,
-            Some(DType::BF16),
-            &dy,
-        )
-        .unwrap();
+        let kept_back =
+            lora_linear_backward(&bf(&x), (&w, &cast), (&a, &b), s, Some(DType::BF16), &dy)
+                .unwrap();
         for (o, p) in [
             (&own.0, &kept_back.0),
             (&own.1, &kept_back.1),
@@ -464,9 +517,11 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let err = lora_linear_cast(&x, (&w, &wrong), &a, &b, s, DType::BF16).unwrap_err();
+        let step = |t: &Tensor| StepWeight::Cast(t.clone());
+        let mixed = Some(DType::BF16);
+        let err = lora_linear_step(&x, (&w, &step(&wrong)), (&a, &b), s, mixed).unwrap_err();
         assert!(err.to_string().contains("the weight's cast"), "{err}");
-        assert!(lora_linear_cast(&x, (&w, &w), &a, &b, s, DType::BF16).is_err());
+        assert!(lora_linear_step(&x, (&w, &step(&w)), (&a, &b), s, mixed).is_err());
         let f64_input = x.to_dtype(DType::F64).unwrap();
         let err = lora_linear(&f64_input, &w, &a, &b, s, Some(DType::BF16)).unwrap_err();
         assert!(err.to_string().contains("f32 or bf16 inputs"), "{err}");
@@ -493,8 +548,15 @@ mod tests {
             ints((n, out)),
         );
         let s = 1.0 / 3.0;
-        let (_, da, db) =
-            lora_linear_backward(&x, (&w, None), (&a, &b), s, Some(DType::BF16), &dy).unwrap();
+        let (_, da, db) = lora_linear_backward(
+            &x,
+            (&w, &StepWeight::Frozen),
+            (&a, &b),
+            s,
+            Some(DType::BF16),
+            &dy,
+        )
+        .unwrap();
         let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
         let low = f(&x).matmul(&f(&a).t().unwrap()).unwrap();
         let db_want = (f(&dy).t().unwrap().matmul(&low).unwrap() * s).unwrap();
@@ -506,6 +568,49 @@ mod tests {
             let d = max_diff(&f(got), want);
             assert!(d <= 1e-6 * scale, "{name}: {d} off (largest {scale})");
         }
+    }
+
+    /// The effective weight gives the separate products' output and input gradient to the
+    /// compute dtype's rounding, and the very same adapter gradients (the same products compute
+    /// them either way), in f32 and in bf16. It is chosen for a training batch, not for a row.
+    #[test]
+    fn the_effective_weight_is_the_same_function() {
+        let dev = Device::Cpu;
+        let (n, k, out, r) = (64, 24, 16, 4);
+        let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (out, k), &dev).unwrap();
+        let a = Tensor::randn(0f32, 0.3, (r, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, (out, r), &dev).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+        let s = 0.75;
+        let largest = |t: &Tensor| max_diff(t, &t.zeros_like().unwrap());
+        for (compute, tol) in [(None, 1e-5), (Some(DType::BF16), 2e-2)] {
+            let eff = StepWeight::Effective(effective_weight(&w, &a, &b, s, compute).unwrap());
+            let frozen = StepWeight::Frozen;
+            let run = |step: &StepWeight| {
+                let y = lora_linear_step(&x, (&w, step), (&a, &b), s, compute).unwrap();
+                let grads = lora_linear_backward(&x, (&w, step), (&a, &b), s, compute, &dy);
+                (y, grads.unwrap())
+            };
+            let ((ye, (dxe, dae, dbe)), (yf, (dxf, daf, dbf))) = (run(&eff), run(&frozen));
+            assert!(max_diff(&ye, &yf) <= tol * largest(&yf), "y ({compute:?})");
+            assert!(
+                max_diff(&dxe, &dxf) <= tol * largest(&dxf),
+                "dx ({compute:?})"
+            );
+            assert_eq!(max_diff(&dae, &daf), 0.0, "dA ({compute:?})");
+            assert_eq!(max_diff(&dbe, &dbf), 0.0, "dB ({compute:?})");
+        }
+        // Training batches take it; a few rows (generation) keep the separate products.
+        assert!(effective_weight_pays(1024, 512, 512));
+        assert!(!effective_weight_pays(100, 512, 512));
+        assert!(!effective_weight_pays(1, 512, 512));
+        // An effective weight in the wrong dtype or shape is refused.
+        let wrong = StepWeight::Effective(w.to_dtype(DType::F64).unwrap());
+        let err = lora_linear_step(&x, (&w, &wrong), (&a, &b), s, None).unwrap_err();
+        assert!(err.to_string().contains("effective weight"), "{err}");
+        let wrong = StepWeight::Effective(w.narrow(0, 0, out - 1).unwrap());
+        assert!(lora_linear_step(&x, (&w, &wrong), (&a, &b), s, None).is_err());
     }
 
     #[test]

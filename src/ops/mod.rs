@@ -14,6 +14,7 @@ pub mod causal_softmax;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod effective_weight;
 mod float;
 // Launched only by the CUDA kernels; compiled everywhere so its unit tests run on the CPU.
 pub mod frozen_matmul;
@@ -32,6 +33,7 @@ pub use adamw_group::{grouped_updates, set_grouped_updates};
 pub use attention::{causal_attention, fused_attention_applies, Heads};
 pub use causal_softmax::causal_softmax;
 pub use cross_entropy::cross_entropy_rows;
+pub use effective_weight::{effective_weights, set_effective_weights};
 pub use frozen_matmul::frozen_matmul;
 pub use lora_linear::lora_linear;
 pub use mixed_linear::mixed_linear;

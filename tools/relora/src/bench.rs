@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// cast) instead of keeping cuBLAS's f32 sums, to measure what that buys.
     #[arg(long)]
     rounded_products: bool,
+    /// Run each adapted projection's adapter as separate products (x Aᵀ, its up-projection, and
+    /// their input gradient) instead of one product on the effective weight W + s B A, to
+    /// measure what the effective weight buys.
+    #[arg(long)]
+    separate_adapter_products: bool,
     /// Time named regions of the step (each layer's projections, attention, norms; the loss; the
     /// optimizer) and print where a step goes. Waits for the device around every region, so
     /// the step itself is slower: take tokens/s from a run without it.
@@ -136,6 +141,7 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     relora::model::layer_node::set_layer_nodes(!a.graph_layers);
     relora::ops::set_grouped_updates(!a.per_tensor_optimizer);
     relora::ops::set_widening_products(!a.rounded_products);
+    relora::ops::set_effective_weights(!a.separate_adapter_products);
     let mut model = ModelConfig::preset(&a.preset)?;
     let tok = inputs::tokenizer(&a.tokenizer)?;
     model.vocab_size = tok.vocab_size();
@@ -285,6 +291,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             (a.graph_layers, "--graph-layers"),
             (a.per_tensor_optimizer, "--per-tensor-optimizer"),
             (a.rounded_products, "--rounded-products"),
+            (a.separate_adapter_products, "--separate-adapter-products"),
             (a.profile, "--profile"),
         ] {
             if on {
@@ -380,6 +387,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "fused_kernels": !a.composed_ops, "layer_nodes": !a.graph_layers,
             "grouped_optimizer": !a.per_tensor_optimizer,
             "widening_products": !a.rounded_products,
+            "effective_weights": !a.separate_adapter_products,
             "profiled": a.profile,
             "gemm_peak_gflops": peak_gflops,
             "tokenizer": a.tokenizer,

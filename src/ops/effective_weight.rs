@@ -1,0 +1,229 @@
+//! The effective weight `W + s B A` of an adapted projection: what its products read in place of
+//! the frozen `W` when a call has enough rows (see [`super::lora_linear`]), and how it is built.
+//!
+//! On the CPU the build is one pass: a copy of `W` into which one multithreaded gemm adds
+//! `B (s A)` (`dst = dst + B A`, the `gemm` crate's accumulating form); composed from candle ops it
+//! was a product, then an add over `[out, in]` on one thread, and at 60m that cost the forward
+//! more than the two rank-r products it saves. Elsewhere it is composed (on CUDA the cast to bf16
+//! is a pass over `[out, in]` anyway).
+
+use candle_core::{DType, Device, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static EFFECTIVE: AtomicBool = AtomicBool::new(true);
+
+/// Turns the effective weight `W + s B A` off (or back on) for the whole process: off, every
+/// adapted projection runs its three products forward and two for the input gradient, as before
+/// the effective weight existed. For benchmarks that measure what it buys (`relora bench
+/// --separate-adapter-products`). On by default.
+pub fn set_effective_weights(enabled: bool) {
+    EFFECTIVE.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the effective weight is on (see [`set_effective_weights`]).
+pub fn effective_weights() -> bool {
+    EFFECTIVE.load(Ordering::Relaxed)
+}
+
+/// Whether a call over `rows` inputs of an `[out, in]` projection does less work with the
+/// effective weight: it saves `rows r (2 in + out)` multiply-adds and costs `r in out` for
+/// `B A`, plus passes over `[out, in]` to add and cast it, which the factor 2 pays for. A
+/// training batch of a few hundred tokens passes; generating one token at a time does not.
+pub(crate) fn effective_weight_pays(rows: usize, k: usize, out: usize) -> bool {
+    rows.saturating_mul(2 * k + out) >= 2 * k * out
+}
+
+/// What an adapted projection's products read in place of the frozen `W [out, in]`, chosen once
+/// for a forward and kept for its backward.
+#[derive(Clone, Debug)]
+pub(crate) enum StepWeight {
+    /// `W` itself: the op casts it where it needs the compute dtype.
+    Frozen,
+    /// `W` cast to the compute dtype by the caller, who keeps it for the backward (a layer
+    /// node), so neither pass casts it again.
+    Cast(Tensor),
+    /// `W + s B A`, summed in the parameters' dtype and cast to the compute dtype if there is
+    /// one: the forward and the input gradient are one product each.
+    Effective(Tensor),
+}
+
+impl StepWeight {
+    /// The weight for a call over `rows` inputs: the effective weight when it is on and pays
+    /// ([`effective_weight_pays`]), else the cast of `weight` to `compute` when `keep_cast` and
+    /// the dtypes differ, else `weight` itself.
+    pub(crate) fn choose(
+        rows: usize,
+        (weight, a, b): (&Tensor, &Tensor, &Tensor),
+        scale: f64,
+        compute: Option<DType>,
+        keep_cast: bool,
+    ) -> candle_core::Result<Self> {
+        let compute = compute.filter(|&dt| dt != weight.dtype());
+        let (out, k) = weight.dims2()?;
+        let ((r, a_in), (b_out, b_r)) = (a.dims2()?, b.dims2()?);
+        if a_in != k || b_out != out || b_r != r {
+            candle_core::bail!(
+                "lora linear: W [{out}, {k}], A [{r}, {a_in}], B [{b_out}, {b_r}] do not fit"
+            );
+        }
+        if effective_weights() && effective_weight_pays(rows, k, out) {
+            return Ok(StepWeight::Effective(effective_weight(
+                weight, a, b, scale, compute,
+            )?));
+        }
+        match compute {
+            Some(dt) if keep_cast => Ok(StepWeight::Cast(weight.detach().to_dtype(dt)?)),
+            _ => Ok(StepWeight::Frozen),
+        }
+    }
+}
+
+/// `W + s B A` `[out, in]` in `weight`'s dtype, cast to `compute` when given. In mixed
+/// precision `B A` is a widening product of their bf16 casts, as the adapter's products read
+/// them; the scale goes on A in the parameters' dtype first (candle's `affine` on bf16 would
+/// round it).
+pub(crate) fn effective_weight(
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    compute: Option<DType>,
+) -> candle_core::Result<Tensor> {
+    let a_scaled = a.detach().affine(scale, 0.0)?;
+    if let Some(w) = cpu_effective_weight(weight, &a_scaled, b, compute)? {
+        return Ok(w);
+    }
+    // [out, r] x [r, in]
+    let delta = match compute {
+        Some(dt) => super::widening_matmul(&b.detach().to_dtype(dt)?, &a_scaled.to_dtype(dt)?)?,
+        None => b.detach().matmul(&a_scaled)?,
+    };
+    let w = (weight.detach() + delta.to_dtype(weight.dtype())?)?;
+    match compute {
+        Some(dt) => w.to_dtype(dt),
+        None => Ok(w),
+    }
+}
+
+/// The f32 elements of a CPU tensor in row-major order (a copy).
+fn f32_rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.detach().flatten_all()?.to_vec1::<f32>()
+}
+
+/// [`effective_weight`] on the CPU for f32 parameters: `W` copied, then `B (s A)` added into the
+/// copy by one accumulating gemm, then cast to `compute` in the same pass that builds the
+/// result. `None` for other devices and dtypes, which take the composed form.
+fn cpu_effective_weight(
+    weight: &Tensor,
+    a_scaled: &Tensor,
+    b: &Tensor,
+    compute: Option<DType>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !matches!(weight.device(), Device::Cpu)
+        || weight.dtype() != DType::F32
+        || !matches!(compute, None | Some(DType::BF16))
+    {
+        return Ok(None);
+    }
+    let ((out, k), (r, _)) = (weight.dims2()?, a_scaled.dims2()?);
+    // In mixed precision the adapter's products read bf16 casts of A and B: widen those.
+    let operand = |t: &Tensor| match compute {
+        Some(dt) => f32_rows(&t.to_dtype(dt)?.to_dtype(DType::F32)?),
+        None => f32_rows(t),
+    };
+    let (lhs, rhs) = (operand(b)?, operand(a_scaled)?);
+    let mut dst = f32_rows(weight)?;
+    if dst.len() != out * k || lhs.len() != out * r || rhs.len() != r * k {
+        candle_core::bail!("effective weight: W, A and B do not fit");
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dst [out, k], lhs [out, r] and rhs [r, k] are row-major buffers of exactly those
+    // sizes (checked above), with column stride 1 and row strides k, r and k; dst does not alias
+    // the operands. dst := 1 * dst + 1 * lhs rhs.
+    unsafe {
+        gemm::gemm(
+            out,
+            k,
+            r,
+            dst.as_mut_ptr(),
+            1,
+            k as isize,
+            true,
+            lhs.as_ptr(),
+            1,
+            r as isize,
+            rhs.as_ptr(),
+            1,
+            k as isize,
+            1f32,
+            1f32,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    let w = match compute {
+        Some(_) => {
+            let cast: Vec<half::bf16> = dst.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            Tensor::from_vec(cast, (out, k), &Device::Cpu)?
+        }
+        None => Tensor::from_vec(dst, (out, k), &Device::Cpu)?,
+    };
+    Ok(Some(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::float::max_abs_diff as max_diff;
+
+    /// The one-pass CPU build equals `W + s B A` in float64 (f32 to f32 rounding; bf16 to one
+    /// bf16 rounding of that sum, on the bf16 casts of A and B), for the shapes of a projection
+    /// and for a single rank.
+    #[test]
+    fn the_cpu_build_is_w_plus_s_b_a() {
+        let dev = Device::Cpu;
+        for (out, k, r) in [(37, 50, 8), (16, 24, 1)] {
+            let w = Tensor::randn(0f32, 0.3, (out, k), &dev).unwrap();
+            let a = Tensor::randn(0f32, 0.3, (r, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.3, (out, r), &dev).unwrap();
+            let s = 0.375;
+            let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let a_scaled = a.affine(s, 0.0).unwrap();
+            let built = cpu_effective_weight(&w, &a_scaled, &b, None)
+                .unwrap()
+                .unwrap();
+            let want = (f64_of(&w) + f64_of(&b).matmul(&f64_of(&a_scaled)).unwrap()).unwrap();
+            let largest = max_diff(&want, &want.zeros_like().unwrap());
+            assert!(
+                max_diff(&f64_of(&built), &want) <= 1e-6 * largest,
+                "f32 {out}x{k} r{r}"
+            );
+
+            let bf = |t: &Tensor| f64_of(&t.to_dtype(DType::BF16).unwrap());
+            let mixed = cpu_effective_weight(&w, &a_scaled, &b, Some(DType::BF16))
+                .unwrap()
+                .unwrap();
+            assert_eq!(mixed.dtype(), DType::BF16);
+            let want = (f64_of(&w) + bf(&b).matmul(&bf(&a_scaled)).unwrap()).unwrap();
+            // One bf16 rounding of values below `largest`: at most 2^-9 of it.
+            let d = max_diff(&f64_of(&mixed), &want);
+            assert!(d <= largest / 256.0, "bf16 {out}x{k} r{r}: {d}");
+            // The composed form (other devices) builds the same weight.
+            let composed = {
+                let delta = b.matmul(&a_scaled).unwrap();
+                (w.clone() + delta).unwrap()
+            };
+            assert!(max_diff(&built, &composed) <= 1e-6 * largest);
+        }
+        let f64_weight = Tensor::zeros((2, 2), DType::F64, &dev).unwrap();
+        let none = cpu_effective_weight(&f64_weight, &f64_weight, &f64_weight, None).unwrap();
+        assert!(none.is_none(), "f64 takes the composed form");
+    }
+}
