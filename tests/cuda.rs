@@ -182,6 +182,32 @@ fn fused_lora_linear_in_bf16_stays_within_bf16_rounding_of_the_f32_cpu() {
     );
 }
 
+/// With enough rows the op reads the effective weight `W + s B A`; on the GPU in bf16 that is
+/// cuBLAS's f32 product added to W and rounded by `add_to_bf16`. Values and gradients agree with
+/// the CPU's build (one accumulating gemm): f32 to 1e-5, bf16 to bf16 rounding.
+#[test]
+fn lora_linear_on_the_effective_weight_matches_the_cpu() {
+    let (n, k, out, r) = (1024, 512, 384, 32);
+    let w = randn(&[out, k], 0.0, 0.05);
+    let inputs = [
+        randn(&[n, k], 0.0, 1.0),
+        randn(&[r, k], 0.0, 0.05),
+        randn(&[out, r], 0.0, 0.05),
+    ];
+    assert!(relora::ops::effective_weights());
+    for (compute, tol) in [(None, 1e-5), (Some(candle_core::DType::BF16), 3e-2)] {
+        gpu_op_agrees(
+            &format!("lora linear on the effective weight, compute {compute:?}"),
+            &inputs,
+            |t| {
+                let w = w.to_device(t[0].device())?;
+                lora_linear(&t[0], &w, &t[1], &t[2], 0.75, compute)
+            },
+            tol,
+        );
+    }
+}
+
 #[test]
 fn fused_rotary_kernel_matches_the_cpu() {
     let rope =

@@ -439,6 +439,36 @@ fn add_scaled_adds_the_scaled_product_in_place() {
     }
 }
 
+/// The effective weight's add and cast: every element is the f32 sum rounded to the nearest
+/// bf16, ties to even, bit for bit as `half` rounds it; NaN stays NaN.
+#[test]
+fn add_to_bf16_rounds_each_f32_sum_to_the_nearest_bf16() {
+    let n = 3001;
+    let mut w = noise(n, 1.0, 70);
+    let mut d = noise(n, 0.01, 71);
+    // Exact ties: 1 + 3/256 goes up to 1 + 4/256, 1 + 1/256 down to 1.
+    (w[0], d[0], w[1], d[1]) = (1.0, 3.0 / 256.0, 1.0, 1.0 / 256.0);
+    (w[2], d[2]) = (f32::NAN, 1.0);
+    let want: Vec<u16> = w
+        .iter()
+        .zip(&d)
+        .map(|(a, b)| half::bf16::from_f32(a + b).to_bits())
+        .collect();
+    for geometry in [elementwise(n), ((2, 1), 64)] {
+        let mut r = Request::default();
+        let (bw, bd, bo) = (r.f32s(&w), r.f32s(&d), r.output(2 * n));
+        let args = [Arg::Buf(bw), Arg::Buf(bd), Arg::Buf(bo), Arg::U64(n as u64)];
+        r.launch("add_to_bf16", geometry, &args);
+        let got = bf16s(&r.run()[bo]);
+        assert!(got[2].is_nan());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate().filter(|(i, _)| *i != 2) {
+            assert_eq!(g.to_bits(), *w, "element {i}");
+        }
+        assert_eq!(got[0].to_f32(), 1.0 + 4.0 / 256.0);
+        assert_eq!(got[1].to_f32(), 1.0);
+    }
+}
+
 /// Forward, then the backward's per-block partial sums of dw reduced by `col_sum`, as
 /// `rms_norm.rs` launches them: with its grids (one block a row, up to 512 blocks), with fewer
 /// blocks than rows, with one warp a row, and with rows wider than a block.

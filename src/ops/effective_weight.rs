@@ -4,10 +4,13 @@
 //! On the CPU the build is one pass: a copy of `W` into which one multithreaded gemm adds
 //! `B (s A)` (`dst = dst + B A`, the `gemm` crate's accumulating form); composed from candle ops it
 //! was a product, then an add over `[out, in]` on one thread, and at 60m that cost the forward
-//! more than the two rank-r products it saves. Elsewhere it is composed (on CUDA the cast to bf16
-//! is a pass over `[out, in]` anyway).
+//! more than the two rank-r products it saves. On CUDA in bf16 the product `B (s A)` comes from
+//! cuBLAS in f32 and one kernel adds it to `W` and rounds the sum to bf16 (`add_to_bf16`), in place
+//! of the cast of `W` a mixed-precision step makes anyway. Anything else is composed.
 
-use candle_core::{DType, Device, Tensor};
+use super::float::contiguous;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static EFFECTIVE: AtomicBool = AtomicBool::new(true);
@@ -94,6 +97,14 @@ pub(crate) fn effective_weight(
         return Ok(w);
     }
     // [out, r] x [r, in]
+    if compute == Some(DType::BF16) && weight.dtype() == DType::F32 && super::fused_kernels() {
+        let (bb, ab) = (
+            b.detach().to_dtype(DType::BF16)?,
+            a_scaled.to_dtype(DType::BF16)?,
+        );
+        let delta = super::widening_matmul(&bb, &ab)?;
+        return weight.detach().apply_op2_no_bwd(&delta, &AddToBf16);
+    }
     let delta = match compute {
         Some(dt) => super::widening_matmul(&b.detach().to_dtype(dt)?, &a_scaled.to_dtype(dt)?)?,
         None => b.detach().matmul(&a_scaled)?,
@@ -102,6 +113,74 @@ pub(crate) fn effective_weight(
     match compute {
         Some(dt) => w.to_dtype(dt),
         None => Ok(w),
+    }
+}
+
+/// `bf16(w + d)` for f32 `w` and `d` of one shape, in one pass: the effective weight's add and
+/// its cast to the compute dtype.
+struct AddToBf16;
+
+impl AddToBf16 {
+    fn same_shape(wl: &Layout, dl: &Layout) -> candle_core::Result<()> {
+        if wl.shape() != dl.shape() {
+            candle_core::bail!(
+                "effective weight: W {:?} and B A {:?} differ",
+                wl.dims(),
+                dl.dims()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for AddToBf16 {
+    fn name(&self) -> &'static str {
+        "add-to-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &CpuStorage,
+        wl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::same_shape(wl, dl)?;
+        let w = contiguous::<f32>(self.name(), ws, wl)?;
+        let d = contiguous::<f32>(self.name(), ds, dl)?;
+        let out = w
+            .iter()
+            .zip(d)
+            .map(|(&w, &d)| half::bf16::from_f32(w + d))
+            .collect();
+        Ok((CpuStorage::BF16(out), wl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        Self::same_shape(wl, dl)?;
+        let w = cuda::input(self.name(), ws, wl)?;
+        let d = cuda::input(self.name(), ds, dl)?;
+        let n = wl.shape().elem_count();
+        let dev = ws.device();
+        let out = cuda::output::<half::bf16>(dev, n)?;
+        cuda::launch!(
+            dev,
+            "add_to_bf16",
+            cuda::elementwise(n),
+            &w,
+            &d,
+            &out,
+            &(n as u64)
+        );
+        Ok((cuda::storage(out, dev), wl.shape().clone()))
     }
 }
 
@@ -222,6 +301,15 @@ mod tests {
             };
             assert!(max_diff(&built, &composed) <= 1e-6 * largest);
         }
+        // The GPU's add-and-cast op, run on the CPU: each element is the f32 sum rounded to
+        // the nearest bf16, ties to even (1 + 3/256 lies halfway and goes to 1 + 4/256).
+        let w = Tensor::new(&[1.0f32, -2.5, 1.0], &dev).unwrap();
+        let d = Tensor::new(&[3.0f32 / 256.0, 0.25, 1.0 / 256.0], &dev).unwrap();
+        let sum = w.apply_op2_no_bwd(&d, &AddToBf16).unwrap();
+        let got: Vec<f32> = sum.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        assert_eq!(got, [1.0 + 4.0 / 256.0, -2.25, 1.0]);
+        let other = Tensor::zeros(2, DType::F32, &dev).unwrap();
+        assert!(w.apply_op2_no_bwd(&other, &AddToBf16).is_err());
         let f64_weight = Tensor::zeros((2, 2), DType::F64, &dev).unwrap();
         let none = cpu_effective_weight(&f64_weight, &f64_weight, &f64_weight, None).unwrap();
         assert!(none.is_none(), "f64 takes the composed form");
