@@ -9,7 +9,6 @@
 //! of the cast of `W` a mixed-precision step makes anyway. Anything else is composed.
 
 use super::float::contiguous;
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -165,6 +164,7 @@ impl CustomOp2 for AddToBf16 {
         dl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
+        use candle_core::backend::BackendStorage as _;
         Self::same_shape(wl, dl)?;
         let w = cuda::input(self.name(), ws, wl)?;
         let d = cuda::input(self.name(), ds, dl)?;
