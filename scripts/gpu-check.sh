@@ -7,7 +7,9 @@
 #      f32 (TF32), and at 350m bf16 again with the decoder layers on candle's graph
 #      (`--graph-layers`), with an AdamW launch per tensor instead of the grouped update
 #      (`--per-tensor-optimizer`), with bf16 products rounded before they are kept in f32
-#      (`--rounded-products`), and with candle's composed ops instead of the kernels;
+#      (`--rounded-products`), relora with the adapters' separate products instead of the
+#      effective weight (`--separate-adapter-products`), and with candle's composed ops instead
+#      of the kernels;
 #   4. the same configurations through PyTorch + transformers (eager attention) + peft;
 #   5. a profiled 350m bf16 run (`relora bench --profile`): where a step goes, region by region;
 # then one table last, with the raw JSON and summary.json under $OUT. Optional stages that would
@@ -98,11 +100,11 @@ bench() {
     --batch-size "$BATCH" --rank "$RANK" --modes "$mode" --steps "$STEPS" --warmup 2 "$@" \
     --json "$base.json" > "$base.txt" 2>&1 || {
       tail -n 5 "$base.txt"
-      log "FAILED: relora $preset $label $mode; again with --rounded-products --per-tensor-optimizer"
+      log "FAILED: relora $preset $label $mode; again with the newest GPU paths off"
       mv "$base.txt" "$base.failed.txt"
       timeout 120 $RUN "$BUNDLE/relora" bench --device cuda:0 --preset "$preset" --seq-len "$SEQ" \
         --batch-size "$BATCH" --rank "$RANK" --modes "$mode" --steps "$STEPS" --warmup 2 "$@" \
-        --rounded-products --per-tensor-optimizer \
+        --rounded-products --per-tensor-optimizer --separate-adapter-products \
         --json "$base.json" > "$base.txt" 2>&1 || tail -n 5 "$base.txt"
     }
   sample_stop
@@ -145,8 +147,10 @@ if stage profile; then
   }
 fi
 if stage bench; then
-  # What the grouped AdamW update and the widening products buy: the same runs with a launch
-  # per tensor, and with the products rounded to bf16 and cast.
+  # What the effective weight, the grouped AdamW update and the widening products buy: the same
+  # runs with the adapters' separate products (relora only: full rank has no adapters), with a
+  # launch per tensor, and with the products rounded to bf16 and cast.
+  in_budget "relora 350m separate adapter products" && { log "relora 350m bf16 separate adapter products relora"; bench 350m bf16-separate relora --compute-dtype bf16 --separate-adapter-products; }
   for mode in full relora; do
     in_budget "relora 350m per-tensor optimizer $mode" && { log "relora 350m bf16 per-tensor optimizer $mode"; bench 350m bf16-per-tensor "$mode" --compute-dtype bf16 --per-tensor-optimizer; }
   done
@@ -214,7 +218,8 @@ for p in sizes:
                        ("bf16-graph", "relora bf16 graph layers"),
                        ("bf16-composed", "relora bf16 composed"), ("bf16-b16", "relora bf16 batch16"),
                        ("bf16-per-tensor", "relora bf16 per-tensor opt"),
-                       ("bf16-rounded", "relora bf16 rounded products")):
+                       ("bf16-rounded", "relora bf16 rounded products"),
+                       ("bf16-separate", "relora bf16 separate adapter products")):
         for mode in ("full", "relora"):
             f = out / f"relora-{p}-{label}-{mode}.json"
             if f.exists():

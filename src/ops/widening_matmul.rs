@@ -210,15 +210,14 @@ pub(crate) fn cuda_into(
         super::cuda::launch!(dev, "add_scaled", cfg, c, p, &alpha, &len);
         return Ok(());
     }
-    // cuBLAS is column-major: the row-major C [m, n] is the column-major C^T [n, m] =
-    // B^T A^T, so B is its first operand and A its second. A row-major operand is, read
-    // column-major, its own transpose (op N); a transposed one is the matrix itself (op T).
-    let op = |l: &Layout, cols: usize, rows: usize| match orientation(l) {
-        Some(Orientation::RowMajor) => (sys::cublasOperation_t::CUBLAS_OP_N, cols),
-        _ => (sys::cublasOperation_t::CUBLAS_OP_T, rows),
+    let g = GemmArgs::new(al, bl, (m, k, n))?;
+    let op = |transposed: bool| {
+        if transposed {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
     };
-    let (op_b, ldb) = op(bl, n, k);
-    let (op_a, lda) = op(al, k, m);
     let a_view = a.as_cuda_slice::<half::bf16>()?.slice(al.start_offset()..);
     let b_view = b.as_cuda_slice::<half::bf16>()?.slice(bl.start_offset()..);
     let blas = dev.cublas_handle();
@@ -233,28 +232,87 @@ pub(crate) fn cuda_into(
     unsafe {
         gemm_ex(
             *blas.handle(),
-            op_b,
-            op_a,
-            int("n", n)?,
-            int("m", m)?,
-            int("k", k)?,
+            op(g.first_transposed),
+            op(g.second_transposed),
+            int("n", g.rows)?,
+            int("m", g.cols)?,
+            int("k", g.inner)?,
             (&alpha) as *const f32 as *const _,
             b_ptr as *const _,
             sys::cudaDataType_t::CUDA_R_16BF,
-            int("ldb", ldb)?,
+            int("ldb", g.ld_first)?,
             a_ptr as *const _,
             sys::cudaDataType_t::CUDA_R_16BF,
-            int("lda", lda)?,
+            int("lda", g.ld_second)?,
             (&beta) as *const f32 as *const _,
             c_ptr as *mut _,
             sys::cudaDataType_t::CUDA_R_32F,
-            int("ldc", n)?,
+            int("ldc", g.ld_c)?,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
         )
         .w()?;
     }
     Ok(())
+}
+
+/// The arguments of the column-major `gemm` (cuBLAS's) that computes the row-major
+/// `C [m, n] = A [m, k] B [k, n]`: read column-major, C's memory is `C^T [n, m] = B^T A^T`, so B
+/// is the first operand and A the second. A row-major operand read column-major is its own
+/// transpose (no op); a transposed one is the matrix itself (op T). Pure, so the CPU tests check
+/// it against a column-major gemm written from cuBLAS's definition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct GemmArgs {
+    /// Whether the first operand (B) is transposed by the gemm (op T).
+    pub first_transposed: bool,
+    /// Whether the second operand (A) is transposed by the gemm (op T).
+    pub second_transposed: bool,
+    /// The column-major result's rows: `n`.
+    pub rows: usize,
+    /// Its columns: `m`.
+    pub cols: usize,
+    /// The summed dimension: `k`.
+    pub inner: usize,
+    /// The first operand's leading dimension.
+    pub ld_first: usize,
+    /// The second operand's leading dimension.
+    pub ld_second: usize,
+    /// The result's leading dimension: `n`.
+    pub ld_c: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl GemmArgs {
+    /// The arguments for `a [m, k]` and `b [k, n]` laid out as `al` and `bl` (each row-major or
+    /// transposed, from their start offsets).
+    pub(crate) fn new(
+        al: &Layout,
+        bl: &Layout,
+        (m, k, n): (usize, usize, usize),
+    ) -> candle_core::Result<Self> {
+        // (op T, leading dimension) of an operand with `rows` x `cols` in row-major terms.
+        let op = |l: &Layout, rows: usize, cols: usize| match orientation(l) {
+            Some(Orientation::RowMajor) => Ok((false, cols.max(1))),
+            Some(Orientation::Transposed) => Ok((true, rows.max(1))),
+            None => candle_core::bail!(
+                "widening matmul: operand strides {:?} are neither row-major nor transposed",
+                l.stride()
+            ),
+        };
+        let (first_transposed, ld_first) = op(bl, k, n)?;
+        let (second_transposed, ld_second) = op(al, m, k)?;
+        Ok(GemmArgs {
+            first_transposed,
+            second_transposed,
+            rows: n,
+            cols: m,
+            inner: k,
+            ld_first,
+            ld_second,
+            ld_c: n.max(1),
+        })
+    }
 }
 
 /// `c += alpha a b` on the CPU for `c [m, n]` f32: the widening product, then one add.
@@ -407,6 +465,81 @@ pub fn widening_matmul_add(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// `C = alpha op(X) op(Y) + beta C`, column-major, as cuBLAS's `gemm` defines it: `op(X)`
+    /// is `rows x inner`, `op(Y)` is `inner x cols`, element (i, j) of a stored matrix with
+    /// leading dimension `ld` at `i + j ld`.
+    fn column_major_gemm(
+        g: &GemmArgs,
+        x: &[f64],
+        y: &[f64],
+        c: &mut [f64],
+        (alpha, beta): (f64, f64),
+    ) {
+        let at = |m: &[f64], transposed: bool, ld: usize, i: usize, j: usize| {
+            if transposed {
+                m[j + i * ld]
+            } else {
+                m[i + j * ld]
+            }
+        };
+        for i in 0..g.rows {
+            for j in 0..g.cols {
+                let mut sum = 0.0;
+                for p in 0..g.inner {
+                    sum += at(x, g.first_transposed, g.ld_first, i, p)
+                        * at(y, g.second_transposed, g.ld_second, p, j);
+                }
+                let slot = &mut c[i + j * g.ld_c];
+                *slot = alpha * sum + beta * *slot;
+            }
+        }
+    }
+
+    /// The cuBLAS arguments computed from each operand orientation, given to a column-major gemm
+    /// written from cuBLAS's definition over the operands' memory, give the row-major product,
+    /// with `beta = 1` adding into what the output held; vectors and single rows included.
+    #[test]
+    fn cublas_arguments_give_the_row_major_product_in_every_orientation() {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(5, 7, 3), (1, 4, 6), (6, 4, 1), (3, 1, 4), (1, 1, 1)] {
+            let a = Tensor::randn(0f64, 1.0, (m, k), &dev).unwrap();
+            let b = Tensor::randn(0f64, 1.0, (k, n), &dev).unwrap();
+            let c0 = Tensor::randn(0f64, 1.0, (m, n), &dev).unwrap();
+            let want = (a.matmul(&b).unwrap() * 0.5 + &c0).unwrap();
+            let want = f64s(&want);
+            // Each operand as stored: row-major, or the transpose of a row-major copy.
+            let stored = |t: &Tensor, transposed: bool| {
+                if transposed {
+                    let mem = t.t().unwrap().contiguous().unwrap();
+                    (f64s(&mem), mem.t().unwrap().layout().clone())
+                } else {
+                    (f64s(t), t.layout().clone())
+                }
+            };
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (a_mem, al) = stored(&a, ta);
+                let (b_mem, bl) = stored(&b, tb);
+                let g = GemmArgs::new(&al, &bl, (m, k, n)).unwrap();
+                let mut c = f64s(&c0);
+                column_major_gemm(&g, &b_mem, &a_mem, &mut c, (0.5, 1.0));
+                let d = c
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    d < 1e-12,
+                    "[{m}, {k}] x [{k}, {n}], transposed {ta} {tb}: {d}"
+                );
+            }
+        }
+        // A narrowed view is neither orientation: refused, not misread.
+        let wide = Tensor::zeros((4, 6), DType::F64, &dev).unwrap();
+        let narrow = wide.narrow(1, 0, 3).unwrap();
+        let b = Tensor::zeros((3, 2), DType::F64, &dev).unwrap();
+        assert!(GemmArgs::new(narrow.layout(), b.layout(), (4, 3, 2)).is_err());
+    }
 
     fn f64s(t: &Tensor) -> Vec<f64> {
         t.to_dtype(DType::F64)
