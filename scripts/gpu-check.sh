@@ -266,6 +266,11 @@ for p in sizes:
     if any(x == x for x in per):
         grouped = [opt_ms(p, "relora bf16", m) for m in ("full", "relora")]
         print(f"{p}: optimizer ms, grouped AdamW full {grouped[0]:.1f} relora {grouped[1]:.1f} | per tensor full {per[0]:.1f} relora {per[1]:.1f}")
+for p in sizes:
+    sep = tps(p, "relora bf16 separate adapter products", "relora")
+    if sep == sep:
+        eff = tps(p, "relora bf16", "relora")
+        print(f"{p}: relora tok/s, effective weight {eff:.0f} | separate adapter products {sep:.0f} ({eff / sep:.2f}x)")
 (out / "summary.json").write_text(json.dumps({"gpu": gpu, "bf16_peak_tflops": peak, "seq_len": seq, "rows": table}, indent=1))
 PY
 log "done (CUDA tests exit status $tests_rc)"
