@@ -30,7 +30,8 @@ pub fn effective_weights() -> bool {
 /// Whether a call over `rows` inputs of an `[out, in]` projection does less work with the
 /// effective weight: it saves `rows r (2 in + out)` multiply-adds and costs `r in out` for
 /// `B A`, plus passes over `[out, in]` to add and cast it, which the factor 2 pays for. A
-/// training batch of a few hundred tokens passes; generating one token at a time does not.
+/// 512 x 512 projection needs 342 rows, 350m's widest (1024 to 2736) 1171: a training batch
+/// passes; generating one token at a time does not.
 pub(crate) fn effective_weight_pays(rows: usize, k: usize, out: usize) -> bool {
     rows.saturating_mul(2 * k + out) >= 2 * k * out
 }
