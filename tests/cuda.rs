@@ -183,7 +183,7 @@ fn fused_lora_linear_in_bf16_stays_within_bf16_rounding_of_the_f32_cpu() {
 }
 
 /// With enough rows the op reads the effective weight `W + s B A`; on the GPU in bf16 that is
-/// cuBLAS's f32 product added to W and rounded by `add_to_bf16`. Values and gradients agree with
+/// cuBLAS's f32 product scaled, added to W and rounded by `add_scaled_to_bf16`. Values and gradients agree with
 /// the CPU's build (one accumulating gemm): f32 to 1e-5, bf16 to bf16 rounding.
 #[test]
 fn lora_linear_on_the_effective_weight_matches_the_cpu() {

@@ -439,26 +439,32 @@ fn add_scaled_adds_the_scaled_product_in_place() {
     }
 }
 
-/// The effective weight's add and cast: every element is the f32 sum rounded to the nearest
-/// bf16, ties to even, bit for bit as `half` rounds it; NaN stays NaN.
+/// The effective weight's scale, add and cast: every element is the f32 `w + s d` rounded to
+/// the nearest bf16, ties to even, bit for bit as `half` rounds it; NaN stays NaN.
 #[test]
-fn add_to_bf16_rounds_each_f32_sum_to_the_nearest_bf16() {
-    let n = 3001;
+fn add_scaled_to_bf16_rounds_each_f32_sum_to_the_nearest_bf16() {
+    let (n, s) = (3001, 0.5f32);
     let mut w = noise(n, 1.0, 70);
     let mut d = noise(n, 0.01, 71);
     // Exact ties: 1 + 3/256 goes up to 1 + 4/256, 1 + 1/256 down to 1.
-    (w[0], d[0], w[1], d[1]) = (1.0, 3.0 / 256.0, 1.0, 1.0 / 256.0);
+    (w[0], d[0], w[1], d[1]) = (1.0, 6.0 / 256.0, 1.0, 2.0 / 256.0);
     (w[2], d[2]) = (f32::NAN, 1.0);
     let want: Vec<u16> = w
         .iter()
         .zip(&d)
-        .map(|(a, b)| half::bf16::from_f32(a + b).to_bits())
+        .map(|(a, b)| half::bf16::from_f32(a + s * b).to_bits())
         .collect();
     for geometry in [elementwise(n), ((2, 1), 64)] {
         let mut r = Request::default();
         let (bw, bd, bo) = (r.f32s(&w), r.f32s(&d), r.output(2 * n));
-        let args = [Arg::Buf(bw), Arg::Buf(bd), Arg::Buf(bo), Arg::U64(n as u64)];
-        r.launch("add_to_bf16", geometry, &args);
+        let args = [
+            Arg::Buf(bw),
+            Arg::Buf(bd),
+            Arg::F32(s),
+            Arg::Buf(bo),
+            Arg::U64(n as u64),
+        ];
+        r.launch("add_scaled_to_bf16", geometry, &args);
         let got = bf16s(&r.run()[bo]);
         assert!(got[2].is_nan());
         for (i, (g, w)) in got.iter().zip(&want).enumerate().filter(|(i, _)| *i != 2) {

@@ -133,7 +133,7 @@ mod tests {
             "rotary",
             "adamw_group",
             "sum_squares_group",
-            "add_to_bf16",
+            "add_scaled_to_bf16",
         ] {
             assert!(ptx.contains(kernel), "{kernel} missing from the PTX");
         }

@@ -2,11 +2,13 @@
 //! the frozen `W` when a call has enough rows (see [`super::lora_linear`]), and how it is built.
 //!
 //! On the CPU the build is one pass: a copy of `W` into which one multithreaded gemm adds
-//! `B (s A)` (`dst = dst + B A`, the `gemm` crate's accumulating form); composed from candle ops it
+//! `s B A` (`dst = dst + s B A`, the `gemm` crate's accumulating form); composed from candle ops it
 //! was a product, then an add over `[out, in]` on one thread, and at 60m that cost the forward
-//! more than the two rank-r products it saves. On CUDA in bf16 the product `B (s A)` comes from
-//! cuBLAS in f32 and one kernel adds it to `W` and rounds the sum to bf16 (`add_to_bf16`), in place
-//! of the cast of `W` a mixed-precision step makes anyway. Anything else is composed.
+//! more than the two rank-r products it saves. On CUDA in bf16 the product `B A` comes from
+//! cuBLAS in f32 and one kernel scales it, adds it to `W` and rounds the sum to bf16
+//! (`add_scaled_to_bf16`), in place of the cast of `W` a mixed-precision step makes anyway.
+//! Anything else is composed. In mixed precision the scale multiplies the f32 product, as the
+//! adapter's own products apply it, never a bf16 rounding of `s A`.
 
 use super::float::contiguous;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
@@ -83,8 +85,7 @@ impl StepWeight {
 
 /// `W + s B A` `[out, in]` in `weight`'s dtype, cast to `compute` when given. In mixed
 /// precision `B A` is a widening product of their bf16 casts, as the adapter's products read
-/// them; the scale goes on A in the parameters' dtype first (candle's `affine` on bf16 would
-/// round it).
+/// them, and `s` multiplies it in f32.
 pub(crate) fn effective_weight(
     weight: &Tensor,
     a: &Tensor,
@@ -92,35 +93,34 @@ pub(crate) fn effective_weight(
     scale: f64,
     compute: Option<DType>,
 ) -> candle_core::Result<Tensor> {
-    let a_scaled = a.detach().affine(scale, 0.0)?;
-    if let Some(w) = cpu_effective_weight(weight, &a_scaled, b, compute)? {
+    if let Some(w) = cpu_effective_weight(weight, a, b, scale, compute)? {
         return Ok(w);
     }
     // [out, r] x [r, in]
-    if compute == Some(DType::BF16) && weight.dtype() == DType::F32 && super::fused_kernels() {
-        let (bb, ab) = (
-            b.detach().to_dtype(DType::BF16)?,
-            a_scaled.to_dtype(DType::BF16)?,
-        );
-        let delta = super::widening_matmul(&bb, &ab)?;
-        return weight.detach().apply_op2_no_bwd(&delta, &AddToBf16);
+    if let Some(dt) = compute {
+        let delta = super::widening_matmul(&b.detach().to_dtype(dt)?, &a.detach().to_dtype(dt)?)?;
+        if dt == DType::BF16 && weight.dtype() == DType::F32 && super::fused_kernels() {
+            return weight
+                .detach()
+                .apply_op2_no_bwd(&delta, &AddScaledToBf16(scale as f32));
+        }
+        let w = (weight.detach() + delta.affine(scale, 0.0)?.to_dtype(weight.dtype())?)?;
+        return w.to_dtype(dt);
     }
-    let delta = match compute {
-        Some(dt) => super::widening_matmul(&b.detach().to_dtype(dt)?, &a_scaled.to_dtype(dt)?)?,
-        None => b.detach().matmul(&a_scaled)?,
-    };
-    let w = (weight.detach() + delta.to_dtype(weight.dtype())?)?;
+    // The scale on A, the smaller operand, in the parameters' dtype.
+    let delta = b.detach().matmul(&a.detach().affine(scale, 0.0)?)?;
+    let w = (weight.detach() + delta)?;
     match compute {
         Some(dt) => w.to_dtype(dt),
         None => Ok(w),
     }
 }
 
-/// `bf16(w + d)` for f32 `w` and `d` of one shape, in one pass: the effective weight's add and
-/// its cast to the compute dtype.
-struct AddToBf16;
+/// `bf16(w + s d)` for f32 `w` and `d` of one shape and the f32 `s`, in one pass: the effective
+/// weight's scale, add and cast to the compute dtype.
+struct AddScaledToBf16(f32);
 
-impl AddToBf16 {
+impl AddScaledToBf16 {
     fn same_shape(wl: &Layout, dl: &Layout) -> candle_core::Result<()> {
         if wl.shape() != dl.shape() {
             candle_core::bail!(
@@ -133,9 +133,9 @@ impl AddToBf16 {
     }
 }
 
-impl CustomOp2 for AddToBf16 {
+impl CustomOp2 for AddScaledToBf16 {
     fn name(&self) -> &'static str {
-        "add-to-bf16"
+        "add-scaled-to-bf16"
     }
 
     fn cpu_fwd(
@@ -151,7 +151,7 @@ impl CustomOp2 for AddToBf16 {
         let out = w
             .iter()
             .zip(d)
-            .map(|(&w, &d)| half::bf16::from_f32(w + d))
+            .map(|(&w, &d)| half::bf16::from_f32(w + self.0 * d))
             .collect();
         Ok((CpuStorage::BF16(out), wl.shape().clone()))
     }
@@ -174,10 +174,11 @@ impl CustomOp2 for AddToBf16 {
         let out = cuda::output::<half::bf16>(dev, n)?;
         cuda::launch!(
             dev,
-            "add_to_bf16",
+            "add_scaled_to_bf16",
             cuda::elementwise(n),
             &w,
             &d,
+            &self.0,
             &out,
             &(n as u64)
         );
@@ -190,13 +191,14 @@ fn f32_rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.detach().flatten_all()?.to_vec1::<f32>()
 }
 
-/// [`effective_weight`] on the CPU for f32 parameters: `W` copied, then `B (s A)` added into the
+/// [`effective_weight`] on the CPU for f32 parameters: `W` copied, then `s B A` added into the
 /// copy by one accumulating gemm, then cast to `compute` in the same pass that builds the
 /// result. `None` for other devices and dtypes, which take the composed form.
 fn cpu_effective_weight(
     weight: &Tensor,
-    a_scaled: &Tensor,
+    a: &Tensor,
     b: &Tensor,
+    scale: f64,
     compute: Option<DType>,
 ) -> candle_core::Result<Option<Tensor>> {
     if !matches!(weight.device(), Device::Cpu)
@@ -205,13 +207,13 @@ fn cpu_effective_weight(
     {
         return Ok(None);
     }
-    let ((out, k), (r, _)) = (weight.dims2()?, a_scaled.dims2()?);
+    let ((out, k), (r, _)) = (weight.dims2()?, a.dims2()?);
     // In mixed precision the adapter's products read bf16 casts of A and B: widen those.
     let operand = |t: &Tensor| match compute {
         Some(dt) => f32_rows(&t.to_dtype(dt)?.to_dtype(DType::F32)?),
         None => f32_rows(t),
     };
-    let (lhs, rhs) = (operand(b)?, operand(a_scaled)?);
+    let (lhs, rhs) = (operand(b)?, operand(a)?);
     let mut dst = f32_rows(weight)?;
     if dst.len() != out * k || lhs.len() != out * r || rhs.len() != r * k {
         candle_core::bail!("effective weight: W, A and B do not fit");
@@ -224,7 +226,7 @@ fn cpu_effective_weight(
     };
     // SAFETY: dst [out, k], lhs [out, r] and rhs [r, k] are row-major buffers of exactly those
     // sizes (checked above), with column stride 1 and row strides k, r and k; dst does not alias
-    // the operands. dst := 1 * dst + 1 * lhs rhs.
+    // the operands. dst := 1 * dst + s * lhs rhs.
     unsafe {
         gemm::gemm(
             out,
@@ -241,7 +243,7 @@ fn cpu_effective_weight(
             1,
             k as isize,
             1f32,
-            1f32,
+            scale as f32,
             false,
             false,
             false,
@@ -276,9 +278,7 @@ mod tests {
             let s = 0.375;
             let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
             let a_scaled = a.affine(s, 0.0).unwrap();
-            let built = cpu_effective_weight(&w, &a_scaled, &b, None)
-                .unwrap()
-                .unwrap();
+            let built = cpu_effective_weight(&w, &a, &b, s, None).unwrap().unwrap();
             let want = (f64_of(&w) + f64_of(&b).matmul(&f64_of(&a_scaled)).unwrap()).unwrap();
             let largest = max_diff(&want, &want.zeros_like().unwrap());
             assert!(
@@ -287,11 +287,13 @@ mod tests {
             );
 
             let bf = |t: &Tensor| f64_of(&t.to_dtype(DType::BF16).unwrap());
-            let mixed = cpu_effective_weight(&w, &a_scaled, &b, Some(DType::BF16))
+            let mixed = cpu_effective_weight(&w, &a, &b, s, Some(DType::BF16))
                 .unwrap()
                 .unwrap();
             assert_eq!(mixed.dtype(), DType::BF16);
-            let want = (f64_of(&w) + bf(&b).matmul(&bf(&a_scaled)).unwrap()).unwrap();
+            // s multiplies the product of the bf16 casts, unrounded.
+            let low = bf(&b).matmul(&bf(&a)).unwrap();
+            let want = (f64_of(&w) + (low * s).unwrap()).unwrap();
             // One bf16 rounding of values below `largest`: at most 2^-9 of it.
             let d = max_diff(&f64_of(&mixed), &want);
             assert!(d <= largest / 256.0, "bf16 {out}x{k} r{r}: {d}");
@@ -302,17 +304,17 @@ mod tests {
             };
             assert!(max_diff(&built, &composed) <= 1e-6 * largest);
         }
-        // The GPU's add-and-cast op, run on the CPU: each element is the f32 sum rounded to
-        // the nearest bf16, ties to even (1 + 3/256 lies halfway and goes to 1 + 4/256).
+        // The GPU's scale-add-and-cast op, run on the CPU: each element is the f32 sum rounded
+        // to the nearest bf16, ties to even (1 + 3/256 lies halfway and goes to 1 + 4/256).
         let w = Tensor::new(&[1.0f32, -2.5, 1.0], &dev).unwrap();
-        let d = Tensor::new(&[3.0f32 / 256.0, 0.25, 1.0 / 256.0], &dev).unwrap();
-        let sum = w.apply_op2_no_bwd(&d, &AddToBf16).unwrap();
+        let d = Tensor::new(&[6.0f32 / 256.0, 0.5, 2.0 / 256.0], &dev).unwrap();
+        let sum = w.apply_op2_no_bwd(&d, &AddScaledToBf16(0.5)).unwrap();
         let got: Vec<f32> = sum.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
         assert_eq!(got, [1.0 + 4.0 / 256.0, -2.25, 1.0]);
         let other = Tensor::zeros(2, DType::F32, &dev).unwrap();
-        assert!(w.apply_op2_no_bwd(&other, &AddToBf16).is_err());
+        assert!(w.apply_op2_no_bwd(&other, &AddScaledToBf16(1.0)).is_err());
         let f64_weight = Tensor::zeros((2, 2), DType::F64, &dev).unwrap();
-        let none = cpu_effective_weight(&f64_weight, &f64_weight, &f64_weight, None).unwrap();
+        let none = cpu_effective_weight(&f64_weight, &f64_weight, &f64_weight, 1.0, None).unwrap();
         assert!(none.is_none(), "f64 takes the composed form");
     }
 }

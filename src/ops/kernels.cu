@@ -279,11 +279,11 @@ __device__ unsigned short f32_to_bf16(float f) {
     return (unsigned short)(u >> 16);
 }
 
-// out = bf16(w + d) over n elements: an adapted projection's effective weight W + s B A, from
-// the f32 weight and the f32 product, added and rounded in one pass.
-extern "C" __global__ void add_to_bf16(const float* w, const float* d, unsigned short* out,
-                                       unsigned long long n) {
-    GRID_STRIDE(i, n) { out[i] = f32_to_bf16(w[i] + d[i]); }
+// out = bf16(w + s d) over n elements: an adapted projection's effective weight W + s B A, from
+// the f32 weight and the f32 product B A, scaled, added and rounded in one pass.
+extern "C" __global__ void add_scaled_to_bf16(const float* w, const float* d, float s,
+                                              unsigned short* out, unsigned long long n) {
+    GRID_STRIDE(i, n) { out[i] = f32_to_bf16(w[i] + s * d[i]); }
 }
 
 // causal_softmax_fwd on bf16 scores and probabilities, with the arithmetic in f32.

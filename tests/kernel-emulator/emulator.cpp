@@ -315,7 +315,7 @@ namespace {
     X(swiglu_fwd) X(swiglu_bwd) X(add_scaled) X(rms_fwd) X(rms_bwd) X(col_sum)                  \
     X(causal_softmax_fwd) X(causal_softmax_bwd) X(adamw_moments) X(adamw_apply) X(adamw_group)  \
     X(sum_squares_group) X(sum_f64) X(rotary) X(causal_softmax_fwd_bf16)                        \
-    X(causal_softmax_bwd_bf16) X(cross_entropy_fwd) X(cross_entropy_bwd) X(add_to_bf16)
+    X(causal_softmax_bwd_bf16) X(cross_entropy_fwd) X(cross_entropy_bwd) X(add_scaled_to_bf16)
 
 using Launcher = std::function<void(const dim3&, const dim3&, const std::vector<emu::Arg>&)>;
 
