@@ -12,7 +12,9 @@
 #      of the kernels;
 #   4. the same configurations through PyTorch + transformers (eager attention) + peft;
 #   5. a profiled 350m bf16 run (`relora bench --profile`): where a step goes, region by region;
-# then one table last, with the raw JSON and summary.json under $OUT. Optional stages that would
+# then one table last, the ratios (relora/full, against PyTorch, and each newer path on/off,
+# from the runs above), with the raw JSON and summary.json under $OUT. A benchmark that fails is
+# rerun with the newest paths off; its row says "(fallback)". Optional stages that would
 # start after BUDGET_S (420) seconds are skipped, so a call with timeout_s 560 ends with its summary.
 #
 # Inputs: gpu-bundle.tar.xz (or an unpacked gpu-bundle/) with the `relora` binary and the `cuda`
@@ -222,10 +224,13 @@ for p in sizes:
                        ("bf16-separate", "relora bf16 separate adapter products")):
         for mode in ("full", "relora"):
             f = out / f"relora-{p}-{label}-{mode}.json"
+            # A run that failed and was rerun with the newest paths off is not the engine its
+            # label names: say so, and keep it out of the on/off ratios below.
+            shown = eng + (" (fallback)" if (out / f"relora-{p}-{label}-{mode}.failed.txt").exists() else "")
             if f.exists():
                 for r in json.loads(f.read_text())["results"]:
                     r["peak_gpu_mib"] = mem_peak(f"mem-relora-{p}-{label}-{mode}.txt")
-                    rows.append((p, eng, r))
+                    rows.append((p, shown, r))
     for attn in ("eager", "sdpa", "eager-b16"):
         for mode in ("full", "relora"):
             f = out / f"torch-{p}-{attn}-{mode}.json"
@@ -250,8 +255,11 @@ for p, eng, r in rows:
            "merge_reset_ms": r.get("merge_reset_ms"), "torch_allocated_mib": r.get("torch_allocated_mib")}
     table.append(row)
     print(f"{p:<6} {eng:<24} {r['mode']:<7} {tps:>8.0f} {r['median_step_ms']:>8.1f} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['optimizer_ms']:>7.1f} {r['peak_gpu_mib']:>8.0f} {mfu:>6.1%}")
-def tps(p, eng, mode):
-    return next((t["tokens_per_s"] for t in table if t["preset"] == p and t["engine"] == eng and t["mode"] == mode), float("nan"))
+def tps(p, eng, mode, fallback=True):
+    # The headline ratios take a fallback run if that is all there is (it is marked above);
+    # the on/off ratios of one path do not.
+    names = (eng, eng + " (fallback)") if fallback else (eng,)
+    return next((t["tokens_per_s"] for t in table if t["preset"] == p and t["engine"] in names and t["mode"] == mode), float("nan"))
 print()
 for p in sizes:
     rel, full = tps(p, "relora bf16", "relora"), tps(p, "relora bf16", "full")
@@ -266,11 +274,17 @@ for p in sizes:
     if any(x == x for x in per):
         grouped = [opt_ms(p, "relora bf16", m) for m in ("full", "relora")]
         print(f"{p}: optimizer ms, grouped AdamW full {grouped[0]:.1f} relora {grouped[1]:.1f} | per tensor full {per[0]:.1f} relora {per[1]:.1f}")
+# Each switch that turns one newer GPU path off, against the default build in the same run:
+# tokens/s with the path on over tokens/s with it off, per mode that ran both ways.
+switches = (("relora bf16 separate adapter products", "effective weight"),
+            ("relora bf16 rounded products", "bf16 products kept in f32"),
+            ("relora bf16 graph layers", "layer nodes"))
 for p in sizes:
-    sep = tps(p, "relora bf16 separate adapter products", "relora")
-    if sep == sep:
-        eff = tps(p, "relora bf16", "relora")
-        print(f"{p}: relora tok/s, effective weight {eff:.0f} | separate adapter products {sep:.0f} ({eff / sep:.2f}x)")
+    for eng, path in switches:
+        pairs = [(m, tps(p, "relora bf16", m, False), tps(p, eng, m, False)) for m in ("full", "relora")]
+        pairs = [(m, on, off) for m, on, off in pairs if off == off and on == on]
+        if pairs:
+            print(f"{p}: {path} on/off, tok/s " + " | ".join(f"{m} {on:.0f} / {off:.0f} ({on / off:.2f}x)" for m, on, off in pairs))
 (out / "summary.json").write_text(json.dumps({"gpu": gpu, "bf16_peak_tflops": peak, "seq_len": seq, "rows": table}, indent=1))
 PY
 log "done (CUDA tests exit status $tests_rc)"
