@@ -159,9 +159,16 @@ typedef enum {
      */
     RELORA_STATUS_IO = 400,
     /**
-     * A checkpoint is missing, corrupt, truncated or inconsistent.
+     * A checkpoint is missing, corrupt, truncated or inconsistent, or one of its files is not
+     * a regular file.
      */
     RELORA_STATUS_CHECKPOINT = 401,
+    /**
+     * The output path holds something relora may not replace: a file or directory relora did
+     * not write (never replaced), or relora's own earlier output when replacing it was not
+     * asked for. Nothing was changed; the message names the path and what is there.
+     */
+    RELORA_STATUS_OUTPUT_EXISTS = 402,
     /**
      * The requested device is not available in this build or on this machine.
      */
@@ -514,8 +521,9 @@ relora_status relora_params_get_float(const relora_params *params, const char *k
  *
  * All or nothing: on failure `params` is unchanged and the message names the file and key.
  *
- * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`, `RELORA_STATUS_IO`
- * (unreadable file), `RELORA_STATUS_INVALID_CONFIG` (not a JSON object),
+ * Errors: `RELORA_STATUS_NULL_PARAMETER` (checked before the file is touched),
+ * `RELORA_STATUS_INVALID_HANDLE`, `RELORA_STATUS_IO` (unreadable, missing, over 256 MiB, or not
+ * a regular file), `RELORA_STATUS_INVALID_CONFIG` (not a JSON object),
  * `RELORA_STATUS_UNKNOWN_PARAM`, `RELORA_STATUS_INVALID_PARAM`.
  */
 relora_status relora_params_load_file(relora_params *params, const char *path);
@@ -604,8 +612,9 @@ relora_status relora_trainer_new(const relora_params *params, relora_trainer **o
  * written.
  *
  * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_ARGUMENT`,
- * `RELORA_STATUS_CHECKPOINT` (missing, corrupt or inconsistent checkpoint), `RELORA_STATUS_IO`,
- * `RELORA_STATUS_DEVICE`.
+ * `RELORA_STATUS_CHECKPOINT` (missing, corrupt or inconsistent checkpoint, `dir` not a
+ * directory, or one of its files not a regular file: a FIFO, a device), `RELORA_STATUS_IO` (an
+ * OS error reading a file, such as permission denied), `RELORA_STATUS_DEVICE`.
  */
 relora_status relora_trainer_load(const char *dir, const char *device, relora_trainer **out);
 
@@ -700,15 +709,18 @@ relora_status relora_trainer_eval(const relora_trainer *trainer,
                                   double *loss);
 
 /**
- * Saves a checkpoint of the whole training state to directory `dir` (created, or replaced
- * atomically: a save that fails leaves any earlier checkpoint there intact). `host_state` may
- * be NULL, or JSON text (e.g. the host's data-loader cursor) stored in the checkpoint and
- * returned by `relora_trainer_host_state` after `relora_trainer_load`.
+ * Saves a checkpoint of the whole training state to directory `dir`, atomically: a save that
+ * fails leaves whatever was there intact. `dir` may be new, an empty directory, or an earlier
+ * relora checkpoint holding nothing else, which is replaced; anything else (a directory with
+ * other files, a regular file) is refused with `RELORA_STATUS_OUTPUT_EXISTS` and not touched.
+ * `host_state` may be NULL, or JSON text (e.g. the host's data-loader cursor), checked to be
+ * JSON and stored as given: `relora_trainer_host_state` returns it byte for byte after
+ * `relora_trainer_load`.
  *
  * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
  * `RELORA_STATUS_INVALID_ARGUMENT` (host_state not JSON), `RELORA_STATUS_INVALID_STATE` (a split
- * step is in progress), `RELORA_STATUS_IO`, `RELORA_STATUS_CHECKPOINT`, `RELORA_STATUS_BUSY`,
- * `RELORA_STATUS_POISONED`.
+ * step is in progress), `RELORA_STATUS_OUTPUT_EXISTS`, `RELORA_STATUS_IO`,
+ * `RELORA_STATUS_CHECKPOINT`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
  */
 relora_status relora_trainer_save(const relora_trainer *trainer,
                                   const char *dir,
@@ -731,11 +743,14 @@ relora_status relora_trainer_merge(relora_trainer *trainer);
  * `out_dir` (`config.json`, `generation_config.json`, `model.safetensors` or shards with an
  * index, and the tokenizer files when the trainer has a tokenizer), written atomically. The
  * trainer is not changed. `dtype` is "f32" (when NULL), "bf16" or "f16"; `max_shard_bytes` 0
- * writes one file; an existing `out_dir` is replaced only when `overwrite` is true.
+ * writes one file. `out_dir` may be new or an empty directory; an earlier relora export there
+ * (marked by its `relora-export.json`, holding nothing else) is replaced only when `overwrite`
+ * is true; anything else is never replaced.
  *
  * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
- * `RELORA_STATUS_INVALID_ARGUMENT` (unknown dtype), `RELORA_STATUS_IO` (out_dir exists and
- * overwrite is false; a write failed), `RELORA_STATUS_TOKENIZER`,
+ * `RELORA_STATUS_INVALID_ARGUMENT` (unknown dtype), `RELORA_STATUS_OUTPUT_EXISTS` (out_dir
+ * holds what relora did not write, or its own export and overwrite is false),
+ * `RELORA_STATUS_IO` (a write failed), `RELORA_STATUS_TOKENIZER`,
  * `RELORA_STATUS_COMPUTE`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
  */
 relora_status relora_trainer_export(const relora_trainer *trainer,

@@ -1,8 +1,8 @@
 //! Model and training configuration: the Hugging Face `LlamaConfig` fields, the paper's presets,
 //! and every training option, with validation that names the offending field.
 
-use crate::bounded_read::{read_limited_text, JSON_LIMIT};
 use crate::error::{Error, Result};
+use crate::fs::read::{read_limited_text, JSON_LIMIT};
 use crate::optim::reset::ResetMode;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -571,11 +571,75 @@ impl TrainConfig {
         }
         Ok(())
     }
+
+    /// Checks these options against the model they train, after each on its own: the sequence
+    /// fits the rotary table, and the adapters' rank does not exceed the smaller dimension of
+    /// any projection they attach to (a wider adapter only costs memory and time).
+    pub fn validate_for(&self, model: &ModelConfig) -> Result<()> {
+        model.validate()?;
+        self.validate()?;
+        if self.seq_len > model.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "seq_len {} exceeds max_position_embeddings {}",
+                self.seq_len, model.max_position_embeddings
+            )));
+        }
+        if self.uses_adapters() {
+            let (h, ff) = (model.hidden_size, model.intermediate_size);
+            let kv = model.kv_heads() * model.head_dim();
+            // The narrowest projection the adapters attach to sets the bound.
+            let narrowest = self
+                .target_modules
+                .iter()
+                .map(|t| match t.as_str() {
+                    "k_proj" | "v_proj" => (h.min(kv), t),
+                    "gate_proj" | "up_proj" | "down_proj" => (h.min(ff), t),
+                    _ => (h, t),
+                })
+                .min();
+            if let Some((bound, name)) = narrowest {
+                if self.lora_rank > bound {
+                    return Err(Error::Config(format!(
+                        "lora_rank {} exceeds {bound}, the smaller dimension of {name} \
+                         (hidden_size {h}, intermediate_size {ff}, key/value width {kv})",
+                        self.lora_rank
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_adapter_rank_is_bounded_by_the_projections() {
+        let m = ModelConfig::preset("tiny").unwrap();
+        let mut t = TrainConfig {
+            mode: Mode::Relora,
+            seq_len: 8,
+            lora_rank: m.kv_heads() * m.head_dim(),
+            ..TrainConfig::default()
+        };
+        // tiny has grouped-query attention: k and v are the narrowest projections.
+        assert!(t.lora_rank < m.hidden_size);
+        t.validate_for(&m).unwrap();
+        t.lora_rank += 1;
+        let err = t.validate_for(&m).unwrap_err().to_string();
+        assert!(err.contains("k_proj"), "{err}");
+        t.lora_rank = 100_000;
+        let err = t.validate_for(&m).unwrap_err().to_string();
+        assert!(
+            err.contains("lora_rank 100000") && err.contains("exceeds 32"),
+            "{err}"
+        );
+        // Full-rank training has no adapters to bound.
+        t.mode = Mode::Full;
+        t.validate_for(&m).unwrap();
+    }
 
     #[test]
     fn presets_match_the_paper_and_validate() {

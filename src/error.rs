@@ -36,6 +36,18 @@ pub enum Error {
     /// A tokenizer could not be created or failed to encode/decode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An output path holds something relora may not replace: a file or directory relora did
+    /// not write (`own` false), or relora's own earlier output when replacing it was not asked
+    /// for (`own` true). Nothing was changed.
+    #[error("{path}: {}", occupied(found, *own))]
+    OutputExists {
+        /// The output path.
+        path: PathBuf,
+        /// What is there, in words ("a directory holding notes.txt, which relora did not write").
+        found: String,
+        /// Whether it is relora's own earlier output of the same kind.
+        own: bool,
+    },
     /// A checkpoint is missing, corrupt, truncated or inconsistent.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {
@@ -60,7 +72,7 @@ pub enum Error {
         /// How many non-finite steps in a row were seen.
         count: u32,
         /// The last loss value observed.
-        loss: f32,
+        loss: f64,
     },
     /// The requested device is not available in this build or on this machine.
     #[error("device {0}")]
@@ -94,6 +106,21 @@ impl Error {
             path: path.into(),
             message: message.into(),
         }
+    }
+}
+
+/// The message of [`Error::OutputExists`].
+fn occupied(found: &str, own: bool) -> String {
+    if own {
+        format!(
+            "already holds {found}; replacing it must be asked for (--force on the command \
+             line, overwrite = true in the C API)"
+        )
+    } else {
+        format!(
+            "holds {found}; relora replaces only its own earlier output, so nothing was \
+             changed: choose another path, or move that away first"
+        )
     }
 }
 

@@ -16,8 +16,6 @@
 // committed header.
 
 /// cbindgen:ignore
-pub mod bounded_read;
-/// cbindgen:ignore
 pub mod checkpoint;
 /// cbindgen:ignore
 pub mod config;
@@ -32,6 +30,8 @@ pub mod error;
 /// cbindgen:ignore
 pub mod export;
 pub mod ffi;
+/// cbindgen:ignore
+pub mod fs;
 /// cbindgen:ignore
 pub mod model;
 /// cbindgen:ignore

@@ -92,6 +92,8 @@ pub struct TrainRun {
     opts: RunOptions,
     /// Set for data-parallel runs: averages gradients over the ranks.
     reducer: Option<BucketReducer>,
+    /// The step whose save kills the process part-way (fault injection for tests).
+    kill_in_save_at: Option<u64>,
 }
 
 impl TrainRun {
@@ -138,6 +140,7 @@ impl TrainRun {
             tokenizer,
             opts,
             reducer: None,
+            kill_in_save_at: None,
         })
     }
 
@@ -158,7 +161,7 @@ impl TrainRun {
         let dir = run_dir::resolve(path)?;
         let (trainer, manifest) = checkpoint::load(&dir, device)?;
         if opts.writer {
-            trim_metrics(&opts.out_dir.join("metrics.jsonl"), trainer.step_count())?;
+            trim_metrics(&opts.out_dir.join(METRICS_FILE), trainer.step_count())?;
         }
         let state = match manifest.data {
             Some(v) => Some(
@@ -199,6 +202,13 @@ impl TrainRun {
             Some(r) => Shard::new(r.comm().rank(), r.comm().world()),
             None => Shard::new(0, 1),
         }
+    }
+
+    /// Makes the save of step `step` kill this process (SIGKILL) after writing two of its files,
+    /// as a `kill -9` during a save would. For tests.
+    #[doc(hidden)]
+    pub fn inject_kill_in_save_at(&mut self, step: u64) {
+        self.kill_in_save_at = Some(step);
     }
 
     /// Waits for the other ranks (no-op without data parallelism).
@@ -251,11 +261,12 @@ impl TrainRun {
         let mut stats = self.trainer.apply(Some(reducer))?;
         let bytes = reducer.last().bytes;
         // The logged loss is the mean over all ranks' micro-batches, as in one process; every
-        // rank's micro-batches have the same shape.
+        // rank's micro-batches have the same shape. (The communicators reduce f32, so the
+        // logged mean has f32 precision here.)
         let comm = reducer.comm();
         let mut global = [0f32];
-        comm.all_reduce_sum(&[stats.loss], &mut global)?;
-        stats.loss = global[0] / comm.world() as f32;
+        comm.all_reduce_sum(&[stats.loss as f32], &mut global)?;
+        stats.loss = f64::from(global[0] / comm.world() as f32);
         stats.tokens *= comm.world();
         Ok((stats, Some(bytes)))
     }
@@ -287,8 +298,11 @@ impl TrainRun {
                 Error::checkpoint(&dir, format!("serialising the data cursor: {e}"))
             })?),
             tokenizer: self.tokenizer.clone(),
+            host_state: None,
         };
-        checkpoint::save(&self.trainer, &dir, &extra).map_err(|e| {
+        let fault = (self.kill_in_save_at == Some(self.trainer.step_count()))
+            .then_some(checkpoint::save::SaveFault::KillAfter(2));
+        checkpoint::save::save_with(&self.trainer, &dir, &extra, fault).map_err(|e| {
             Error::checkpoint(
                 &dir,
                 format!("could not be saved ({e}); the older checkpoints are intact"),
@@ -308,7 +322,7 @@ impl TrainRun {
         mut on_step: impl FnMut(&StepReport<'_>) -> bool,
     ) -> Result<()> {
         let until = until_step.min(self.trainer.config.steps);
-        let metrics_path = self.opts.out_dir.join("metrics.jsonl");
+        let metrics_path = self.opts.out_dir.join(METRICS_FILE);
         let mut metrics = if self.opts.writer {
             Some(
                 std::fs::OpenOptions::new()
@@ -378,11 +392,59 @@ impl TrainRun {
     }
 }
 
+/// The run directory's log of steps.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Removes the run directory's `metrics.jsonl` before a fresh run, if it is relora's log: a
+/// regular file whose every complete line is a JSON object with a `step`. Anything else under
+/// that name is refused ([`Error::OutputExists`]) and left alone; a missing file is fine.
+pub fn remove_metrics_log(out_dir: &Path) -> Result<()> {
+    if check_metrics_log(out_dir)? {
+        let path = out_dir.join(METRICS_FILE);
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Whether the run directory has a `metrics.jsonl`, refusing one that is not relora's log (see
+/// [`remove_metrics_log`]).
+pub fn check_metrics_log(out_dir: &Path) -> Result<bool> {
+    let path = out_dir.join(METRICS_FILE);
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let foreign = |found: String| Error::OutputExists {
+        path: path.clone(),
+        found,
+        own: false,
+    };
+    if !meta.is_file() {
+        return Err(foreign(crate::fs::read::describe(&meta.file_type()).into()));
+    }
+    let text = crate::fs::read::read_regular(&path)?;
+    for (i, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
+        // A torn last line is what a killed run leaves.
+        if !line.ends_with(b"\n") {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+        if v["step"].as_u64().is_none() {
+            return Err(foreign(format!(
+                "a file whose line {} is not a relora metrics record (not relora's log)",
+                i + 1
+            )));
+        }
+    }
+    Ok(true)
+}
+
 /// Cuts `metrics.jsonl` back to the line that completed step `step` (and drops a torn last line),
 /// so a run resumed from that step's checkpoint does not log the steps after it twice. A file
 /// without that line (another run's, or none) is left alone.
 fn trim_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read(path) else {
+    let Ok(text) = crate::fs::read::read_regular(path) else {
         return Ok(());
     };
     let mut end = 0usize;

@@ -26,8 +26,8 @@ use std::time::Instant;
 pub struct StepStats {
     /// Optimizer steps completed after this one (skipped steps don't count).
     pub step: u64,
-    /// Mean loss over the step's micro-batches.
-    pub loss: f32,
+    /// Mean loss over the step's micro-batches, as computed (in f64 from the loss tensors).
+    pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
     /// Global gradient norm before clipping.
@@ -165,6 +165,8 @@ pub struct Trainer {
     prepared_step: Option<u64>,
     prepared_events: (bool, Option<ResetSummary>),
     prepare_ms: f64,
+    /// A step whose first micro-batch reports a non-finite loss (fault injection for tests).
+    fault_nonfinite_at: Option<u64>,
 }
 
 struct Pending {
@@ -208,14 +210,7 @@ pub fn schedule_for(cfg: &TrainConfig) -> Schedule {
 impl Trainer {
     /// A new trainer with a freshly initialised model (seeded by `config.seed`).
     pub fn new(model_config: &ModelConfig, config: &TrainConfig, device: &Device) -> Result<Self> {
-        config.validate()?;
-        model_config.validate()?;
-        if config.seq_len > model_config.max_position_embeddings {
-            return Err(Error::Config(format!(
-                "seq_len {} exceeds max_position_embeddings {}",
-                config.seq_len, model_config.max_position_embeddings
-            )));
-        }
+        config.validate_for(model_config)?;
         let mut init_rng = Rng::derived(config.seed, "init");
         let model = Llama::new(model_config, config.candle_dtype()?, device, &mut init_rng)?;
         Self::from_parts(
@@ -256,6 +251,7 @@ impl Trainer {
             prepared_step: None,
             prepared_events: (false, None),
             prepare_ms: 0.0,
+            fault_nonfinite_at: None,
         })
     }
 
@@ -452,7 +448,7 @@ impl Trainer {
 
     /// Forward + backward of one micro-batch, adding its gradients to the step being built.
     /// Returns the micro-batch's loss. Non-finite losses mark the step for skipping.
-    pub fn accumulate(&mut self, batch: &Batch) -> Result<f32> {
+    pub fn accumulate(&mut self, batch: &Batch) -> Result<f64> {
         self.check_batch(batch)?;
         self.prepare_step()?;
         let started = Instant::now();
@@ -471,10 +467,14 @@ impl Trainer {
         let dev = self.model.device().clone();
         let loss =
             region("fwd loss", &dev, || cross_entropy(&logits, &targets)).ctx("cross-entropy")?;
-        let loss_value = region("fwd loss", &dev, || {
+        let mut loss_value = region("fwd loss", &dev, || {
             loss.to_dtype(DType::F64)?.to_scalar::<f64>()
         })
         .ctx("loss")?;
+        if self.fault_nonfinite_at == Some(self.counters.step) {
+            self.fault_nonfinite_at = None;
+            loss_value = f64::NAN;
+        }
         // Average over micro-batches so the step's gradient is the mean over all of them.
         let scaled = loss
             .affine(1.0 / self.config.grad_accum as f64, 0.0)
@@ -533,7 +533,7 @@ impl Trainer {
         pending.non_finite |= !loss_value.is_finite();
         pending.timings.forward_ms += forward_ms;
         pending.timings.backward_ms += started.elapsed().as_secs_f64() * 1e3;
-        Ok(loss_value as f32)
+        Ok(loss_value)
     }
 
     /// Finishes the step: optional gradient reduction, clipping, and the AdamW update at the
@@ -562,7 +562,7 @@ impl Trainer {
                 r.reduce_all(&names, &mut pending.grads)
             })?;
         }
-        let loss = (pending.loss_sum / pending.micro_batches as f64) as f32;
+        let loss = pending.loss_sum / pending.micro_batches as f64;
         let grad_norm = region("opt gradient norm", &dev, || {
             clip::global_norm(&pending.grads)
         })?;
@@ -675,6 +675,13 @@ impl Trainer {
             }
         }
         Ok(out)
+    }
+
+    /// Makes the first micro-batch of step `step` report a non-finite loss while its gradients
+    /// stay finite, once: what an overflow on one data-parallel rank looks like. For tests.
+    #[doc(hidden)]
+    pub fn inject_nonfinite_loss_at(&mut self, step: u64) {
+        self.fault_nonfinite_at = Some(step);
     }
 
     /// Restores counters (checkpoint loading).

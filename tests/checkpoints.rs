@@ -256,6 +256,68 @@ fn corrupt_truncated_and_foreign_checkpoints_are_clear_errors() {
 }
 
 /// Replaces a checkpoint's manifest and its checksum file, as a deliberate edit would.
+/// Files of a checkpoint replaced by a FIFO, `/dev/zero` or `/dev/urandom`: the loader used to
+/// block on the FIFO or read the endless stream; now each is refused at once, the file named.
+#[cfg(unix)]
+#[test]
+fn files_that_are_not_regular_files_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = new_run(&dir.path().join("r"), 12);
+    run.train_until(11, |_| true).unwrap();
+    let good = run_dir::resolve(&dir.path().join("r")).unwrap();
+    let mut cases = 0;
+    for file in [
+        "manifest.json",
+        "manifest.json.crc32",
+        "params.safetensors",
+        "base.safetensors",
+        "adapters.safetensors",
+        "optimizer.safetensors",
+        "phases/phase-0001.safetensors",
+    ] {
+        for special in ["fifo", "/dev/zero", "/dev/urandom"] {
+            let d = dir
+                .path()
+                .join(format!("{}-{cases}", file.replace('/', "-")));
+            std::fs::create_dir_all(d.join("phases")).unwrap();
+            for e in walk(&good) {
+                let rel = e.strip_prefix(&good).unwrap();
+                std::fs::copy(&e, d.join(rel)).unwrap();
+            }
+            let target = d.join(file);
+            std::fs::remove_file(&target).unwrap();
+            if special == "fifo" {
+                let c = std::ffi::CString::new(target.to_str().unwrap()).unwrap();
+                // SAFETY: a valid NUL-terminated path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            } else {
+                std::os::unix::fs::symlink(special, &target).unwrap();
+            }
+            let started = std::time::Instant::now();
+            let name = Path::new(file).file_name().unwrap().to_str().unwrap();
+            match checkpoint::load(&d, &Device::Cpu) {
+                Ok(_) => panic!("{file} as {special} was loaded"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(matches!(e, Error::Checkpoint { .. }), "{file}: {e:?}");
+                    assert!(
+                        msg.contains(name) && msg.contains("not a regular file"),
+                        "{msg}"
+                    );
+                }
+            }
+            assert!(started.elapsed().as_secs() < 10, "{file} as {special}");
+            cases += 1;
+        }
+    }
+    // A checkpoint path that is a regular file, or nothing at all.
+    let f = dir.path().join("file.txt");
+    std::fs::write(&f, b"x").unwrap();
+    expect_checkpoint_error(&f, "not a checkpoint directory");
+    expect_checkpoint_error(&dir.path().join("nothing"), "does not exist");
+    assert_eq!(cases, 21);
+}
+
 fn write_manifest(dir: &Path, bytes: &[u8]) {
     std::fs::write(dir.join("manifest.json"), bytes).unwrap();
     let crc = format!("{:08x}", crc32fast::hash(bytes));

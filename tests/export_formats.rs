@@ -33,6 +33,7 @@ fn run(dir: &Path, mode: Mode, steps: u64) -> (Trainer, PathBuf) {
     let extra = SaveExtra {
         data: None,
         tokenizer: Some("bytes".into()),
+        host_state: None,
     };
     checkpoint::save(&t, &ckpt, &extra).unwrap();
     (t, ckpt)

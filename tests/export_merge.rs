@@ -9,6 +9,7 @@ use common::{random_batch, tiny, train_cfg};
 use relora::checkpoint::{self, Manifest, SaveExtra};
 use relora::config::Mode;
 use relora::export::dtype::StDType;
+use relora::export::recognise::export_metadata;
 use relora::export::safetensors::{pt_metadata, PlannedTensor, SafetensorsFile, SafetensorsWriter};
 use relora::export::{merge_checkpoint, write_model_dir, ExportDType, HfExportOptions};
 use relora::{Error, Trainer};
@@ -45,6 +46,7 @@ fn trained(dir: &Path, mode: Mode, tie: bool) -> (Trainer, PathBuf, Vec<HashMap<
     let extra = SaveExtra {
         data: None,
         tokenizer: Some("bytes".into()),
+        host_state: None,
     };
     checkpoint::save(&t, &ckpt, &extra).unwrap();
     (t, ckpt, after_phase)
@@ -242,6 +244,7 @@ fn golden_layout_of_a_tiny_export() {
             "config.json",
             "generation_config.json",
             "model.safetensors",
+            "relora-export.json",
             "special_tokens_map.json",
             "tokenizer.json",
             "tokenizer_config.json"
@@ -275,7 +278,7 @@ fn golden_layout_of_a_tiny_export() {
         got, want,
         "tied embeddings: no lm_head; no lora_* or inv_freq"
     );
-    assert_eq!(f.metadata(), &pt_metadata());
+    assert_eq!(f.metadata(), &export_metadata());
 
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
@@ -541,21 +544,36 @@ fn bad_checkpoints_are_clear_errors_and_write_nothing() {
     std::fs::remove_file(d.join("phases/phase-0001.safetensors")).unwrap();
     expect_failure(&d, &out, &["phase-0001.safetensors"]);
 
-    // An existing output is refused without force, and replaced with it.
-    let target = out.join("exists");
-    std::fs::create_dir(&target).unwrap();
-    std::fs::write(target.join("keep"), b"x").unwrap();
-    let err = merge_checkpoint(&good, &target, None, &HfExportOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("exists") && err.contains("--force"), "{err}");
-    assert!(target.join("keep").exists());
+    // A directory relora did not write is refused, even with force, and left as it was.
     let force = HfExportOptions {
         force: true,
         ..HfExportOptions::default()
     };
+    let target = out.join("exists");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("keep"), b"x").unwrap();
+    for opts in [&HfExportOptions::default(), &force] {
+        let err = merge_checkpoint(&good, &target, None, opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("keep") && err.contains("nothing was changed"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"x");
+    }
+    // relora's own export is refused without force, and replaced with it.
+    std::fs::remove_file(target.join("keep")).unwrap();
+    merge_checkpoint(&good, &target, None, &HfExportOptions::default()).unwrap();
+    let err = merge_checkpoint(&good, &target, None, &HfExportOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already holds") && err.contains("--force"),
+        "{err}"
+    );
     merge_checkpoint(&good, &target, None, &force).unwrap();
-    assert!(!target.join("keep").exists() && target.join("model.safetensors").exists());
+    assert!(target.join("model.safetensors").exists());
     let names: BTreeMap<String, ()> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| (e.unwrap().file_name().to_string_lossy().to_string(), ()))

@@ -90,6 +90,7 @@ fn trained(dir: &Path, tie: bool) -> (Trainer, PathBuf) {
     let extra = SaveExtra {
         data: None,
         tokenizer: Some("bytes".into()),
+        host_state: None,
     };
     checkpoint::save(&t, &ckpt, &extra).unwrap();
     (t, ckpt)

@@ -1,10 +1,11 @@
 //! Builds the C and C++ host programs against the library as C and C++ projects would, and runs
-//! them: `tests/c/` (a training host, a misuse suite, a two-thread all-reduce) and `tests/cpp/`
-//! (the C++ wrapper from two translation units), each against the static and the shared library
-//! with `-Wall -Wextra -Werror` and AddressSanitizer + UndefinedBehaviorSanitizer; the C host and
-//! the misuse suite under valgrind; `tests/cpp/mpi_host.cpp` (a host passing its MPI
-//! communicator through the reduce callback) under `mpirun -np 2`; and `tests/cmake-host/` plus a
-//! pkg-config build against a prefix laid out by `scripts/install.sh`.
+//! them: `tests/c/` (a training host, a misuse suite, a data-safety suite, a two-thread
+//! all-reduce) and `tests/cpp/` (the C++ wrapper from two translation units), each against the
+//! static and the shared library with `-Wall -Wextra -Werror` and AddressSanitizer +
+//! UndefinedBehaviorSanitizer; the C host and the misuse and data-safety suites under valgrind;
+//! `tests/cpp/mpi_host.cpp` (a host passing its MPI communicator through the reduce callback)
+//! under `mpirun -np 2`; and `tests/cmake-host/` plus a pkg-config build against a prefix laid
+//! out by `scripts/install.sh`.
 //!
 //! Needs gcc and g++ (or `CC` / `CXX`), valgrind, cmake, pkg-config and Open MPI (`mpicxx`,
 //! `mpirun`); a missing tool fails the test that needs it with a message saying what to install.
@@ -287,6 +288,11 @@ fn c_misuse_gives_statuses_and_messages_not_crashes() {
 }
 
 #[test]
+fn c_data_safety_nothing_foreign_replaced_no_hangs_exact_host_state() {
+    sanitized_runs(false, &["tests/c/data_safety.c"], |work| vec![s(work)]);
+}
+
+#[test]
 fn c_allreduce_of_two_trainers_matches_one_trainer_on_the_whole_batch() {
     sanitized_runs(false, &["tests/c/allreduce.c"], |_| vec![s(corpus())]);
 }
@@ -333,10 +339,14 @@ fn cpp_host_passing_its_mpi_communicator_matches_one_process() {
 }
 
 #[test]
-fn c_host_and_misuse_are_clean_under_valgrind() {
+fn c_host_misuse_and_data_safety_are_clean_under_valgrind() {
     require("valgrind", "valgrind");
     let bin = tempdir();
-    for (source, name) in [("tests/c/misuse.c", "misuse"), ("tests/c/host.c", "host")] {
+    for (source, name) in [
+        ("tests/c/misuse.c", "misuse"),
+        ("tests/c/data_safety.c", "data_safety"),
+        ("tests/c/host.c", "host"),
+    ] {
         let exe = bin.path().join(name);
         build(false, &[source], &exe, Link::Static, false);
         let work = tempdir();

@@ -5,7 +5,6 @@ use crate::error::{Error, Result, TensorContext};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 /// Size and checksum of one file in a checkpoint.
@@ -17,11 +16,9 @@ pub struct FileInfo {
     pub crc32: u32,
 }
 
-/// Writes `bytes` to `path` and flushes it to disk.
+/// Writes `bytes` to `path`, flushes it to disk, and returns its size and checksum.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<FileInfo> {
-    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))?;
+    crate::fs::output::write_synced(path, bytes)?;
     Ok(FileInfo {
         bytes: bytes.len() as u64,
         crc32: crc32fast::hash(bytes),
@@ -48,14 +45,50 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<FileIn
     write_synced(path, &safetensors_bytes(tensors)?)
 }
 
-/// Reads a checkpoint file, checking its length and checksum against the manifest.
+/// A failed read of a checkpoint's file as what it means: a file that is missing, is not a
+/// regular file (a FIFO, a device) or is over its size limit is a damaged checkpoint
+/// ([`Error::Checkpoint`], naming the file); other OS errors (permissions, I/O) stay I/O errors.
+pub fn damaged(e: Error) -> Error {
+    use std::io::ErrorKind;
+    match e {
+        Error::Io { path, source }
+            if matches!(
+                source.kind(),
+                ErrorKind::NotFound
+                    | ErrorKind::NotADirectory
+                    | ErrorKind::InvalidData
+                    | ErrorKind::Other
+            ) || crate::fs::read::NOT_REGULAR == source.kind() =>
+        {
+            let message = match source.kind() {
+                ErrorKind::NotFound => "is missing".to_string(),
+                _ => source.to_string(),
+            };
+            Error::Checkpoint { path, message }
+        }
+        e => e,
+    }
+}
+
+/// Reads a checkpoint file, checking its length and checksum against the manifest. Only a
+/// regular file is read, and no more than the manifest's length of it.
 pub fn read_verified(path: &Path, expect: &FileInfo) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (file, len) = crate::fs::read::open_regular(path).map_err(damaged)?;
+    if len != expect.bytes {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "is {len} bytes, the manifest says {} (truncated or replaced)",
+                expect.bytes
+            ),
+        ));
+    }
+    let bytes = crate::fs::read::read_at_most(file, path, expect.bytes).map_err(damaged)?;
     if bytes.len() as u64 != expect.bytes {
         return Err(Error::checkpoint(
             path,
             format!(
-                "is {} bytes, the manifest says {} (truncated or replaced)",
+                "is {} bytes, the manifest says {} (truncated while reading)",
                 bytes.len(),
                 expect.bytes
             ),

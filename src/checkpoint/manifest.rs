@@ -55,6 +55,10 @@ pub struct Manifest {
     pub rngs: TrainerRngs,
     /// The data cursor of whoever feeds batches (the CLI's batcher state), opaque here.
     pub data: Option<serde_json::Value>,
+    /// A host's state as the exact JSON text it gave (the C API's `host_state`); absent in
+    /// checkpoints written before it existed, where a host's state was kept in `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_state: Option<String>,
     /// The tokenizer spec ("bytes", "gpt2" or a tokenizer.json path), if known.
     pub tokenizer: Option<String>,
     /// Adam step count per parameter name.
@@ -81,15 +85,32 @@ impl Manifest {
     /// Reads and checks a manifest: format name and version, and internal consistency.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let bytes = match crate::bounded_read::read_limited(&path, crate::bounded_read::JSON_LIMIT)
-        {
+        match std::fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!(
+                        "is {}, not a checkpoint directory",
+                        crate::fs::read::describe(&meta.file_type())
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::checkpoint(
+                    dir,
+                    "does not exist (no manifest.json to load)",
+                ))
+            }
+            _ => {}
+        }
+        let bytes = match crate::fs::read::read_limited(&path, crate::fs::read::JSON_LIMIT) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::checkpoint(
                     dir,
                     "no manifest.json: not a checkpoint directory (or an unfinished save)",
                 ))
             }
-            other => other?,
+            other => other.map_err(super::files::damaged)?,
         };
         let has_checksum = Self::verify_checksum(dir, &bytes)?;
         let m: Manifest = serde_json::from_slice(&bytes)
@@ -147,12 +168,12 @@ impl Manifest {
     fn verify_checksum(dir: &Path, manifest: &[u8]) -> Result<bool> {
         let path = dir.join(MANIFEST_CHECKSUM_FILE);
         // A CRC file is 8 bytes; anything much larger is damage, refused without reading it all.
-        let text = match crate::bounded_read::read_limited(&path, 64) {
+        let text = match crate::fs::read::read_limited(&path, 64) {
             Ok(t) => t,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(false)
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(super::files::damaged(e)),
         };
         // Exactly as written: 8 lower-case hex digits, so that any changed byte is an error.
         let well_formed =

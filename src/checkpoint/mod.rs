@@ -18,6 +18,7 @@
 pub mod files;
 pub mod load;
 pub mod manifest;
+pub mod recognise;
 pub mod run_dir;
 pub mod save;
 

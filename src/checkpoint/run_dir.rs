@@ -6,8 +6,14 @@
 //! renames a checkpoint to `.NAME.del-PID` before deleting it, so a process killed at any point
 //! never leaves a half-written or half-deleted `step-*` directory. What such a kill does leave
 //! behind, [`clean_stale`] removes when the next trainer starts on the run directory.
+//!
+//! Every removal here takes only what relora wrote ([`crate::fs::output::remove_own`]): a
+//! checkpoint is removed file by file from its manifest's list, a leftover only when all its
+//! entries carry checkpoint file names; a directory holding anything else is left alone.
 
+use super::recognise::{CHECKPOINT, UNFINISHED_CHECKPOINT};
 use crate::error::{Error, Result};
+use crate::fs::output::remove_own;
 use std::path::{Path, PathBuf};
 
 /// The checkpoint directory for `step` under `run_dir`.
@@ -53,8 +59,16 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     })
 }
 
+/// Removes the checkpoint `dir` if it is relora's own and holds nothing else (file by file, from
+/// its manifest's list); otherwise an [`Error::OutputExists`] says what is in it, and nothing is
+/// removed.
+pub fn remove_checkpoint(dir: &Path) -> Result<()> {
+    remove_own(dir, &CHECKPOINT)
+}
+
 /// Removes all but the newest `keep` checkpoints (0 keeps all). Each is first renamed to a hidden
-/// name, so a kill during the deletion leaves no partial checkpoint that looks complete.
+/// name, so a kill during the deletion leaves no partial checkpoint that looks complete. A
+/// checkpoint directory that also holds files relora did not write is kept.
 pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     if keep == 0 {
         return Ok(());
@@ -63,24 +77,29 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     if all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
             let name = p.file_name().unwrap_or_default().to_string_lossy();
+            // A checkpoint a user has put files into is not relora's alone: it stays, under its
+            // name (checked before the rename).
+            if !crate::fs::output::holds_own(p, &CHECKPOINT) {
+                continue;
+            }
             let doomed = p.with_file_name(format!(".{name}.del-{}", std::process::id()));
             std::fs::rename(p, &doomed).map_err(|e| Error::io(p, e))?;
-            std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
+            remove_own(&doomed, &CHECKPOINT)?;
         }
     }
     Ok(())
 }
 
-/// Splits a hidden leftover name `.NAME.KIND-PID` into `(NAME, KIND)` for the kinds the
-/// checkpoint code writes (`tmp`, `old`, `del`).
+/// Splits a hidden leftover name `.NAME.KIND-PID` (or `.NAME.KIND-PID-N`) into `(NAME, KIND)`
+/// for the kinds the checkpoint code writes (`tmp`, `old`, `del`).
 fn leftover(name: &str) -> Option<(&str, &str)> {
     let rest = name.strip_prefix('.')?;
-    let (stem, pid) = rest.rsplit_once('-')?;
-    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (ckpt, kind) = stem.rsplit_once('.')?;
-    if !ckpt.starts_with("step-") || !matches!(kind, "tmp" | "old" | "del") {
+    let (ckpt, tail) = rest.rsplit_once('.')?;
+    let (kind, tag) = tail.split_once('-')?;
+    let tag_ok = tag.starts_with(|c: char| c.is_ascii_digit())
+        && tag.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+        && !tag.ends_with('-');
+    if !tag_ok || !ckpt.starts_with("step-") || !matches!(kind, "tmp" | "old" | "del") {
         return None;
     }
     Some((ckpt, kind))
@@ -89,7 +108,8 @@ fn leftover(name: &str) -> Option<(&str, &str)> {
 /// Tidies the checkpoints of `run_dir` after a process was killed while saving or pruning:
 /// removes unfinished saves (`.step-*.tmp-PID`) and half-deleted checkpoints (`.step-*.del-PID`),
 /// and puts back a checkpoint parked for replacement (`.step-*.old-PID`) whose replacement never
-/// arrived (otherwise removes it). Returns the paths removed or restored.
+/// arrived (otherwise removes it). Returns the paths removed or restored. A leftover name whose
+/// directory holds anything that is not part of a checkpoint is left alone.
 ///
 /// Only one trainer may write a run directory: this removes every process's leftovers. Call it
 /// when a trainer starts on the run directory, never from readers such as `eval`.
@@ -114,8 +134,8 @@ pub fn clean_stale(run_dir: &Path) -> Result<Vec<PathBuf>> {
         let target = dir.join(ckpt);
         if kind == "old" && !target.exists() && path.join(super::manifest::MANIFEST_FILE).exists() {
             std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
-        } else {
-            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        } else if remove_own(&path, &UNFINISHED_CHECKPOINT).is_err() {
+            continue;
         }
         touched.push(path);
     }
@@ -128,7 +148,11 @@ mod tests {
 
     fn checkpoint(path: &Path) {
         std::fs::create_dir_all(path.join("phases")).unwrap();
-        std::fs::write(path.join(super::super::manifest::MANIFEST_FILE), b"{}").unwrap();
+        std::fs::write(
+            path.join(super::super::manifest::MANIFEST_FILE),
+            br#"{"format": "relora-checkpoint", "files": {"params.safetensors": {}}}"#,
+        )
+        .unwrap();
         std::fs::write(path.join("params.safetensors"), b"x").unwrap();
     }
 
@@ -149,10 +173,13 @@ mod tests {
         );
         assert_eq!(leftover(".step-1.old-7"), Some(("step-1", "old")));
         assert_eq!(leftover(".step-1.del-7"), Some(("step-1", "del")));
+        assert_eq!(leftover(".step-1.old-7-2"), Some(("step-1", "old")));
         for not in [
             "step-00000012",
             ".step-1.tmp-",
             ".step-1.tmp-12a",
+            ".step-1.tmp-12-",
+            ".step-1.tmp--1",
             ".step-1.bak-12",
             ".hidden",
             ".other.tmp-12",
@@ -179,12 +206,22 @@ mod tests {
             &ck.join("step-00000004")
                 .with_file_name(".step-00000004.old-555"),
         );
-        // Unrelated files stay.
+        // Unrelated files stay, and so does a leftover name holding a user's file.
         std::fs::write(ck.join("notes.txt"), b"keep").unwrap();
+        std::fs::create_dir_all(ck.join(".step-00000012.tmp-666")).unwrap();
+        std::fs::write(ck.join(".step-00000012.tmp-666/notes.txt"), b"keep").unwrap();
 
         let touched = clean_stale(run).unwrap();
         assert_eq!(touched.len(), 5, "{touched:?}");
-        assert_eq!(names(run), ["notes.txt", "step-00000004", "step-00000010"]);
+        assert_eq!(
+            names(run),
+            [
+                ".step-00000012.tmp-666",
+                "notes.txt",
+                "step-00000004",
+                "step-00000010"
+            ]
+        );
         assert_eq!(
             list(run)
                 .unwrap()
@@ -205,7 +242,13 @@ mod tests {
         for s in [1, 2, 3, 4] {
             checkpoint(&checkpoint_dir(run, s));
         }
+        // A user's file in the oldest checkpoint keeps that one.
+        std::fs::write(checkpoint_dir(run, 1).join("notes.txt"), b"mine").unwrap();
         prune(run, 2).unwrap();
-        assert_eq!(names(run), ["step-00000003", "step-00000004"]);
+        assert_eq!(
+            names(run),
+            ["step-00000001", "step-00000003", "step-00000004"]
+        );
+        assert!(checkpoint_dir(run, 1).join("notes.txt").exists());
     }
 }

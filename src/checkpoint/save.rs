@@ -1,14 +1,19 @@
 //! Atomic checkpoint saving: everything is written into a temporary sibling directory, each file
-//! synced, the manifest written last, then the directory is renamed into place. A save that dies
-//! at any point leaves at most a stray `.tmp-*` directory and never touches older checkpoints.
+//! synced, the manifest written last, then the directory is renamed into place
+//! ([`crate::fs::output::Staged`]). A save that dies at any point leaves at most a stray `.tmp-*`
+//! directory and never touches older checkpoints. An existing target is replaced only when it is
+//! an empty directory or relora's own checkpoint holding nothing else; anything else is refused
+//! and left as it was.
 
 use super::files::{write_tensors, FileInfo};
 use super::manifest::{Manifest, PhaseEntry, FORMAT, FORMAT_VERSION};
+use super::recognise::CHECKPOINT;
 use crate::error::{Error, Result};
+use crate::fs::output::Staged;
 use crate::trainer::Trainer;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What the caller adds to a checkpoint besides the trainer's own state.
 #[derive(Clone, Debug, Default)]
@@ -17,12 +22,27 @@ pub struct SaveExtra {
     pub data: Option<serde_json::Value>,
     /// The tokenizer spec.
     pub tokenizer: Option<String>,
+    /// A host's own state as JSON text (the C API's `host_state`), stored and given back byte
+    /// for byte. The caller checks that it is JSON.
+    pub host_state: Option<String>,
 }
 
-/// Saves `trainer` to the directory `dir` atomically. `dir` must not exist yet, or is replaced
-/// (the old one is removed only after the new one is complete).
+/// Saves `trainer` to the directory `dir` atomically. `dir` must not exist yet, be an empty
+/// directory, or be an earlier relora checkpoint holding nothing else, which is replaced (and
+/// removed only after the new one is complete). Anything else there is refused with
+/// [`Error::OutputExists`] and left untouched.
 pub fn save(trainer: &Trainer, dir: &Path, extra: &SaveExtra) -> Result<()> {
     save_with_fault(trainer, dir, extra, None)
+}
+
+/// A failure injected into a save after some of its files, for tests of atomicity.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub enum SaveFault {
+    /// The next file's write fails with an I/O error.
+    FailAfter(usize),
+    /// The process kills itself with SIGKILL (as `kill -9` would) before the next file.
+    KillAfter(usize),
 }
 
 /// [`save`] with an injected failure after `fail_after_files` files, for tests of atomicity.
@@ -33,50 +53,52 @@ pub fn save_with_fault(
     extra: &SaveExtra,
     fail_after_files: Option<usize>,
 ) -> Result<()> {
+    save_with(
+        trainer,
+        dir,
+        extra,
+        fail_after_files.map(SaveFault::FailAfter),
+    )
+}
+
+/// [`save`] with an optional injected fault.
+#[doc(hidden)]
+pub fn save_with(
+    trainer: &Trainer,
+    dir: &Path,
+    extra: &SaveExtra,
+    fault: Option<SaveFault>,
+) -> Result<()> {
     if trainer.has_pending() {
         return Err(Error::checkpoint(
             dir,
             "cannot save in the middle of a gradient accumulation",
         ));
     }
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::checkpoint(dir, "checkpoint path has no directory name"))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    let result =
-        write_all(trainer, &tmp, extra, fail_after_files).and_then(|_| commit(&tmp, dir, parent));
-    if result.is_err() {
-        // Best effort: the previous checkpoints are untouched either way.
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    let staged = Staged::new(dir, &CHECKPOINT, true)?;
+    write_all(trainer, staged.path(), extra, fault)?;
+    staged.commit()
 }
 
 fn write_all(
     trainer: &Trainer,
     tmp: &Path,
     extra: &SaveExtra,
-    fail_after: Option<usize>,
+    fault: Option<SaveFault>,
 ) -> Result<()> {
     std::fs::create_dir_all(tmp.join("phases")).map_err(|e| Error::io(tmp, e))?;
     let mut files: BTreeMap<String, FileInfo> = BTreeMap::new();
     // Writes one file through `write` and records it (or fails as injected, for the tests).
     let mut put = |rel: &str, write: &dyn Fn(&Path) -> Result<FileInfo>| -> Result<()> {
-        if fail_after.is_some_and(|n| files.len() >= n) {
-            return Err(Error::io(
-                tmp.join(rel),
-                std::io::Error::other("injected write failure"),
-            ));
+        match fault {
+            Some(SaveFault::FailAfter(n)) if files.len() >= n => {
+                return Err(Error::io(
+                    tmp.join(rel),
+                    std::io::Error::other("injected write failure"),
+                ));
+            }
+            Some(SaveFault::KillAfter(n)) if files.len() >= n => kill_self(),
+            _ => {}
         }
         files.insert(rel.to_string(), write(&tmp.join(rel))?);
         Ok(())
@@ -145,37 +167,20 @@ fn write_all(
         rngs: trainer.rngs().clone(),
         data: extra.data.clone(),
         tokenizer: extra.tokenizer.clone(),
+        host_state: extra.host_state.clone(),
         optimizer_steps: steps,
         phases: phase_entries,
         files,
     };
-    manifest.write(tmp)?;
-    sync_dir(&tmp.join("phases"))?;
-    sync_dir(tmp)
+    manifest.write(tmp)
 }
 
-/// Moves the finished temporary directory into place.
-fn commit(tmp: &Path, dir: &Path, parent: &Path) -> Result<()> {
-    let mut old: Option<PathBuf> = None;
-    if dir.exists() {
-        let o = parent.join(format!(
-            ".{}.old-{}",
-            dir.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
-        std::fs::rename(dir, &o).map_err(|e| Error::io(dir, e))?;
-        old = Some(o);
+/// Ends the process as `kill -9` does: no destructor, no clean-up.
+fn kill_self() {
+    #[cfg(unix)]
+    // SAFETY: sends a signal to this process; nothing is touched afterwards.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
     }
-    std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
-    sync_dir(parent)?;
-    if let Some(o) = old {
-        std::fs::remove_dir_all(&o).map_err(|e| Error::io(&o, e))?;
-    }
-    Ok(())
-}
-
-/// Flushes a directory's entries (new names, renames) to disk.
-fn sync_dir(dir: &Path) -> Result<()> {
-    let f = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
-    f.sync_all().map_err(|e| Error::io(dir, e))
+    std::process::abort();
 }

@@ -104,10 +104,9 @@ impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_hf_file(path: impl AsRef<Path>) -> Result<Tokenizer> {
         let path = path.as_ref();
-        if let Err(e) = std::fs::metadata(path) {
-            return Err(Error::io(path, e));
-        }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+        // Read here, bounded and only from a regular file, rather than by the tokenizers crate.
+        let bytes = crate::fs::read::read_limited(path, crate::fs::read::JSON_LIMIT)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
             Error::Tokenizer(format!(
                 "{}: not a usable tokenizer.json: {e}",
                 path.display()

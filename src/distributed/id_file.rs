@@ -22,15 +22,26 @@ pub fn publish(path: &Path, id: &[u8; ID_BYTES]) -> Result<()> {
         )));
     }
     let tmp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));
-    std::fs::write(&tmp, id).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    // Created exclusively: a file of that name that is not ours is an error, not overwritten.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::io::Write::write_all(&mut f, id).map_err(|e| Error::io(&tmp, e))?;
+    drop(f);
+    // A hard link, unlike a rename, fails if `path` appeared meanwhile.
+    let linked = std::fs::hard_link(&tmp, path).map_err(|e| Error::io(path, e));
+    let _ = std::fs::remove_file(&tmp);
+    linked
 }
 
 /// Other ranks: waits up to `timeout` for rank 0's file at `path` and reads it.
 pub fn wait(path: &Path, timeout: Duration) -> Result<[u8; ID_BYTES]> {
     let started = Instant::now();
     loop {
-        match std::fs::read(path) {
+        // Bounded, and only a regular file: a FIFO or a device there is an error, not a wait.
+        match crate::fs::read::read_limited(path, 1 << 16) {
             Ok(bytes) if bytes.len() == ID_BYTES => {
                 let mut id = [0u8; ID_BYTES];
                 id.copy_from_slice(&bytes);
@@ -43,8 +54,8 @@ pub fn wait(path: &Path, timeout: Duration) -> Result<[u8; ID_BYTES]> {
                     bytes.len()
                 )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(path, e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         if started.elapsed() > timeout {
             return Err(Error::Distributed(format!(

@@ -10,13 +10,14 @@
 //! metadata, `rope_theta` both at the top level and inside `rope_parameters`, and an explicit
 //! `max_position_embeddings`.
 
-use super::atomic::{check_target, write_small, Staged};
 use super::dtype::{convert_into, ExportDType, StDType};
-use super::safetensors::{pt_metadata, PlannedTensor, SafetensorsFile, SafetensorsWriter};
+use super::recognise::{export_metadata, MODEL_DIR, MODEL_FILE};
+use super::safetensors::{PlannedTensor, SafetensorsFile, SafetensorsWriter};
 use super::source::{expected_tensors, CheckpointSource};
 use super::tokenizer::{tokenizer_files, TokenizerFiles};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result, TensorContext};
+use crate::fs::output::{check_target, write_synced, Staged};
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -218,7 +219,7 @@ pub(crate) fn write_file(
     produce: &mut Producer<'_, '_>,
 ) -> Result<()> {
     let names: Vec<(String, StDType)> = plan.iter().map(|t| (t.name.clone(), t.dtype)).collect();
-    let mut w = SafetensorsWriter::create(path, plan, &pt_metadata())?;
+    let mut w = SafetensorsWriter::create(path, plan, &export_metadata())?;
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Payload<'_>, StDType)>(1);
         let writer = scope.spawn(move || -> Result<SafetensorsWriter> {
@@ -346,23 +347,23 @@ pub(crate) fn write_hf_into(
             write_file(&dir.join(&file), shard, produce)?;
         }
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_small(
+        write_synced(
             &dir.join("model.safetensors.index.json"),
             &json_bytes(&index),
         )?;
     }
     let (bos, eos) = tok.map_or((None, None), |t| (t.bos, t.eos));
-    write_small(
+    write_synced(
         &dir.join("config.json"),
         &json_bytes(&config_json(cfg, opts.dtype, bos, eos)),
     )?;
-    write_small(
+    write_synced(
         &dir.join("generation_config.json"),
         &json_bytes(&generation_config_json(bos, eos)),
     )?;
     if let Some(t) = tok {
         for (name, bytes) in &t.files {
-            write_small(&dir.join(name), bytes)?;
+            write_synced(&dir.join(name), bytes)?;
         }
     }
     Ok(())
@@ -377,7 +378,7 @@ pub(crate) fn write_export(
     produce: &mut Producer<'_, '_>,
     opts: &HfExportOptions,
 ) -> Result<()> {
-    check_target(out, opts.force)?;
+    check_target(out, output_kind(out), opts.force)?;
     if is_single_file(out) {
         if opts.max_shard_bytes.is_some() {
             return Err(Error::Config(format!(
@@ -385,7 +386,7 @@ pub(crate) fn write_export(
                 out.display()
             )));
         }
-        let staged = Staged::new(out, false, opts.force)?;
+        let staged = Staged::new(out, &MODEL_FILE, opts.force)?;
         let plan = expected_tensors(cfg)
             .into_iter()
             .map(|(name, shape)| PlannedTensor {
@@ -399,9 +400,18 @@ pub(crate) fn write_export(
     }
     // Build the tokenizer files before any weights, so a bad tokenizer fails fast.
     let tok = tokenizer.map(|s| tokenizer_files(s, cfg)).transpose()?;
-    let staged = Staged::new(out, true, opts.force)?;
+    let staged = Staged::new(out, &MODEL_DIR, opts.force)?;
     write_hf_into(staged.path(), cfg, tok.as_ref(), produce, opts)?;
     staged.commit()
+}
+
+/// The kind of output `out` names: one safetensors file, or a model directory.
+pub fn output_kind(out: &Path) -> &'static crate::fs::output::OutputKind {
+    if is_single_file(out) {
+        &MODEL_FILE
+    } else {
+        &MODEL_DIR
+    }
 }
 
 /// Whether `out` names a single safetensors file rather than a directory.
@@ -507,7 +517,7 @@ pub fn merge_checkpoint_with(
     tokenizer: Option<&str>,
     opts: &HfExportOptions,
 ) -> Result<()> {
-    check_target(out, opts.force)?;
+    check_target(out, output_kind(out), opts.force)?;
     let src = CheckpointSource::open(ckpt)?;
     let (upto, current) = src.resolve_upto(upto_phase)?;
     let tok = tokenizer

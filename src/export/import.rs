@@ -8,17 +8,18 @@
 //! training options, so `relora train --resume CKPT` starts the ReLoRA schedule on the imported
 //! model. Rotary `inv_freq` buffers are skipped, as is `lm_head.weight` of a tied model.
 
-use super::atomic::{check_target, Staged};
 use super::hf::{write_file, Payload};
 use super::safetensors::{PlannedTensor, SafetensorsFile};
 use super::source::expected_tensors;
 use super::tokenizer::recognise;
-use crate::bounded_read::{read_limited_text, JSON_LIMIT};
 use crate::checkpoint::files::FileInfo;
 use crate::checkpoint::manifest::{Manifest, FORMAT, FORMAT_VERSION};
+use crate::checkpoint::recognise::CHECKPOINT;
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::fs::output::{check_target, Staged};
+use crate::fs::read::{read_limited_text, JSON_LIMIT};
 use crate::trainer::{schedule_for, TrainerCounters, TrainerRngs};
 use serde::Serialize;
 use serde_json::Value;
@@ -159,7 +160,7 @@ impl HfWeights {
         let index = dir.join("model.safetensors.index.json");
         let mut files = Vec::new();
         let mut location = HashMap::new();
-        if index.is_file() {
+        if index.exists() {
             let text = read_limited_text(&index, JSON_LIMIT)?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| hf_err(&index, format!("not valid JSON: {e}")))?;
@@ -210,7 +211,7 @@ impl HfWeights {
                     }
                 }
             }
-        } else if single.is_file() {
+        } else if single.exists() {
             let f = SafetensorsFile::open(&single)?;
             for n in f.names() {
                 location.insert(n, 0);
@@ -266,17 +267,11 @@ fn file_info(path: &Path) -> Result<FileInfo> {
 /// Imports the Hugging Face Llama directory `hf_dir` as the checkpoint directory `ckpt` (see the
 /// module documentation). Streams: one tensor is converted and written at a time.
 pub fn import_hf(hf_dir: &Path, ckpt: &Path, opts: &ImportOptions) -> Result<ImportReport> {
-    check_target(ckpt, opts.force)?;
+    check_target(ckpt, &CHECKPOINT, opts.force)?;
     let cfg = read_hf_config(&hf_dir.join("config.json"))?;
     let train = &opts.train;
-    train.validate()?;
+    train.validate_for(&cfg)?;
     schedule_for(train).validate()?;
-    if train.seq_len > cfg.max_position_embeddings {
-        return Err(Error::Config(format!(
-            "seq_len {} exceeds the model's max_position_embeddings {}",
-            train.seq_len, cfg.max_position_embeddings
-        )));
-    }
     let dtype = match train.dtype.as_str() {
         "f64" => super::dtype::StDType::F64,
         _ => super::dtype::StDType::F32,
@@ -331,7 +326,7 @@ pub fn import_hf(hf_dir: &Path, ckpt: &Path, opts: &ImportOptions) -> Result<Imp
     let tok_src = hf_dir.join("tokenizer.json");
     let (tokenizer, copy_tokenizer) = match &opts.tokenizer {
         Some(spec) => (Some(spec.clone()), false),
-        None if tok_src.is_file() => match recognise(&tok_src) {
+        None if tok_src.exists() => match recognise(&tok_src) {
             Some(spec) => (Some(spec), false),
             None => {
                 let final_path = std::path::absolute(ckpt)
@@ -357,7 +352,7 @@ pub fn import_hf(hf_dir: &Path, ckpt: &Path, opts: &ImportOptions) -> Result<Imp
         }
     }
 
-    let staged = Staged::new(ckpt, true, opts.force)?;
+    let staged = Staged::new(ckpt, &CHECKPOINT, opts.force)?;
     let dir = staged.path().to_path_buf();
     let plan: Vec<PlannedTensor> = expected
         .iter()
@@ -381,8 +376,13 @@ pub fn import_hf(hf_dir: &Path, ckpt: &Path, opts: &ImportOptions) -> Result<Imp
     files.insert("params.safetensors".to_string(), file_info(&params)?);
     files.insert("optimizer.safetensors".to_string(), file_info(&optimizer)?);
     if copy_tokenizer {
+        // Listed like every other file, so the checkpoint is recognisably relora's whole.
         let dst = dir.join("tokenizer.json");
-        std::fs::copy(&tok_src, &dst).map_err(|e| Error::io(&dst, e))?;
+        let bytes = crate::fs::read::read_limited(&tok_src, crate::fs::read::JSON_LIMIT)?;
+        files.insert(
+            "tokenizer.json".to_string(),
+            crate::checkpoint::files::write_synced(&dst, &bytes)?,
+        );
     }
     let manifest = Manifest {
         format: FORMAT.to_string(),
@@ -400,6 +400,7 @@ pub fn import_hf(hf_dir: &Path, ckpt: &Path, opts: &ImportOptions) -> Result<Imp
         rngs: TrainerRngs::new(train.seed),
         data: None,
         tokenizer: tokenizer.clone(),
+        host_state: None,
         optimizer_steps: BTreeMap::new(),
         phases: Vec::new(),
         files,

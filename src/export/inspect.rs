@@ -145,7 +145,9 @@ fn file_report(f: &SafetensorsFile, shown: &str) -> FileReport {
 /// headers only.
 pub fn inspect(path: &Path, verify: bool) -> Result<Inspection> {
     let shown = path.display().to_string();
-    if path.is_dir() && path.join(MANIFEST_FILE).is_file() {
+    // `exists`, not `is_file`: a manifest that is a FIFO or a device is a damaged checkpoint,
+    // refused by the reader with the file named, not a reason to look for something else.
+    if path.is_dir() && path.join(MANIFEST_FILE).exists() {
         let m = Manifest::read(path)?;
         if verify {
             // The merge's own checks (headers against the model), then the size and CRC-32 of
@@ -156,7 +158,8 @@ pub fn inspect(path: &Path, verify: bool) -> Result<Inspection> {
             }
         }
         let mut files = Vec::new();
-        for rel in m.files.keys() {
+        // Tensor files only (an imported checkpoint also lists its tokenizer.json).
+        for rel in m.files.keys().filter(|r| r.ends_with(".safetensors")) {
             let f = SafetensorsFile::open(&path.join(rel))?;
             files.push(file_report(&f, rel));
         }
@@ -190,7 +193,7 @@ pub fn inspect(path: &Path, verify: bool) -> Result<Inspection> {
             report: Box::new(report),
         });
     }
-    if path.is_dir() && path.join("config.json").is_file() {
+    if path.is_dir() && path.join("config.json").exists() {
         let (model, config_error) = match read_hf_config(&path.join("config.json")) {
             Ok(c) => (Some(c), None),
             Err(e) => (None, Some(e.to_string())),

@@ -21,7 +21,6 @@ use crate::error::{Error, Result, TensorContext};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 
-mod atomic;
 pub mod curves;
 pub mod dtype;
 pub mod hf;
@@ -30,6 +29,7 @@ pub mod inspect;
 mod linalg;
 pub mod peft;
 mod png;
+pub mod recognise;
 pub mod safetensors;
 pub mod source;
 pub mod spectrum;

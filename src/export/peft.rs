@@ -8,12 +8,13 @@
 //! exactly the trainer's last merge, so base + adapter equals `relora-convert merge` of the same
 //! checkpoint within f32 rounding.
 
-use super::atomic::{check_target, write_small, Staged};
 use super::hf::{payload, write_file, write_hf_into, HfExportOptions, Payload};
+use super::recognise::PEFT_DIR;
 use super::safetensors::PlannedTensor;
 use super::source::CheckpointSource;
 use super::tokenizer::tokenizer_files;
 use crate::error::{Error, Result};
+use crate::fs::output::{check_target, write_synced, Staged};
 use serde_json::json;
 use std::path::Path;
 
@@ -33,7 +34,7 @@ pub fn peft_name(module: &str, factor: &str) -> String {
 /// base model in `out/base` (see the module documentation). Errors if no adapters are attached.
 /// `opts` applies to both the base and the adapter (dtype, shards of the base, `force`).
 pub fn write_peft(ckpt: &Path, out: &Path, opts: &HfExportOptions) -> Result<()> {
-    check_target(out, opts.force)?;
+    check_target(out, &PEFT_DIR, opts.force)?;
     let src = CheckpointSource::open(ckpt)?;
     if !src.has_adapters() {
         return Err(Error::checkpoint(
@@ -48,7 +49,7 @@ pub fn write_peft(ckpt: &Path, out: &Path, opts: &HfExportOptions) -> Result<()>
         .as_deref()
         .map(|s| tokenizer_files(s, src.config()))
         .transpose()?;
-    let staged = Staged::new(out, true, opts.force)?;
+    let staged = Staged::new(out, &PEFT_DIR, opts.force)?;
     let base_dir = staged.path().join(BASE_DIR);
     std::fs::create_dir(&base_dir).map_err(|e| Error::io(&base_dir, e))?;
     let phases = src.phase_count();
@@ -113,6 +114,6 @@ pub fn write_peft(ckpt: &Path, out: &Path, opts: &HfExportOptions) -> Result<()>
     });
     let mut text = serde_json::to_vec_pretty(&config).unwrap_or_default();
     text.push(b'\n');
-    write_small(&staged.path().join(ADAPTER_CONFIG), &text)?;
+    write_synced(&staged.path().join(ADAPTER_CONFIG), &text)?;
     staged.commit()
 }

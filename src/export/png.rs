@@ -1,7 +1,8 @@
 //! A small raster canvas with a built-in 5x7 pixel font, saved as PNG (8-bit RGB, zlib through
 //! `miniz_oxide`). Enough for the spectrum histograms and loss curves; not a plotting library.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::fs::output::{Claim, OutputKind, Recognise};
 use std::path::Path;
 
 /// An RGB colour.
@@ -184,14 +185,43 @@ impl Canvas {
         ihdr.extend_from_slice(&(self.height as u32).to_be_bytes());
         ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, no filter, no interlace
         chunk(&mut out, b"IHDR", &ihdr);
+        chunk(&mut out, b"tEXt", SOFTWARE_TEXT);
         chunk(&mut out, b"IDAT", &z);
         chunk(&mut out, b"IEND", &[]);
         out
     }
 
-    /// Writes the canvas to `path` as PNG.
+    /// Writes the canvas to `path` as PNG, replacing only an earlier chart of relora's.
     pub fn save(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.png_bytes()).map_err(|e| Error::io(path, e))
+        crate::fs::output::write_file_output(path, &PNG_CHART, true, &self.png_bytes())
+    }
+}
+
+/// The `tEXt` chunk every chart carries: keyword `Software`, value `relora`; it is how a chart
+/// relora wrote is told from any other file.
+const SOFTWARE_TEXT: &[u8] = b"Software\0relora";
+
+/// A PNG chart written by relora (recognised by its [`SOFTWARE_TEXT`] chunk).
+pub const PNG_CHART: OutputKind = OutputKind {
+    noun: "chart",
+    dir: false,
+    recognise: Recognise::Custom(recognise_chart),
+};
+
+fn recognise_chart(path: &Path) -> std::result::Result<Claim, String> {
+    // Charts are small; the text chunk sits right after the header.
+    let head = crate::fs::read::open_regular(path)
+        .and_then(|(f, _)| crate::fs::read::read_prefix(f, path, 256))
+        .map_err(|e| format!("unreadable ({e})"))?;
+    let signature = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    if head.starts_with(&signature)
+        && head
+            .windows(SOFTWARE_TEXT.len())
+            .any(|w| w == SOFTWARE_TEXT)
+    {
+        Ok(Claim::default())
+    } else {
+        Err("not a chart relora wrote".into())
     }
 }
 
@@ -232,7 +262,7 @@ mod tests {
             }
             at += 12 + len;
         }
-        assert_eq!(kinds, vec!["IHDR", "IDAT", "IEND"]);
+        assert_eq!(kinds, vec!["IHDR", "tEXt", "IDAT", "IEND"]);
         // The image data inflates back to filter-0 scanlines of exactly the canvas pixels.
         let raw = miniz_oxide::inflate::decompress_to_vec_zlib(&idat).unwrap();
         let stride = c.width * 3;

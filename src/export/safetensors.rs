@@ -68,6 +68,20 @@ impl Deref for Mapped {
     }
 }
 
+/// Something that is not a regular file where a safetensors file should be is a damaged input,
+/// like a truncated one ([`Error::Checkpoint`], naming the file).
+fn not_regular_is_bad(e: Error) -> Error {
+    match e {
+        Error::Io { path, source } if source.kind() == crate::fs::read::NOT_REGULAR => {
+            Error::Checkpoint {
+                path,
+                message: source.to_string(),
+            }
+        }
+        e => e,
+    }
+}
+
 fn bad(path: &Path, message: impl Into<String>) -> Error {
     Error::checkpoint(path, message)
 }
@@ -77,7 +91,8 @@ impl SafetensorsFile {
     /// offsets, and that the entries tile the data to the last byte (so a truncated or padded
     /// file is an error here, naming the file).
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // Only a regular file: a FIFO or a device would block the open or never end.
+        let (file, _) = crate::fs::read::open_regular(path).map_err(not_regular_is_bad)?;
         Self::from_file(file, path)
     }
 

@@ -52,8 +52,8 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 pub fn verify_file(dir: &Path, m: &Manifest, rel: &str) -> Result<PathBuf> {
     let info = m.file(dir, rel)?;
     let path = dir.join(rel);
-    let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-    let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+    let (f, len) =
+        crate::fs::read::open_regular(&path).map_err(crate::checkpoint::files::damaged)?;
     if len != info.bytes {
         return Err(Error::checkpoint(
             &path,

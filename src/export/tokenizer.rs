@@ -304,7 +304,7 @@ fn gpt2_files(max_len: usize) -> Result<TokenizerFiles> {
 }
 
 fn copied_files(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<TokenizerFiles> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
+    let read = |p: &Path| crate::fs::read::read_limited(p, crate::fs::read::JSON_LIMIT);
     let mut files = vec![("tokenizer.json".to_string(), read(path)?)];
     let dir = path.parent().unwrap_or(Path::new("."));
     let siblings = ["tokenizer_config.json", "special_tokens_map.json"];
@@ -318,7 +318,7 @@ fn copied_files(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Tokenize
             files.push((s.to_string(), read(&dir.join(s))?));
         }
     } else {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+        let inner = tokenizers::Tokenizer::from_bytes(&files[0].1).map_err(|e| {
             Error::Tokenizer(format!(
                 "{}: not a usable tokenizer.json: {e}",
                 path.display()
@@ -350,7 +350,8 @@ fn copied_files(path: &Path, tok: &Tokenizer, max_len: usize) -> Result<Tokenize
 /// Recognises a `tokenizer.json` this crate wrote (or an identical one) as the spec it came
 /// from: the byte tokenizer's vocabulary gives `"bytes"`, GPT-2's `"gpt2"`; anything else `None`.
 pub fn recognise(path: &Path) -> Option<String> {
-    let inner = tokenizers::Tokenizer::from_file(path).ok()?;
+    let bytes = crate::fs::read::read_limited(path, crate::fs::read::JSON_LIMIT).ok()?;
+    let inner = tokenizers::Tokenizer::from_bytes(&bytes).ok()?;
     let id = |s: &str| inner.token_to_id(s);
     if id("<0x00>") == Some(0)
         && id("<0xFF>") == Some(255)

@@ -8,9 +8,9 @@ use super::guard::{
     boundary, check_live, cstr, out_ptr, registry, write_text, Failure, FfiResult, HandleKind,
 };
 use super::status::relora_status;
-use crate::bounded_read::{read_limited_text, JSON_LIMIT};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::Tokenizer;
+use crate::fs::read::{read_limited_text, JSON_LIMIT};
 use crate::optim::reset::ResetMode;
 use std::os::raw::c_char;
 use std::path::Path;
@@ -323,17 +323,7 @@ impl Options {
     /// Checks the options as trainer creation will: each config, their consistency, the
     /// tokenizer's vocabulary against `vocab_size`.
     pub fn validate(&self) -> FfiResult<()> {
-        self.train.validate()?;
-        self.model.validate()?;
-        if self.train.seq_len > self.model.max_position_embeddings {
-            return Err(Failure::new(
-                relora_status::InvalidConfig,
-                format!(
-                    "seq_len {} exceeds max_position_embeddings {}",
-                    self.train.seq_len, self.model.max_position_embeddings
-                ),
-            ));
-        }
+        self.train.validate_for(&self.model)?;
         if !self.tokenizer.is_empty() {
             let tok = Tokenizer::from_spec(&self.tokenizer)?;
             if tok.vocab_size() > self.model.vocab_size {
@@ -652,8 +642,9 @@ pub unsafe extern "C" fn relora_params_get_float(
 ///
 /// All or nothing: on failure `params` is unchanged and the message names the file and key.
 ///
-/// Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`, `RELORA_STATUS_IO`
-/// (unreadable file), `RELORA_STATUS_INVALID_CONFIG` (not a JSON object),
+/// Errors: `RELORA_STATUS_NULL_PARAMETER` (checked before the file is touched),
+/// `RELORA_STATUS_INVALID_HANDLE`, `RELORA_STATUS_IO` (unreadable, missing, over 256 MiB, or not
+/// a regular file), `RELORA_STATUS_INVALID_CONFIG` (not a JSON object),
 /// `RELORA_STATUS_UNKNOWN_PARAM`, `RELORA_STATUS_INVALID_PARAM`.
 #[no_mangle]
 pub unsafe extern "C" fn relora_params_load_file(
@@ -663,6 +654,9 @@ pub unsafe extern "C" fn relora_params_load_file(
     boundary("relora_params_load_file", || {
         // SAFETY: NUL-terminated string per the C contract.
         let path = unsafe { cstr(path, "path")? };
+        // The handle is checked before the file system is touched, and the file is read outside
+        // the handle registry's lock.
+        with_params(params, |_| Ok(()))?;
         let text = read_limited_text(path.as_ref(), JSON_LIMIT)?;
         with_params(params, |o| o.load_json(&text, path))
     })

@@ -65,7 +65,7 @@ impl relora_step_stats {
             step: s.step,
             skipped_total: s.skipped_total,
             tokens: s.tokens as u64,
-            loss: f64::from(s.loss),
+            loss: s.loss,
             lr: s.lr,
             grad_norm: s.grad_norm,
             forward_ms: s.timings.forward_ms,

@@ -60,8 +60,13 @@ pub enum relora_status {
 
     /// Reading or writing a file or directory failed.
     Io = 400,
-    /// A checkpoint is missing, corrupt, truncated or inconsistent.
+    /// A checkpoint is missing, corrupt, truncated or inconsistent, or one of its files is not
+    /// a regular file.
     Checkpoint = 401,
+    /// The output path holds something relora may not replace: a file or directory relora did
+    /// not write (never replaced), or relora's own earlier output when replacing it was not
+    /// asked for. Nothing was changed; the message names the path and what is there.
+    OutputExists = 402,
 
     /// The requested device is not available in this build or on this machine.
     Device = 500,
@@ -73,7 +78,7 @@ pub enum relora_status {
 
 impl relora_status {
     /// Every status, for the string table and tests.
-    pub(crate) const ALL: [relora_status; 23] = [
+    pub(crate) const ALL: [relora_status; 24] = [
         relora_status::Ok,
         relora_status::NullParameter,
         relora_status::InvalidArgument,
@@ -94,6 +99,7 @@ impl relora_status {
         relora_status::NonFinite,
         relora_status::Io,
         relora_status::Checkpoint,
+        relora_status::OutputExists,
         relora_status::Device,
         relora_status::Compute,
         relora_status::Panic,
@@ -122,6 +128,9 @@ impl relora_status {
             relora_status::NonFinite => "too many consecutive non-finite steps\0",
             relora_status::Io => "file or directory I/O error\0",
             relora_status::Checkpoint => "invalid checkpoint\0",
+            relora_status::OutputExists => {
+                "the output path holds something relora may not replace\0"
+            }
             relora_status::Device => "device unavailable\0",
             relora_status::Compute => "tensor computation failed\0",
             relora_status::Panic => "internal panic\0",
@@ -143,6 +152,7 @@ pub fn status_of(e: &Error) -> relora_status {
         Error::Data(_) => relora_status::InvalidData,
         Error::Tokenizer(_) => relora_status::Tokenizer,
         Error::Checkpoint { .. } => relora_status::Checkpoint,
+        Error::OutputExists { .. } => relora_status::OutputExists,
         Error::Shape { .. } => relora_status::ShapeMismatch,
         Error::NonFinite { .. } => relora_status::NonFinite,
         Error::Device(_) => relora_status::Device,

@@ -35,8 +35,9 @@ pub(crate) struct TrainerState {
     pub callbacks: Callbacks,
     /// Statistics of the last applied step since creation or loading.
     pub last_stats: Option<relora_step_stats>,
-    /// The host's JSON stored in the checkpoint this trainer was loaded from.
-    pub host_state: Option<serde_json::Value>,
+    /// The host's JSON text stored in the checkpoint this trainer was loaded from, byte for
+    /// byte as the host gave it.
+    pub host_state: Option<String>,
     /// The message of the panic that poisoned the trainer.
     poison: String,
 }
@@ -208,7 +209,7 @@ fn batches(rows: &[Vec<u32>], per_batch: usize) -> Vec<Batch> {
 }
 
 impl TrainerState {
-    fn new(trainer: Trainer, options: Options, host_state: Option<serde_json::Value>) -> Self {
+    fn new(trainer: Trainer, options: Options, host_state: Option<String>) -> Self {
         TrainerState {
             trainer,
             options,
@@ -316,8 +317,9 @@ pub unsafe extern "C" fn relora_trainer_new(
 /// written.
 ///
 /// Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_ARGUMENT`,
-/// `RELORA_STATUS_CHECKPOINT` (missing, corrupt or inconsistent checkpoint), `RELORA_STATUS_IO`,
-/// `RELORA_STATUS_DEVICE`.
+/// `RELORA_STATUS_CHECKPOINT` (missing, corrupt or inconsistent checkpoint, `dir` not a
+/// directory, or one of its files not a regular file: a FIFO, a device), `RELORA_STATUS_IO` (an
+/// OS error reading a file, such as permission denied), `RELORA_STATUS_DEVICE`.
 #[no_mangle]
 pub unsafe extern "C" fn relora_trainer_load(
     dir: *const c_char,
@@ -338,7 +340,13 @@ pub unsafe extern "C" fn relora_trainer_load(
             device: device_string(&device),
             tokenizer: manifest.tokenizer.clone().unwrap_or_default(),
         };
-        hand_out(TrainerState::new(trainer, options, manifest.data), out);
+        // Checkpoints from before the exact text was kept hold the host's state as JSON in
+        // `data` (as does a command-line run's data cursor).
+        let host_state = manifest
+            .host_state
+            .clone()
+            .or_else(|| manifest.data.as_ref().map(|v| v.to_string()));
+        hand_out(TrainerState::new(trainer, options, host_state), out);
         Ok(())
     })
 }
@@ -467,8 +475,9 @@ pub unsafe extern "C" fn relora_trainer_accumulate(
             // SAFETY: the caller provides batch * len tokens.
             let rows = unsafe { read_rows(tokens, batch, len, s.vocab())? };
             let value = s.trainer.accumulate(&batches(&rows, batch)[0])?;
-            // SAFETY: NULL or checked by `out_ptr`.
-            unsafe { write_out(loss, value) };
+            // SAFETY: NULL or checked by `out_ptr`. The ABI's `float`; the step's statistics
+            // carry the mean as computed.
+            unsafe { write_out(loss, value as f32) };
             Ok(())
         })
     })
@@ -572,15 +581,18 @@ pub unsafe extern "C" fn relora_trainer_eval(
     })
 }
 
-/// Saves a checkpoint of the whole training state to directory `dir` (created, or replaced
-/// atomically: a save that fails leaves any earlier checkpoint there intact). `host_state` may
-/// be NULL, or JSON text (e.g. the host's data-loader cursor) stored in the checkpoint and
-/// returned by `relora_trainer_host_state` after `relora_trainer_load`.
+/// Saves a checkpoint of the whole training state to directory `dir`, atomically: a save that
+/// fails leaves whatever was there intact. `dir` may be new, an empty directory, or an earlier
+/// relora checkpoint holding nothing else, which is replaced; anything else (a directory with
+/// other files, a regular file) is refused with `RELORA_STATUS_OUTPUT_EXISTS` and not touched.
+/// `host_state` may be NULL, or JSON text (e.g. the host's data-loader cursor), checked to be
+/// JSON and stored as given: `relora_trainer_host_state` returns it byte for byte after
+/// `relora_trainer_load`.
 ///
 /// Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
 /// `RELORA_STATUS_INVALID_ARGUMENT` (host_state not JSON), `RELORA_STATUS_INVALID_STATE` (a split
-/// step is in progress), `RELORA_STATUS_IO`, `RELORA_STATUS_CHECKPOINT`, `RELORA_STATUS_BUSY`,
-/// `RELORA_STATUS_POISONED`.
+/// step is in progress), `RELORA_STATUS_OUTPUT_EXISTS`, `RELORA_STATUS_IO`,
+/// `RELORA_STATUS_CHECKPOINT`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
 #[no_mangle]
 pub unsafe extern "C" fn relora_trainer_save(
     trainer: *const relora_trainer,
@@ -593,12 +605,19 @@ pub unsafe extern "C" fn relora_trainer_save(
             // SAFETY: NUL-terminated strings (host_state may be NULL) per the C contract.
             let (dir, host) = unsafe { (cstr(dir, "dir")?, opt_cstr(host_state, "host_state")?) };
             s.refuse_pending("saving")?;
-            let data = host
-                .map(serde_json::from_str::<serde_json::Value>)
-                .transpose()
-                .map_err(|e| Failure::invalid(format!("host_state is not valid JSON: {e}")))?;
+            // Checked to be JSON, then kept as the exact text: a host's cursor comes back byte
+            // for byte (key order, spacing, integers beyond 64 bits).
+            if let Some(text) = host {
+                serde_json::from_str::<serde::de::IgnoredAny>(text)
+                    .map_err(|e| Failure::invalid(format!("host_state is not valid JSON: {e}")))?;
+            }
             let tokenizer = Some(s.options.tokenizer.clone()).filter(|t| !t.is_empty());
-            checkpoint::save(&s.trainer, Path::new(dir), &SaveExtra { data, tokenizer })?;
+            let extra = SaveExtra {
+                data: None,
+                tokenizer,
+                host_state: host.map(str::to_string),
+            };
+            checkpoint::save(&s.trainer, Path::new(dir), &extra)?;
             s.callbacks.log(relora_log_level::Info, || {
                 format!("saved checkpoint {dir} at step {}", s.trainer.step_count())
             });
@@ -646,11 +665,14 @@ pub unsafe extern "C" fn relora_trainer_merge(trainer: *mut relora_trainer) -> r
 /// `out_dir` (`config.json`, `generation_config.json`, `model.safetensors` or shards with an
 /// index, and the tokenizer files when the trainer has a tokenizer), written atomically. The
 /// trainer is not changed. `dtype` is "f32" (when NULL), "bf16" or "f16"; `max_shard_bytes` 0
-/// writes one file; an existing `out_dir` is replaced only when `overwrite` is true.
+/// writes one file. `out_dir` may be new or an empty directory; an earlier relora export there
+/// (marked by its `relora-export.json`, holding nothing else) is replaced only when `overwrite`
+/// is true; anything else is never replaced.
 ///
 /// Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
-/// `RELORA_STATUS_INVALID_ARGUMENT` (unknown dtype), `RELORA_STATUS_IO` (out_dir exists and
-/// overwrite is false; a write failed), `RELORA_STATUS_TOKENIZER`,
+/// `RELORA_STATUS_INVALID_ARGUMENT` (unknown dtype), `RELORA_STATUS_OUTPUT_EXISTS` (out_dir
+/// holds what relora did not write, or its own export and overwrite is false),
+/// `RELORA_STATUS_IO` (a write failed), `RELORA_STATUS_TOKENIZER`,
 /// `RELORA_STATUS_COMPUTE`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
 #[no_mangle]
 pub unsafe extern "C" fn relora_trainer_export(
@@ -671,12 +693,6 @@ pub unsafe extern "C" fn relora_trainer_export(
                     .parse()
                     .map_err(|e: Error| Failure::invalid(e.to_string()))?,
             };
-            if !overwrite && std::fs::symlink_metadata(out).is_ok() {
-                return Err(Failure::new(
-                    relora_status::Io,
-                    format!("{out} already exists; pass overwrite = true to replace it"),
-                ));
-            }
             let opts = HfExportOptions {
                 dtype,
                 max_shard_bytes: (max_shard_bytes > 0).then_some(max_shard_bytes),
@@ -801,13 +817,9 @@ pub unsafe extern "C" fn relora_trainer_host_state(
     let func = "relora_trainer_host_state";
     boundary(func, || {
         enter(func, trainer, |s| {
-            let text = s
-                .host_state
-                .as_ref()
-                .map(|v| v.to_string())
-                .unwrap_or_default();
+            let text = s.host_state.as_deref().unwrap_or_default();
             // SAFETY: buffer contract as documented.
-            unsafe { write_text(&text, buf, len, out_len) }
+            unsafe { write_text(text, buf, len, out_len) }
         })
     })
 }

@@ -334,12 +334,14 @@ static void misuse_trainer(const char *workdir) {
     CHECK_STATUS(relora_trainer_config_get(t, "colour", buf, sizeof buf, &n),
                  RELORA_STATUS_UNKNOWN_PARAM, "colour");
 
-    /* Exports: bad dtype, existing directory without overwrite. */
+    /* Exports: bad dtype, a directory relora did not write (with or without overwrite). */
     snprintf(path, sizeof path, "%s/export", workdir);
     CHECK_STATUS(relora_trainer_export(t, path, "int4", 0, false),
                  RELORA_STATUS_INVALID_ARGUMENT, "int4");
-    CHECK_STATUS(relora_trainer_export(t, workdir, NULL, 0, false), RELORA_STATUS_IO,
-                 "overwrite");
+    CHECK_STATUS(relora_trainer_export(t, workdir, NULL, 0, false), RELORA_STATUS_OUTPUT_EXISTS,
+                 "relora replaces only its own");
+    CHECK_STATUS(relora_trainer_export(t, workdir, NULL, 0, true), RELORA_STATUS_OUTPUT_EXISTS,
+                 "bad.json");
 
     /* Checkpoints: host state must be JSON; missing and corrupt checkpoints are refused. */
     snprintf(path, sizeof path, "%s/ckpt", workdir);

@@ -199,7 +199,8 @@ int main(int argc, char **argv) {
     moved.export_hf(work + "/hf");
     EXPECT(exists(work + "/hf/config.json"));
     EXPECT(exists(work + "/hf/model.safetensors"));
-    expect_error([&] { moved.export_hf(work + "/hf"); }, RELORA_STATUS_IO, "overwrite", __LINE__);
+    expect_error([&] { moved.export_hf(work + "/hf"); }, RELORA_STATUS_OUTPUT_EXISTS,
+                 "overwrite = true", __LINE__);
     moved.export_hf(work + "/hf", "bf16", 0, true);
 
     relora::TrainerPtr raw;  // the plain unique_ptr alias frees NULL without complaint

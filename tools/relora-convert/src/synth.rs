@@ -209,6 +209,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         train,
         data: None,
         tokenizer: None,
+        host_state: None,
         optimizer_steps: BTreeMap::new(),
         phases,
         files,

@@ -89,7 +89,10 @@ fn subcommands_work_on_a_synthetic_checkpoint_and_fail_clearly() {
         "bf16",
     ]);
     assert!(hf.join("model.safetensors").exists() && hf.join("tokenizer.json").exists());
-    fails(&["merge", s(&ckpt), s(&hf)], &["already exists", "--force"]);
+    fails(
+        &["merge", s(&ckpt), s(&hf)],
+        &["already holds relora's model export", "--force"],
+    );
     ok(&[
         "merge",
         s(&ckpt),
@@ -169,4 +172,100 @@ fn subcommands_work_on_a_synthetic_checkpoint_and_fail_clearly() {
     );
     assert!(!d.join("z").exists());
     fails(&["inspect", s(&d.join("nothing-here"))], &["nothing-here"]);
+}
+
+#[test]
+fn force_replaces_only_relora_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ckpt = d.join("ckpt");
+    ok(&[
+        "synth",
+        s(&ckpt),
+        "--preset",
+        "tiny",
+        "--vocab",
+        "258",
+        "--rank",
+        "4",
+    ]);
+    let user = d.join("user");
+    std::fs::create_dir_all(user.join("sub")).unwrap();
+    std::fs::write(user.join("notes.txt"), b"mine").unwrap();
+    std::fs::write(user.join("sub/a.txt"), b"a").unwrap();
+    let untouched = |p: &Path| {
+        assert_eq!(std::fs::read(p.join("notes.txt")).unwrap(), b"mine");
+        assert_eq!(std::fs::read(p.join("sub/a.txt")).unwrap(), b"a");
+        assert_eq!(std::fs::read_dir(p).unwrap().count(), 2);
+    };
+    // A user's directory, with or without --force, for each command that writes one.
+    for force in [false, true] {
+        let mut runs = vec![
+            vec!["merge", s(&ckpt), s(&user)],
+            vec!["peft", s(&ckpt), s(&user)],
+        ];
+        for r in &mut runs {
+            if force {
+                r.push("--force");
+            }
+            fails(r, &["notes.txt", "nothing was changed"]);
+            untouched(&user);
+        }
+    }
+    // A checkpoint is not an export, and an export is not a checkpoint.
+    let hf = d.join("hf");
+    ok(&["merge", s(&ckpt), s(&hf), "--tokenizer", "bytes"]);
+    fails(
+        &["merge", s(&ckpt), s(&ckpt), "--force"],
+        &["manifest.json", "nothing was changed"],
+    );
+    assert!(ckpt.join("manifest.json").exists());
+    fails(
+        &["import", s(&hf), s(&hf), "--force", "--set", "seq_len=64"],
+        &["not a relora checkpoint", "nothing was changed"],
+    );
+    fails(
+        &["import", s(&hf), s(&user), "--force", "--set", "seq_len=64"],
+        &["notes.txt"],
+    );
+    untouched(&user);
+    // relora's own outputs are replaced with --force: a directory, an import, a single file.
+    ok(&["merge", s(&ckpt), s(&hf), "--force", "--dtype", "bf16"]);
+    let imported = d.join("imported");
+    for extra in [&[][..], &["--force"][..]] {
+        let mut args = vec!["import", s(&hf), s(&imported), "--set", "seq_len=64"];
+        args.extend_from_slice(extra);
+        ok(&args);
+    }
+    let one = d.join("one.safetensors");
+    ok(&["merge", s(&ckpt), s(&one)]);
+    ok(&["merge", s(&ckpt), s(&one), "--force"]);
+    let theirs = d.join("theirs.safetensors");
+    std::fs::write(&theirs, b"someone else's weights").unwrap();
+    fails(
+        &["merge", s(&ckpt), s(&theirs), "--force"],
+        &["theirs.safetensors", "nothing was changed"],
+    );
+    assert_eq!(std::fs::read(&theirs).unwrap(), b"someone else's weights");
+    // A chart replaces an earlier chart, never another file.
+    let png = d.join("s.png");
+    ok(&["spectrum", s(&ckpt), "--png", s(&png)]);
+    ok(&["spectrum", s(&ckpt), "--png", s(&png)]);
+    let photo = d.join("photo.png");
+    std::fs::write(&photo, b"\x89PNG\r\n\x1a\nmy holiday").unwrap();
+    fails(
+        &["spectrum", s(&ckpt), "--png", s(&photo)],
+        &["photo.png", "not a chart relora wrote"],
+    );
+    assert_eq!(
+        std::fs::read(&photo).unwrap(),
+        b"\x89PNG\r\n\x1a\nmy holiday"
+    );
+    // Nothing hidden was left behind.
+    let hidden: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
 }

@@ -159,3 +159,115 @@ fn damaged_checkpoints_are_refused_naming_the_file_and_nothing_is_written() {
     }
     eprintln!("{cases} damaged checkpoints refused ({} files)", rel.len());
 }
+
+/// Runs the converter, failing the test if it has not exited within 30 s (a read that waits on
+/// a FIFO or never ends).
+fn convert_in_time(args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_relora-convert"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("relora-convert runs");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("relora-convert {args:?} still running after 30 s");
+        }
+    }
+}
+
+/// Replaces `path` with a FIFO (`None`) or a symlink to `target`.
+#[cfg(unix)]
+fn replace_with_special(path: &Path, target: Option<&str>) {
+    std::fs::remove_file(path).unwrap();
+    match target {
+        Some(t) => std::os::unix::fs::symlink(t, path).unwrap(),
+        None => {
+            let ok = Command::new("mkfifo").arg(path).status().unwrap();
+            assert!(ok.success(), "mkfifo {}", path.display());
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn files_that_are_not_regular_files_are_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    synth(&good, "1");
+    let hf = tmp.path().join("hf");
+    let out = convert(&["merge", s(&good), s(&hf), "--tokenizer", "bytes"]);
+    assert!(out.status.success());
+    let specials = [
+        (Some("/dev/zero"), "character device"),
+        (Some("/dev/urandom"), "character device"),
+        (None, "FIFO"),
+    ];
+    let mut cases = 0;
+    for file in [
+        "manifest.json",
+        "params.safetensors",
+        "base.safetensors",
+        "phases/phase-0001.safetensors",
+    ] {
+        for (i, (target, what)) in specials.iter().enumerate() {
+            let ckpt = tmp
+                .path()
+                .join(format!("ck-{}-{i}", file.replace('/', "-")));
+            copy_dir(&good, &ckpt);
+            replace_with_special(&ckpt.join(file), *target);
+            let name = Path::new(file).file_name().unwrap().to_str().unwrap();
+            let out_dir = tmp.path().join("out");
+            for args in [
+                vec!["merge", s(&ckpt), s(&out_dir)],
+                vec!["peft", s(&ckpt), s(&out_dir)],
+                vec!["inspect", s(&ckpt), "--verify"],
+            ] {
+                let out = convert_in_time(&args);
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+                assert!(err.contains(name) && err.contains(what), "{args:?}: {err}");
+                assert!(!out_dir.exists(), "{args:?} wrote {}", out_dir.display());
+                cases += 1;
+            }
+        }
+    }
+    // The Hugging Face side, read by import and inspect.
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        for (i, (target, what)) in specials.iter().enumerate() {
+            let dir = tmp.path().join(format!("hf-{file}-{i}"));
+            copy_dir(&hf, &dir);
+            replace_with_special(&dir.join(file), *target);
+            let ckpt = tmp.path().join("imported");
+            for args in [
+                vec!["import", s(&dir), s(&ckpt), "--set", "seq_len=64"],
+                vec!["inspect", s(&dir)],
+            ] {
+                if file == "tokenizer.json" && args[0] == "inspect" {
+                    continue; // inspect reads the weights and config only
+                }
+                let out = convert_in_time(&args);
+                let text = String::from_utf8_lossy(&out.stderr).to_string()
+                    + &String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    text.contains(file) && text.contains(what),
+                    "{args:?}: {text}"
+                );
+                // inspect reports a model directory's unreadable config.json in its output.
+                if !(args[0] == "inspect" && file == "config.json") {
+                    assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+                }
+                assert!(!ckpt.exists());
+                cases += 1;
+            }
+        }
+    }
+    eprintln!("{cases} cases of files that are not regular files: all refused at once");
+}

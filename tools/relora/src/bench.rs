@@ -7,6 +7,7 @@ use clap::Args;
 use relora::config::{Mode, ModelConfig, TrainConfig};
 use relora::data::batcher::Batcher;
 use relora::device::parse_device;
+use relora::fs::output::{Claim, OutputKind, Recognise};
 use relora::Trainer;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -381,6 +382,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if let Some(path) = &a.json {
         let doc = serde_json::json!({
+            "tool": BENCH_TOOL,
             "preset": a.preset, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "rank": a.rank, "reset_every": a.reset_every, "threads": a.threads,
             "device": a.device, "cpu": cpu_model(), "tf32": a.tf32,
@@ -393,8 +395,29 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "tokenizer": a.tokenizer,
             "compute_dtype": a.compute_dtype, "results": results,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+        let text = serde_json::to_string_pretty(&doc)?;
+        relora::fs::output::write_file_output(path, &BENCH_JSON, true, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
+
+/// The `tool` field of a `relora bench --json` document.
+const BENCH_TOOL: &str = "relora bench";
+
+/// A `relora bench --json` document: replaced by the next run, and nothing else is.
+const BENCH_JSON: OutputKind = OutputKind {
+    noun: "benchmark report",
+    dir: false,
+    recognise: Recognise::Custom(|path| {
+        let doc: serde_json::Value = relora::fs::read::read_limited(path, 64 << 20)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if doc["tool"] == BENCH_TOOL {
+            Ok(Claim::default())
+        } else {
+            Err("not a report of relora bench".into())
+        }
+    }),
+};

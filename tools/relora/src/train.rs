@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use relora::checkpoint::recognise::CHECKPOINT;
 use relora::checkpoint::run_dir;
 use relora::config::{Mode, ModelConfig, TrainConfig};
 use relora::device::parse_device;
@@ -101,8 +102,9 @@ pub struct TrainArgs {
     /// as a Hugging Face model directory here (what `relora-convert merge` writes).
     #[arg(long)]
     export: Option<PathBuf>,
-    /// Start afresh in an --out directory that already holds a run (its checkpoints and metrics
-    /// are deleted), and replace an existing --export directory.
+    /// Start afresh in an --out directory that already holds a run (relora's own checkpoints and
+    /// metrics log there are removed; a checkpoint holding anything else is refused), and
+    /// replace an earlier relora export at --export.
     #[arg(long)]
     force: bool,
     /// Data-parallel training: "none"; "mpi" under `mpirun -np N` (builds with the `mpi`
@@ -121,6 +123,13 @@ pub struct TrainArgs {
     /// a filesystem they all see; it must not exist at the start [default: OUT/nccl-id].
     #[arg(long)]
     nccl_id_file: Option<PathBuf>,
+    /// Fault injection for tests: RANK:STEP makes that rank's first micro-batch of STEP report
+    /// a non-finite loss while its gradients stay finite.
+    #[arg(long, hide = true, value_name = "RANK:STEP")]
+    fault_nonfinite_loss: Option<String>,
+    /// Fault injection for tests: the save of STEP kills the process (SIGKILL) part-way.
+    #[arg(long, hide = true, value_name = "STEP")]
+    fault_kill_in_save: Option<u64>,
 }
 
 /// The communicator `--distributed` asks for (None for a single process), and the device this
@@ -287,6 +296,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
     result
 }
 
+/// Refuses a fresh run in a run directory that already holds checkpoints.
+fn refuse_existing_run(out_dir: &Path) -> Result<()> {
+    let existing = run_dir::list(out_dir)?;
+    if !existing.is_empty() {
+        bail!(
+            "{} already holds a run ({} checkpoints); continue it with --resume {}, or start \
+             afresh with --force",
+            out_dir.display(),
+            existing.len(),
+            out_dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device) -> Result<()> {
     let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
     let writer = rank == 0;
@@ -300,6 +324,16 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
         a.out = Some(out_dir_of(&a));
     }
     let out_dir = a.out.clone().unwrap_or_default();
+    // What would stop the run at its end, or clobber a run, is refused now, before anything
+    // is written: a run directory that already holds a run, an export that may not be written.
+    if writer && a.resume.is_none() && !a.force {
+        refuse_existing_run(&out_dir)?;
+    }
+    if let (true, Some(out)) = (writer, &a.export) {
+        let kind = relora::export::hf::output_kind(out);
+        relora::fs::output::check_target(out, kind, a.force || a.resume.is_some())
+            .with_context(|| format!("--export {}", out.display()))?;
+    }
     if writer {
         // The base weights of the adapter phase go next to the checkpoints, on their disk,
         // rather than to a /tmp that may be memory (the other ranks keep the default).
@@ -352,26 +386,26 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
         let existing = run_dir::list(&out_dir)?;
         if !existing.is_empty() {
             if !a.force {
-                bail!(
-                    "{} already holds a run ({} checkpoints); continue it with --resume {}, or start afresh with --force",
-                    out_dir.display(),
-                    existing.len(),
-                    out_dir.display()
-                );
+                refuse_existing_run(&out_dir)?;
             }
             if writer {
+                // Only relora's own checkpoints, file by file. All are checked before any is
+                // removed: one a user has added files to is refused, with what is in it.
+                for (_, dir) in &existing {
+                    relora::fs::output::check_target(dir, &CHECKPOINT, true)
+                        .with_context(|| format!("--force: not removing {}", dir.display()))?;
+                }
+                relora::run::check_metrics_log(&out_dir)?;
                 for (_, dir) in existing {
-                    std::fs::remove_dir_all(&dir)
-                        .with_context(|| format!("removing {}", dir.display()))?;
+                    run_dir::remove_checkpoint(&dir)
+                        .with_context(|| format!("--force: not removing {}", dir.display()))?;
                 }
             }
         }
         // A fresh run starts a fresh log, also over one left by an attempt that died before
-        // its first checkpoint.
-        let metrics = out_dir.join("metrics.jsonl");
-        if writer && metrics.exists() {
-            std::fs::remove_file(&metrics)
-                .with_context(|| format!("removing {}", metrics.display()))?;
+        // its first checkpoint; a file of that name that is not relora's log is refused.
+        if writer {
+            relora::run::remove_metrics_log(&out_dir)?;
         }
         barrier()?;
         let config = build_config(&a)?;
@@ -420,6 +454,21 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
                 run.trainer.config.grad_accum
             );
         }
+    }
+
+    if let Some(spec) = &a.fault_nonfinite_loss {
+        let parsed = spec
+            .split_once(':')
+            .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
+        let Some((fault_rank, step)) = parsed else {
+            bail!("--fault-nonfinite-loss takes RANK:STEP, not {spec}");
+        };
+        if fault_rank == rank {
+            run.trainer.inject_nonfinite_loss_at(step);
+        }
+    }
+    if let Some(step) = a.fault_kill_in_save {
+        run.inject_kill_in_save_at(step);
     }
 
     let total = run.trainer.config.steps;

@@ -368,3 +368,95 @@ fn same_seed_gives_identical_weights_whatever_the_thread_count() {
         assert!(a == b, "{} differs between thread counts", name.display());
     }
 }
+
+#[test]
+fn force_replaces_only_what_relora_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("r");
+    let hf = tmp.path().join("hf");
+    let (run_s, hf_s) = (run.to_str().unwrap(), hf.to_str().unwrap());
+    ok(&train_args(run_s, &["--export", hf_s]));
+    let fails = |args: &[&str], needles: &[&str]| {
+        let out = relora(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        for n in needles {
+            assert!(err.contains(n), "{args:?}: expected '{n}' in:\n{err}");
+        }
+    };
+
+    // A user's file in a checkpoint: --force does not delete that checkpoint.
+    let ckpt = run.join("checkpoints/step-00000014");
+    std::fs::write(ckpt.join("notes.txt"), b"mine").unwrap();
+    fails(
+        &train_args(run_s, &["--export", hf_s, "--force"]),
+        &["notes.txt", "step-00000014"],
+    );
+    assert_eq!(std::fs::read(ckpt.join("notes.txt")).unwrap(), b"mine");
+    assert!(ckpt.join("manifest.json").exists());
+    std::fs::remove_file(ckpt.join("notes.txt")).unwrap();
+
+    // A user's file in the export: refused before any training, the run left as it was.
+    std::fs::write(hf.join("README.md"), b"my model card").unwrap();
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    fails(
+        &train_args(run_s, &["--export", hf_s, "--force"]),
+        &["--export", "README.md", "nothing was changed"],
+    );
+    assert_eq!(
+        std::fs::read(hf.join("README.md")).unwrap(),
+        b"my model card"
+    );
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+    std::fs::remove_file(hf.join("README.md")).unwrap();
+    // relora's own run and export are replaced with --force.
+    ok(&train_args(run_s, &["--export", hf_s, "--force"]));
+
+    // A metrics.jsonl that is not relora's log is not deleted by a fresh run.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("metrics.jsonl"), b"my measurements\n").unwrap();
+    fails(
+        &train_args(other.to_str().unwrap(), &[]),
+        &["metrics.jsonl", "not a relora metrics record"],
+    );
+    assert_eq!(
+        std::fs::read(other.join("metrics.jsonl")).unwrap(),
+        b"my measurements\n"
+    );
+
+    // bench --json replaces its own earlier report, never another file.
+    let report = tmp.path().join("report.json");
+    bench_tiny(
+        &report,
+        &["--steps", "1", "--warmup", "0", "--modes", "full"],
+    );
+    bench_tiny(
+        &report,
+        &["--steps", "1", "--warmup", "0", "--modes", "full"],
+    );
+    let notes = tmp.path().join("notes.json");
+    std::fs::write(&notes, b"{\"mine\": true}").unwrap();
+    let notes_s = notes.to_str().unwrap();
+    fails(
+        &[
+            "bench",
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--modes",
+            "full",
+            "--json",
+            notes_s,
+        ],
+        &["notes.json", "not a report of relora bench"],
+    );
+    assert_eq!(std::fs::read(&notes).unwrap(), b"{\"mine\": true}");
+}

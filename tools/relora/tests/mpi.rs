@@ -382,3 +382,195 @@ fn a_hung_rank_ends_the_job_after_the_timeout() {
         "no clear message:\n{text}"
     );
 }
+
+/// The arguments as string slices.
+fn as_str(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Hidden names (`.step-N.tmp-PID` and the like) left in a run directory's checkpoints.
+fn hidden_checkpoint_entries(run: &Path) -> Vec<String> {
+    std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank() {
+    if !have_mpirun() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("single");
+    let dp = tmp.path().join("dp");
+    // One process with rank 0's poisoned micro-batch, and two ranks where only rank 1's loss is
+    // non-finite (its gradients stay finite): the same global step must be skipped in both.
+    let mut args = tiny_relora(single.to_str().unwrap(), "grad_accum=2");
+    args.extend(["--fault-nonfinite-loss", "0:7"]);
+    check("single process", relora(&args).output().unwrap());
+    let mut args = tiny_relora(dp.to_str().unwrap(), "grad_accum=1");
+    // Ranks that disagree about the skip fall out of step in their collectives: the timeout
+    // ends such a job in a minute instead of the default 15.
+    args.extend([
+        "--distributed",
+        "mpi",
+        "--fault-nonfinite-loss",
+        "1:7",
+        "--dist-timeout",
+        "60",
+    ]);
+    check("mpirun -np 2", mpirun(2, &args).output().unwrap());
+
+    let (ls, ld) = (metrics(&single), metrics(&dp));
+    let skipped = |lines: &[serde_json::Value]| -> Vec<u64> {
+        lines
+            .iter()
+            .filter(|l| l["skipped"] == true)
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(skipped(&ls), [7], "the single process skipped other steps");
+    assert_eq!(
+        skipped(&ld),
+        [7],
+        "rank 0 did not skip rank 1's poisoned step"
+    );
+    // Every rank skipped it: had rank 1 alone skipped, the ranks' weights would differ from
+    // here on, and so would the losses they average and rank 0's final weights.
+    let applied = |lines: &[serde_json::Value]| -> Vec<f64> {
+        lines
+            .iter()
+            .filter(|l| l["skipped"] != true)
+            .map(|l| l["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (applied(&ls), applied(&ld));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-4, "applied step {i}: loss {x} vs {y}");
+    }
+    let diff = max_weight_diff(&checkpoint_dir(&single, 20), &checkpoint_dir(&dp, 20));
+    eprintln!("poisoned rank: 2 ranks vs 1 process, max |weight difference| = {diff:e}");
+    assert!(diff <= 1e-5, "weights differ by {diff}");
+}
+
+#[test]
+fn a_kill_during_a_save_in_a_two_rank_run_resumes_every_rank_from_one_checkpoint() {
+    if !have_mpirun() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("reference");
+    let killed = tmp.path().join("killed");
+    let dp_args = |out: &Path| -> Vec<String> {
+        let mut a: Vec<String> = tiny_relora(out.to_str().unwrap(), "grad_accum=1")
+            .into_iter()
+            .map(String::from)
+            .collect();
+        a.extend(
+            [
+                "--distributed",
+                "mpi",
+                "--save-every",
+                "4",
+                "--dist-timeout",
+                "60",
+            ]
+            .map(String::from),
+        );
+        a
+    };
+    check(
+        "reference run",
+        mpirun(2, &as_str(&dp_args(&reference))).output().unwrap(),
+    );
+    // Rank 0 kills itself (SIGKILL) part-way through the save of step 12.
+    let mut args = dp_args(&killed);
+    args.extend(["--fault-kill-in-save", "12"].map(String::from));
+    let out = mpirun(2, &as_str(&args)).output().unwrap();
+    assert!(!out.status.success(), "the killed job succeeded");
+    let left = hidden_checkpoint_entries(&killed);
+    assert!(
+        left.iter().any(|n| n.starts_with(".step-00000012.tmp-")),
+        "the kill did not land in the save of step 12: {left:?}"
+    );
+    assert!(checkpoint_dir(&killed, 8).join("manifest.json").exists());
+    assert!(!checkpoint_dir(&killed, 12).exists());
+
+    // Both ranks resume: rank 0 tidies the leftover before any rank picks the newest
+    // checkpoint, so both continue from step 8 and end where the uninterrupted run did.
+    let resume = [
+        "train",
+        "--resume",
+        killed.to_str().unwrap(),
+        "--eval-data",
+        "none",
+        "--threads",
+        "1",
+        "--quiet",
+        "--distributed",
+        "mpi",
+        "--dist-timeout",
+        "60",
+    ];
+    let out = check("resumed job", mpirun(2, &resume).output().unwrap());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("at step 8"),
+        "did not resume at step 8:\n{text}"
+    );
+    assert!(hidden_checkpoint_entries(&killed).is_empty());
+    let diff = max_weight_diff(
+        &checkpoint_dir(&reference, 20),
+        &checkpoint_dir(&killed, 20),
+    );
+    eprintln!(
+        "killed during a save and resumed vs uninterrupted: max |weight difference| = {diff:e}"
+    );
+    assert!(diff <= 1e-6, "resumed run differs by {diff}");
+
+    // A kill between parking a checkpoint for replacement and renaming its successor in leaves
+    // the newest checkpoint under its parked name: rank 0 restores it, and no rank may pick
+    // an older checkpoint before it has.
+    let parked = tmp.path().join("parked");
+    let mut args = dp_args(&parked);
+    args.extend(["--stop-after", "12"].map(String::from));
+    check(
+        "first 12 steps",
+        mpirun(2, &as_str(&args)).output().unwrap(),
+    );
+    std::fs::rename(
+        checkpoint_dir(&parked, 12),
+        parked.join("checkpoints/.step-00000012.old-4242"),
+    )
+    .unwrap();
+    let resume = [
+        "train",
+        "--resume",
+        parked.to_str().unwrap(),
+        "--eval-data",
+        "none",
+        "--threads",
+        "1",
+        "--quiet",
+        "--distributed",
+        "mpi",
+        "--dist-timeout",
+        "60",
+    ];
+    let out = check("resumed job", mpirun(2, &resume).output().unwrap());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("at step 12"),
+        "did not resume at step 12:\n{text}"
+    );
+    assert!(hidden_checkpoint_entries(&parked).is_empty());
+    let diff = max_weight_diff(
+        &checkpoint_dir(&reference, 20),
+        &checkpoint_dir(&parked, 20),
+    );
+    assert!(diff <= 1e-6, "resumed run differs by {diff}");
+}

@@ -1,0 +1,697 @@
+//! Outputs that appear whole or not at all, and that replace only what relora wrote: the one
+//! implementation behind checkpoints, exports, the converter and the command-line programs.
+//!
+//! An output is written under a fresh hidden sibling (`.NAME.tmp-PID`), synced, and renamed into
+//! place at the end; a run that fails or is killed leaves the target as it was. The rule that
+//! keeps users' data safe decides what an existing target may be:
+//!
+//! - nothing, or an empty directory when the output is a directory: written;
+//! - relora's own earlier output of the same kind, holding nothing relora did not write: replaced
+//!   when the caller asked for it (`--force`, `overwrite`; a checkpoint save always asks);
+//! - anything else (a user's directory, a file of another kind, a symlink, a device): refused
+//!   with [`Error::OutputExists`] naming what was found, and nothing is touched.
+//!
+//! The check runs before anything is written and again just before the rename. A replaced
+//! directory is parked under a hidden name (`.NAME.old-PID`) while the new one is renamed in,
+//! then removed file by file from the list of what relora wrote, its directories last with a
+//! plain `rmdir`: an entry relora did not write is never deleted, even one that appeared while
+//! the new output was being written.
+
+use crate::error::{Error, Result};
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+/// What relora wrote in a directory output, relative to it: the files and the directories
+/// (which may be empty) that belong to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Claim {
+    /// Files (and symlinks) relora wrote.
+    pub files: BTreeSet<PathBuf>,
+    /// Directories relora made; ancestors of the files count too.
+    pub dirs: BTreeSet<PathBuf>,
+}
+
+impl Claim {
+    /// Whether the relative entry `rel` (a directory when `dir`) is one relora wrote.
+    fn covers(&self, rel: &Path, dir: bool) -> bool {
+        if dir {
+            self.dirs.contains(rel) || self.files.iter().any(|f| f.starts_with(rel))
+        } else {
+            self.files.contains(rel)
+        }
+    }
+}
+
+/// How relora recognises its own earlier output of a kind.
+#[derive(Clone, Copy)]
+pub enum Recognise {
+    /// A directory carrying the marker file `file`, which [`Staged::commit`] writes last:
+    /// `{"format": FORMAT, "writer": "relora X.Y.Z", "files": [...], "dirs": [...]}`.
+    Marker {
+        /// The marker's file name inside the directory.
+        file: &'static str,
+        /// The value of its `format` field.
+        format: &'static str,
+    },
+    /// The kind's own test: what relora wrote there (an empty claim for a single file), or what
+    /// is there instead, in words.
+    Custom(fn(&Path) -> std::result::Result<Claim, String>),
+}
+
+/// A kind of output: what it is called, whether it is a directory, and how relora recognises
+/// its own earlier output of this kind.
+#[derive(Clone, Copy)]
+pub struct OutputKind {
+    /// What the output is, for messages ("checkpoint", "model export").
+    pub noun: &'static str,
+    /// Whether the output is a directory (else a single file).
+    pub dir: bool,
+    /// How relora's own earlier output of this kind is recognised.
+    pub recognise: Recognise,
+}
+
+/// What an existing target holds, as judged for a kind of output.
+#[derive(Debug, PartialEq)]
+enum Occupant {
+    Nothing,
+    EmptyDir,
+    Own(Claim),
+}
+
+/// Whether `rel` is a plain relative path below a directory: no root, prefix or `..`.
+pub fn is_inside(rel: &Path) -> bool {
+    !rel.as_os_str().is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Every entry under `dir` (not following symlinks), relative, with whether it is a directory;
+/// parents before their children.
+pub fn entries(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let abs = dir.join(&rel);
+        for entry in std::fs::read_dir(&abs).map_err(|e| Error::io(&abs, e))? {
+            let entry = entry.map_err(|e| Error::io(&abs, e))?;
+            let child = rel.join(entry.file_name());
+            let is_dir = entry.file_type().map_err(|e| Error::io(&abs, e))?.is_dir();
+            if is_dir {
+                todo.push(child.clone());
+            }
+            out.push((child, is_dir));
+        }
+    }
+    Ok(out)
+}
+
+/// The entries of `dir` that `claim` does not cover, for the message.
+fn unclaimed(dir: &Path, claim: &Claim) -> Result<Vec<PathBuf>> {
+    Ok(entries(dir)?
+        .into_iter()
+        .filter(|(rel, is_dir)| !claim.covers(rel, *is_dir))
+        .map(|(rel, _)| rel)
+        .collect())
+}
+
+/// Names a few entries relora did not write, for a message.
+fn list_unclaimed(extra: &[PathBuf]) -> String {
+    let shown: Vec<String> = extra
+        .iter()
+        .take(3)
+        .map(|p| p.display().to_string())
+        .collect();
+    let more = extra.len().saturating_sub(shown.len());
+    let mut s = shown.join(", ");
+    if more > 0 {
+        s.push_str(&format!(" and {more} more"));
+    }
+    s
+}
+
+fn foreign(path: &Path, found: impl Into<String>) -> Error {
+    Error::OutputExists {
+        path: path.to_path_buf(),
+        found: found.into(),
+        own: false,
+    }
+}
+
+/// Reads a marker file: what relora wrote in the directory, marker included.
+fn read_marker(dir: &Path, file: &str, format: &str) -> std::result::Result<Claim, String> {
+    let path = dir.join(file);
+    let bytes = match super::read::read_limited(&path, 16 << 20) {
+        Ok(b) => b,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("no {file}, so not relora's"));
+        }
+        Err(e) => return Err(format!("its {file} cannot be read ({e})")),
+    };
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| format!("its {file} is not JSON, so not relora's"))?;
+    if doc["format"].as_str() != Some(format) {
+        return Err(format!(
+            "its {file} is not relora's (format is not {format})"
+        ));
+    }
+    let mut claim = Claim::default();
+    for (key, set) in [("files", &mut claim.files), ("dirs", &mut claim.dirs)] {
+        for v in doc[key].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let rel = PathBuf::from(v.as_str().unwrap_or(""));
+            if !is_inside(&rel) {
+                return Err(format!("its {file} lists {v}, outside it"));
+            }
+            set.insert(rel);
+        }
+    }
+    claim.files.insert(PathBuf::from(file));
+    Ok(claim)
+}
+
+/// Judges what is at `out` for an output of `kind`: nothing, an empty directory, or relora's
+/// own earlier output (and what it consists of); anything else is an [`Error::OutputExists`].
+fn judge(out: &Path, kind: &OutputKind) -> Result<Occupant> {
+    let meta = match std::fs::symlink_metadata(out) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Occupant::Nothing),
+        Err(e) => return Err(Error::io(out, e)),
+    };
+    let ft = meta.file_type();
+    let wrong_type = (kind.dir && !ft.is_dir()) || (!kind.dir && !ft.is_file());
+    if wrong_type {
+        return Err(foreign(out, super::read::describe(&ft)));
+    }
+    if kind.dir
+        && std::fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .next()
+            .is_none()
+    {
+        return Ok(Occupant::EmptyDir);
+    }
+    let claim = match kind.recognise {
+        Recognise::Marker { file, format } => read_marker(out, file, format),
+        Recognise::Custom(f) => f(out),
+    }
+    .map_err(|reason| {
+        let what = if kind.dir {
+            let mut top: Vec<PathBuf> = std::fs::read_dir(out)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| PathBuf::from(e.file_name()))
+                .collect();
+            top.sort();
+            format!("a directory holding {}", list_unclaimed(&top))
+        } else {
+            super::read::describe(&ft).to_string()
+        };
+        foreign(out, format!("{what} ({reason})"))
+    })?;
+    if kind.dir {
+        let extra = unclaimed(out, &claim)?;
+        if !extra.is_empty() {
+            return Err(foreign(
+                out,
+                format!(
+                    "a {} that also holds {}, which relora did not write",
+                    kind.noun,
+                    list_unclaimed(&extra)
+                ),
+            ));
+        }
+    }
+    Ok(Occupant::Own(claim))
+}
+
+/// Judges `out` for an output of `kind` and refuses what may not be replaced: anything relora
+/// did not write, and its own earlier output unless `replace_own`. Call it before expensive work
+/// so that a refusal comes first; [`Staged::new`] and [`Staged::commit`] check again.
+pub fn check_target(out: &Path, kind: &OutputKind, replace_own: bool) -> Result<()> {
+    judge_allowed(out, kind, replace_own).map(|_| ())
+}
+
+fn judge_allowed(out: &Path, kind: &OutputKind, replace_own: bool) -> Result<Occupant> {
+    let occupant = judge(out, kind)?;
+    if matches!(occupant, Occupant::Own(_)) && !replace_own {
+        return Err(Error::OutputExists {
+            path: out.to_path_buf(),
+            found: format!("relora's {}", kind.noun),
+            own: true,
+        });
+    }
+    Ok(occupant)
+}
+
+/// Whether `out` holds relora's own earlier output of `kind` (and nothing else).
+pub fn holds_own(out: &Path, kind: &OutputKind) -> bool {
+    matches!(judge(out, kind), Ok(Occupant::Own(_)))
+}
+
+/// A hidden sibling name `.NAME.TAG-PID` (then `.NAME.TAG-PID-N`) that nothing holds yet.
+fn free_sibling(parent: &Path, name: &str, tag: &str) -> PathBuf {
+    let pid = std::process::id();
+    let mut n = 0u32;
+    loop {
+        let candidate = if n == 0 {
+            parent.join(format!(".{name}.{tag}-{pid}"))
+        } else {
+            parent.join(format!(".{name}.{tag}-{pid}-{n}"))
+        };
+        if std::fs::symlink_metadata(&candidate).is_err() {
+            return candidate;
+        }
+        n += 1;
+    }
+}
+
+/// Flushes a directory's entries (new names, renames) to disk.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let f = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
+    f.sync_all().map_err(|e| Error::io(dir, e))
+}
+
+/// Removes the directory `dir` that relora wrote, as `claim` lists it: the listed files, then
+/// the directories, deepest first, with `rmdir`. An entry `claim` does not cover is an error
+/// before anything is removed, and one that appears meanwhile stays (its directory with it).
+pub fn remove_claimed(dir: &Path, claim: &Claim) -> Result<()> {
+    let extra = unclaimed(dir, claim)?;
+    if !extra.is_empty() {
+        return Err(foreign(
+            dir,
+            format!(
+                "a directory that holds {}, which relora did not write",
+                list_unclaimed(&extra)
+            ),
+        ));
+    }
+    let mut dirs = Vec::new();
+    for (rel, is_dir) in entries(dir)? {
+        if is_dir {
+            dirs.push(rel);
+        } else {
+            let p = dir.join(&rel);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&p, e)),
+                _ => {}
+            }
+        }
+    }
+    // Children before parents.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.push(PathBuf::new());
+    for rel in dirs {
+        let p = dir.join(&rel);
+        std::fs::remove_dir(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
+/// Removes `dir` if it is relora's own output of `kind` (and holds nothing else); otherwise an
+/// [`Error::OutputExists`] says what is there, and nothing is removed. A missing `dir` is fine.
+pub fn remove_own(dir: &Path, kind: &OutputKind) -> Result<()> {
+    match judge(dir, kind)? {
+        Occupant::Nothing => Ok(()),
+        Occupant::EmptyDir => std::fs::remove_dir(dir).map_err(|e| Error::io(dir, e)),
+        Occupant::Own(claim) if kind.dir => remove_claimed(dir, &claim),
+        Occupant::Own(_) => std::fs::remove_file(dir).map_err(|e| Error::io(dir, e)),
+    }
+}
+
+/// An output being written: a file or directory at a fresh temporary path, renamed into place by
+/// [`Staged::commit`] and removed if dropped uncommitted.
+pub struct Staged {
+    target: PathBuf,
+    tmp: PathBuf,
+    parent: PathBuf,
+    kind: OutputKind,
+    replace_own: bool,
+    committed: bool,
+}
+
+impl Staged {
+    /// Prepares to write `out` as an output of `kind`: checks the target under the rule above
+    /// (`replace_own`: whether relora's own earlier output may be replaced), creates the parent
+    /// and a fresh temporary sibling (a directory is created empty, a file is not created).
+    pub fn new(out: &Path, kind: &OutputKind, replace_own: bool) -> Result<Staged> {
+        check_target(out, kind, replace_own)?;
+        let name = out
+            .file_name()
+            .ok_or_else(|| {
+                Error::io(
+                    out,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "the output path has no file name",
+                    ),
+                )
+            })?
+            .to_string_lossy()
+            .to_string();
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        // Created exclusively: a name that something else took in between is never reused.
+        let tmp = loop {
+            let tmp = free_sibling(&parent, &name, "tmp");
+            let made = if kind.dir {
+                std::fs::create_dir(&tmp)
+            } else {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+                    .map(|_| ())
+            };
+            match made {
+                Ok(()) => break tmp,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&tmp, e)),
+            }
+        };
+        Ok(Staged {
+            target: out.to_path_buf(),
+            tmp,
+            parent,
+            kind: *kind,
+            replace_own,
+            committed: false,
+        })
+    }
+
+    /// Where to write now (the temporary path).
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Writes the marker of a [`Recognise::Marker`] kind, syncs the temporary output, checks
+    /// the target again and renames the output into place (see the module documentation).
+    pub fn commit(mut self) -> Result<()> {
+        if self.kind.dir {
+            if let Recognise::Marker { file, format } = self.kind.recognise {
+                self.write_marker(file, format)?;
+            }
+            for (rel, is_dir) in entries(&self.tmp)? {
+                if is_dir {
+                    sync_dir(&self.tmp.join(rel))?;
+                }
+            }
+            sync_dir(&self.tmp)?;
+        } else {
+            let f = std::fs::File::open(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?;
+            f.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        }
+        let occupant = judge_allowed(&self.target, &self.kind, self.replace_own)?;
+        let mut parked = None;
+        match occupant {
+            Occupant::Nothing if !self.kind.dir => self.link_new_file()?,
+            // A directory renamed onto an empty one replaces it; onto one that is no longer
+            // empty, the rename fails and nothing changes.
+            Occupant::Nothing | Occupant::EmptyDir => self.rename_in()?,
+            Occupant::Own(_) if !self.kind.dir => self.rename_in()?,
+            Occupant::Own(claim) => {
+                let name = self
+                    .target
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy();
+                let park = free_sibling(&self.parent, &name, "old");
+                std::fs::rename(&self.target, &park).map_err(|e| Error::io(&self.target, e))?;
+                if let Err(e) = self.rename_in() {
+                    // Put the old output back; the new one stays at the temporary path and
+                    // is removed on drop.
+                    let _ = std::fs::rename(&park, &self.target);
+                    return Err(e);
+                }
+                parked = Some((park, claim));
+            }
+        }
+        sync_dir(&self.parent)?;
+        if let Some((park, claim)) = parked {
+            remove_claimed(&park, &claim).map_err(|e| {
+                Error::io(
+                    &park,
+                    std::io::Error::other(format!(
+                        "the new {} is in place at {}, but its predecessor, parked here, was \
+                         not removed: {e}",
+                        self.kind.noun,
+                        self.target.display()
+                    )),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn rename_in(&mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        self.committed = true;
+        Ok(())
+    }
+
+    /// Puts a new single file in place without replacing anything that appeared meanwhile: a
+    /// hard link fails if the name exists (a rename would silently replace it).
+    fn link_new_file(&mut self) -> Result<()> {
+        match std::fs::hard_link(&self.tmp, &self.target) {
+            Ok(()) => {
+                self.committed = true;
+                std::fs::remove_file(&self.tmp).map_err(|e| Error::io(&self.tmp, e))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Judged again, so the message says what appeared there.
+                judge_allowed(&self.target, &self.kind, self.replace_own)?;
+                Err(Error::io(&self.target, e))
+            }
+            // A file system without hard links: the check just before has to do.
+            Err(_) => self.rename_in(),
+        }
+    }
+
+    fn write_marker(&self, file: &str, format: &str) -> Result<()> {
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        for (rel, is_dir) in entries(&self.tmp)? {
+            let s = rel.to_string_lossy().replace('\\', "/");
+            if is_dir {
+                dirs.push(s);
+            } else {
+                files.push(s);
+            }
+        }
+        files.sort();
+        dirs.sort();
+        let doc = serde_json::json!({
+            "format": format,
+            "writer": format!("relora {}", env!("CARGO_PKG_VERSION")),
+            "files": files,
+            "dirs": dirs,
+        });
+        let bytes = serde_json::to_vec_pretty(&doc).map_err(|e| Error::Data(e.to_string()))?;
+        write_synced(&self.tmp.join(file), &bytes)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Best effort. The temporary path was created fresh by this writer, so everything
+            // in it is relora's; the target was never touched.
+            let _ = if self.kind.dir {
+                std::fs::remove_dir_all(&self.tmp)
+            } else {
+                std::fs::remove_file(&self.tmp)
+            };
+        }
+    }
+}
+
+/// Writes the single-file output `out` of `kind` whole (staged, synced, renamed into place),
+/// under the rule of this module: an earlier output of the same kind is replaced when
+/// `replace_own`, anything else is refused.
+pub fn write_file_output(
+    out: &Path,
+    kind: &OutputKind,
+    replace_own: bool,
+    bytes: &[u8],
+) -> Result<()> {
+    let staged = Staged::new(out, kind, replace_own)?;
+    write_synced(staged.path(), bytes)?;
+    staged.commit()
+}
+
+/// Writes `bytes` to a new file at `path` and flushes it to disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MARKED: OutputKind = OutputKind {
+        noun: "test output",
+        dir: true,
+        recognise: Recognise::Marker {
+            file: "relora-test.json",
+            format: "relora-test",
+        },
+    };
+
+    /// A single file is relora's when it starts with "relora".
+    const FILE: OutputKind = OutputKind {
+        noun: "test file",
+        dir: false,
+        recognise: Recognise::Custom(|p| match std::fs::read(p) {
+            Ok(b) if b.starts_with(b"relora") => Ok(Claim::default()),
+            _ => Err("not written by relora".into()),
+        }),
+    };
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn write_marked(out: &Path, replace: bool, file: &str) -> Result<()> {
+        let s = Staged::new(out, &MARKED, replace)?;
+        std::fs::create_dir(s.path().join("sub")).unwrap();
+        std::fs::write(s.path().join("sub").join(file), b"1").unwrap();
+        std::fs::create_dir(s.path().join("empty")).unwrap();
+        s.commit()
+    }
+
+    #[test]
+    fn own_output_is_replaced_only_when_asked_and_uncommitted_output_vanishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model");
+        {
+            let s = Staged::new(&out, &MARKED, false).unwrap();
+            std::fs::write(s.path().join("x"), b"1").unwrap();
+        }
+        assert!(names(dir.path()).is_empty());
+        write_marked(&out, false, "a").unwrap();
+        assert_eq!(names(&out), ["empty", "relora-test.json", "sub"]);
+        let err = write_marked(&out, false, "b").unwrap_err();
+        assert!(
+            matches!(err, Error::OutputExists { own: true, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--force"), "{err}");
+        write_marked(&out, true, "b").unwrap();
+        assert_eq!(names(&out.join("sub")), ["b"]);
+        // No hidden leftovers beside it.
+        assert_eq!(names(dir.path()), ["model"]);
+    }
+
+    #[test]
+    fn anything_relora_did_not_write_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model");
+        write_marked(&out, false, "a").unwrap();
+        // A user's file dropped into relora's output makes it not relora's alone.
+        std::fs::write(out.join("sub/notes.txt"), b"mine").unwrap();
+        let err = write_marked(&out, true, "b").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, Error::OutputExists { own: false, .. }),
+            "{msg}"
+        );
+        assert!(msg.contains("notes.txt") && msg.contains("model"), "{msg}");
+        assert_eq!(std::fs::read(out.join("sub/notes.txt")).unwrap(), b"mine");
+        assert!(remove_own(&out, &MARKED).is_err());
+        assert!(out.join("sub/notes.txt").exists());
+
+        // A user's directory, a regular file and a symlink are refused even with replace.
+        let user = dir.path().join("user");
+        std::fs::create_dir_all(user.join("sub")).unwrap();
+        std::fs::write(user.join("notes.txt"), b"n").unwrap();
+        std::fs::write(user.join("sub/a.txt"), b"a").unwrap();
+        let err = write_marked(&user, true, "b").unwrap_err().to_string();
+        assert!(
+            err.contains("relora-test.json") && err.contains("user"),
+            "{err}"
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"data").unwrap();
+        let err = write_marked(&file, true, "b").unwrap_err().to_string();
+        assert!(err.contains("a regular file"), "{err}");
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("link");
+            std::os::unix::fs::symlink(&user, &link).unwrap();
+            let err = write_marked(&link, true, "b").unwrap_err().to_string();
+            assert!(err.contains("symbolic link"), "{err}");
+        }
+        assert_eq!(names(&user), ["notes.txt", "sub"]);
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+        // Nothing hidden was left behind by the refusals.
+        assert_eq!(names(dir.path()), ["file", "link", "model", "user"]);
+
+        // An empty directory is fine without asking.
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        write_marked(&empty, false, "a").unwrap();
+        assert!(empty.join("sub/a").exists());
+    }
+
+    #[test]
+    fn what_appears_while_writing_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model");
+        // The target appears (a user's directory) while the output is being written.
+        let s = Staged::new(&out, &MARKED, true).unwrap();
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("theirs"), b"t").unwrap();
+        assert!(s.commit().is_err());
+        assert_eq!(names(&out), ["theirs"]);
+        assert_eq!(names(dir.path()), ["model"]);
+        // A single file that appears meanwhile is not replaced either.
+        let f = dir.path().join("f.bin");
+        let s = Staged::new(&f, &FILE, true).unwrap();
+        std::fs::write(s.path(), b"relora new").unwrap();
+        std::fs::write(&f, b"theirs").unwrap();
+        assert!(s.commit().is_err());
+        assert_eq!(std::fs::read(&f).unwrap(), b"theirs");
+        // Its own earlier file is replaced in one rename.
+        std::fs::write(&f, b"relora old").unwrap();
+        let s = Staged::new(&f, &FILE, true).unwrap();
+        std::fs::write(s.path(), b"relora new").unwrap();
+        s.commit().unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"relora new");
+        assert_eq!(names(dir.path()), ["f.bin", "model"]);
+    }
+
+    #[test]
+    fn removal_takes_only_listed_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d");
+        std::fs::create_dir_all(d.join("phases")).unwrap();
+        std::fs::write(d.join("a"), b"1").unwrap();
+        let claim = Claim {
+            files: [PathBuf::from("a"), PathBuf::from("phases/p")]
+                .into_iter()
+                .collect(),
+            dirs: BTreeSet::new(),
+        };
+        remove_claimed(&d, &claim).unwrap();
+        assert!(!d.exists());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("b"), b"1").unwrap();
+        let err = remove_claimed(&d, &claim).unwrap_err().to_string();
+        assert!(err.contains("b"), "{err}");
+        assert!(d.join("b").exists());
+    }
+}
