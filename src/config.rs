@@ -572,6 +572,14 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Every option key ([`TrainConfig::set`] takes each; they are the field names).
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(TrainConfig::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Checks these options against the model they train, after each on its own: the sequence
     /// fits the rotary table, and the adapters' rank does not exceed the smaller dimension of
     /// any projection they attach to (a wider adapter only costs memory and time).

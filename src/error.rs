@@ -109,6 +109,22 @@ impl Error {
     }
 }
 
+/// The text of an error and its causes, joined by ": ", leaving out a cause whose text is
+/// already part of the one before: an [`Error::Io`] shows its OS error and also has it as its
+/// source, and a chain printed naively says it twice.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
 /// The message of [`Error::OutputExists`].
 fn occupied(found: &str, own: bool) -> String {
     if own {
@@ -138,5 +154,21 @@ impl<T> TensorContext<T> for candle_core::Result<T> {
     }
     fn with_ctx<F: FnOnce() -> String>(self, f: F) -> Result<T> {
         self.map_err(|e| Error::tensor(f(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_says_each_cause_once() {
+        let e = Error::io(
+            "/nonexistent",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        let text = report(&e);
+        assert_eq!(text.matches("not found").count(), 1, "{text}");
+        assert!(text.starts_with("/nonexistent: "), "{text}");
     }
 }

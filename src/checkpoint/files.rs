@@ -54,9 +54,7 @@ pub fn damaged(e: Error) -> Error {
         Error::Io { path, source }
             if matches!(
                 source.kind(),
-                ErrorKind::NotFound
-                    | ErrorKind::NotADirectory
-                    | ErrorKind::InvalidData
+                ErrorKind::NotFound | ErrorKind::InvalidData
                     | ErrorKind::Other
             ) || crate::fs::read::NOT_REGULAR == source.kind() =>
         {

@@ -241,6 +241,58 @@ fn judge_allowed(out: &Path, kind: &OutputKind, replace_own: bool) -> Result<Occ
     Ok(occupant)
 }
 
+/// Checks that `out` could be created, without creating anything: the nearest existing path
+/// above it must be a directory this process may write into.
+pub fn check_parent_writable(out: &Path) -> Result<()> {
+    let mut dir = out.parent();
+    loop {
+        let d = match dir {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => return writable(d),
+            Ok(m) => {
+                return Err(Error::io(
+                    d,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!(
+                            "is {}, so {} cannot be created",
+                            super::read::describe(&m.file_type()),
+                            out.display()
+                        ),
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != Path::new(".") => {
+                dir = d.parent();
+            }
+            Err(e) => return Err(Error::io(d, e)),
+        }
+    }
+}
+
+/// Whether this process may create entries in the directory `dir`.
+fn writable(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+            Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "contains a NUL byte"),
+            )
+        })?;
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+            return Err(Error::io(dir, std::io::Error::last_os_error()));
+        }
+    }
+    let _ = dir;
+    Ok(())
+}
+
 /// Whether `out` holds relora's own earlier output of `kind` (and nothing else).
 pub fn holds_own(out: &Path, kind: &OutputKind) -> bool {
     matches!(judge(out, kind), Ok(Occupant::Own(_)))
@@ -672,6 +724,22 @@ mod tests {
         s.commit().unwrap();
         assert_eq!(std::fs::read(&f).unwrap(), b"relora new");
         assert_eq!(names(dir.path()), ["f.bin", "model"]);
+    }
+
+    #[test]
+    fn a_parent_that_cannot_hold_the_output_is_found_without_creating_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        check_parent_writable(&dir.path().join("a/b/c")).unwrap();
+        assert!(!dir.path().join("a").exists());
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = check_parent_writable(&file.join("hf"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a regular file") && err.contains("cannot be created"),
+            "{err}"
+        );
     }
 
     #[test]

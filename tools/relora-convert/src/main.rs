@@ -318,23 +318,6 @@ fn run_spectrum(a: SpectrumArgs) -> Result<()> {
     Ok(())
 }
 
-/// The error and its causes joined by ": ", skipping a cause whose text the previous message
-/// already ends with (the library's I/O errors repeat their source in their own message).
-fn chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.ends_with(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
-}
-
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
@@ -347,7 +330,7 @@ fn main() {
         Command::Synth(a) => synth::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {}", chain(&e));
+        eprintln!("error: {}", relora::error::report(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -7,7 +7,9 @@ mod generate;
 mod inputs;
 mod plot;
 mod regions;
+mod report;
 mod train;
+mod train_flags;
 
 use clap::{Parser, Subcommand};
 
@@ -62,7 +64,7 @@ fn main() {
         Command::Plot(a) => plot::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", relora::error::report(e.as_ref()));
         std::process::exit(1);
     }
 }

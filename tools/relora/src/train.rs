@@ -1,10 +1,10 @@
 //! `relora train`.
 
-use crate::inputs;
+use crate::report::Reporter;
+use crate::{inputs, train_flags};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use relora::checkpoint::recognise::CHECKPOINT;
 use relora::checkpoint::run_dir;
 use relora::config::{Mode, ModelConfig, TrainConfig};
@@ -58,6 +58,9 @@ pub struct TrainArgs {
     /// Steps between ReLoRA merges.
     #[arg(long)]
     reset_every: Option<u64>,
+    /// Learning-rate warm-up steps (linear, from 0).
+    #[arg(long)]
+    warmup_steps: Option<u64>,
     /// Full-rank warm-start steps.
     #[arg(long)]
     warmup_full_steps: Option<u64>,
@@ -98,6 +101,10 @@ pub struct TrainArgs {
     /// No progress bar; print one line per evaluation instead.
     #[arg(long)]
     quiet: bool,
+    /// Without a terminal (output to a file or a pipe), print a line every N steps (and one
+    /// per evaluation, merge and skipped step) instead of a progress bar.
+    #[arg(long, default_value_t = 20)]
+    log_every: u64,
     /// At the end, export the final checkpoint (all phases and the current adapter merged, fp32)
     /// as a Hugging Face model directory here (what `relora-convert merge` writes).
     #[arg(long)]
@@ -243,6 +250,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     apply!(seq_len, seq_len);
     apply!(rank, lora_rank);
     apply!(reset_every, reset_every);
+    apply!(warmup_steps, warmup_steps);
     apply!(warmup_full_steps, warmup_full_steps);
     apply!(seed, seed);
     for kv in &a.set {
@@ -282,13 +290,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (comm, device) = connect(&a)?;
     if comm.is_none() {
         inputs::set_threads(a.threads);
-        return inputs::on_compute_pool(move || run_with(a, None, device));
+        return inputs::on_compute_pool(move || run_with(a, None, device))
+            .map_err(train_flags::in_flag_names);
     }
     // (The communicator stays on the thread that created it, as MPI wants.)
-    let result = run_with(a, comm.clone(), device);
+    let result = run_with(a, comm.clone(), device).map_err(train_flags::in_flag_names);
     if let (Err(e), Some(c)) = (&result, &comm) {
         if c.world() > 1 {
-            eprintln!("error: rank {} of {}: {e:#}", c.rank(), c.world());
+            eprintln!(
+                "error: rank {} of {}: {}",
+                c.rank(),
+                c.world(),
+                relora::error::report(e.as_ref())
+            );
             eprintln!("ending all ranks of the job");
             c.abort(1);
         }
@@ -311,6 +325,53 @@ fn refuse_existing_run(out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks that the export at the end of the run will be allowed and can be written: the target
+/// (`--force` or a resume replaces relora's own earlier export, never anything else) and the
+/// nearest existing directory above it.
+fn check_export_target(out: &Path, replace_own: bool) -> Result<()> {
+    let kind = relora::export::hf::output_kind(out);
+    relora::fs::output::check_parent_writable(out)
+        .and_then(|()| relora::fs::output::check_target(out, kind, replace_own))
+        .with_context(|| format!("--export {}", out.display()))
+}
+
+/// A fresh run's trainer and data, built and checked before anything is written.
+struct Fresh {
+    trainer: Trainer,
+    tokenizer: String,
+    train: Vec<u32>,
+    eval: Option<Vec<u32>>,
+}
+
+/// Builds the model, trainer and data of a fresh run from the options; any bad option (a
+/// preset, a data path, a flag's value) fails here, before the run directory exists.
+fn build_fresh(a: &TrainArgs, eval_spec: Option<&str>, device: &Device) -> Result<Fresh> {
+    let config = build_config(a)?;
+    let tok = inputs::tokenizer(&a.tokenizer)?;
+    let mut model = match &a.config {
+        Some(p) => ModelConfig::from_file(p)?,
+        None => ModelConfig::preset(&a.preset)?,
+    };
+    if a.config.is_none() {
+        model.vocab_size = tok.vocab_size();
+    } else if model.vocab_size < tok.vocab_size() {
+        bail!(
+            "config vocab_size {} is smaller than the tokenizer's {}",
+            model.vocab_size,
+            tok.vocab_size()
+        );
+    }
+    let train = inputs::tokens(&a.data, &tok)?;
+    let eval = eval_spec.map(|s| inputs::tokens(s, &tok)).transpose()?;
+    let trainer = Trainer::new(&model, &config, device).context("creating the trainer")?;
+    Ok(Fresh {
+        trainer,
+        tokenizer: tok.spec(),
+        train,
+        eval,
+    })
+}
+
 fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device) -> Result<()> {
     let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
     let writer = rank == 0;
@@ -324,23 +385,7 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
         a.out = Some(out_dir_of(&a));
     }
     let out_dir = a.out.clone().unwrap_or_default();
-    // What would stop the run at its end, or clobber a run, is refused now, before anything
-    // is written: a run directory that already holds a run, an export that may not be written.
-    if writer && a.resume.is_none() && !a.force {
-        refuse_existing_run(&out_dir)?;
-    }
-    if let (true, Some(out)) = (writer, &a.export) {
-        let kind = relora::export::hf::output_kind(out);
-        relora::fs::output::check_target(out, kind, a.force || a.resume.is_some())
-            .with_context(|| format!("--export {}", out.display()))?;
-    }
-    if writer {
-        // The base weights of the adapter phase go next to the checkpoints, on their disk,
-        // rather than to a /tmp that may be memory (the other ranks keep the default).
-        std::fs::create_dir_all(&out_dir)
-            .with_context(|| format!("creating {}", out_dir.display()))?;
-        relora::relora::base_weights::set_spill_dir(Some(out_dir.clone()));
-    }
+    let started = std::time::Instant::now();
     inputs::set_threads(a.threads);
     let opts = RunOptions {
         out_dir: out_dir.clone(),
@@ -358,7 +403,8 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
     };
 
     let mut run = if let Some(resume) = &a.resume {
-        // Tidy what a killed save left in the run directory before picking its newest checkpoint.
+        // Tidy what a killed save left in the run directory before any rank picks its newest
+        // checkpoint.
         if writer {
             run_dir::clean_stale(&out_dir)
                 .with_context(|| format!("tidying {}", out_dir.display()))?;
@@ -372,7 +418,13 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
             .unwrap_or_else(|| a.tokenizer.clone());
         let tok = inputs::tokenizer(&tok_spec)?;
         let train = inputs::tokens(&a.data, &tok)?;
-        let eval = eval_spec.map(|s| inputs::tokens(&s, &tok)).transpose()?;
+        let eval = eval_spec
+            .as_deref()
+            .map(|s| inputs::tokens(s, &tok))
+            .transpose()?;
+        if let (true, Some(out)) = (writer, &a.export) {
+            check_export_target(out, true)?;
+        }
         if writer {
             eprintln!(
                 "resuming {} at step {} (phase {})",
@@ -380,52 +432,43 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
                 manifest.counters.step,
                 manifest.phase_index
             );
+            relora::relora::base_weights::set_spill_dir(Some(out_dir.clone()));
         }
         TrainRun::resume(&dir, &device, train, eval, opts)?
     } else {
+        let fresh = build_fresh(&a, eval_spec.as_deref(), &device)?;
+        // What would clobber a run or stop this one at its end is refused before anything is
+        // written.
         let existing = run_dir::list(&out_dir)?;
-        if !existing.is_empty() {
-            if !a.force {
-                refuse_existing_run(&out_dir)?;
-            }
-            if writer {
-                // Only relora's own checkpoints, file by file. All are checked before any is
-                // removed: one a user has added files to is refused, with what is in it.
-                for (_, dir) in &existing {
-                    relora::fs::output::check_target(dir, &CHECKPOINT, true)
-                        .with_context(|| format!("--force: not removing {}", dir.display()))?;
-                }
-                relora::run::check_metrics_log(&out_dir)?;
-                for (_, dir) in existing {
-                    run_dir::remove_checkpoint(&dir)
-                        .with_context(|| format!("--force: not removing {}", dir.display()))?;
-                }
-            }
+        if !existing.is_empty() && !a.force {
+            refuse_existing_run(&out_dir)?;
         }
-        // A fresh run starts a fresh log, also over one left by an attempt that died before
-        // its first checkpoint; a file of that name that is not relora's log is refused.
         if writer {
+            if let Some(out) = &a.export {
+                check_export_target(out, a.force)?;
+            }
+            // --force removes only relora's own checkpoints, file by file; all are checked
+            // before any is removed, and one a user has put files into is refused.
+            for (_, dir) in &existing {
+                relora::fs::output::check_target(dir, &CHECKPOINT, true)
+                    .with_context(|| format!("--force: not removing {}", dir.display()))?;
+            }
+            relora::run::check_metrics_log(&out_dir)?;
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
+            for (_, dir) in existing {
+                run_dir::remove_checkpoint(&dir)
+                    .with_context(|| format!("--force: not removing {}", dir.display()))?;
+            }
+            // A fresh run starts a fresh log, also over one left by an attempt that died
+            // before its first checkpoint.
             relora::run::remove_metrics_log(&out_dir)?;
+            // The base weights of the adapter phase go next to the checkpoints, on their disk,
+            // rather than to a /tmp that may be memory (the other ranks keep the default).
+            relora::relora::base_weights::set_spill_dir(Some(out_dir.clone()));
         }
         barrier()?;
-        let config = build_config(&a)?;
-        let tok = inputs::tokenizer(&a.tokenizer)?;
-        let mut model = match &a.config {
-            Some(p) => ModelConfig::from_file(p)?,
-            None => ModelConfig::preset(&a.preset)?,
-        };
-        if a.config.is_none() {
-            model.vocab_size = tok.vocab_size();
-        } else if model.vocab_size < tok.vocab_size() {
-            bail!(
-                "config vocab_size {} is smaller than the tokenizer's {}",
-                model.vocab_size,
-                tok.vocab_size()
-            );
-        }
-        let train = inputs::tokens(&a.data, &tok)?;
-        let eval = eval_spec.map(|s| inputs::tokens(&s, &tok)).transpose()?;
-        let trainer = Trainer::new(&model, &config, &device).context("creating the trainer")?;
+        let (model, config) = (&fresh.trainer.model.config, &fresh.trainer.config);
         if writer {
             eprintln!(
                 "model: {} parameters ({} layers, hidden {}, vocab {}); mode {}; {} steps of {}{} x {} x {} tokens",
@@ -441,7 +484,14 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
                 config.seq_len
             );
         }
-        TrainRun::new(trainer, train, eval, Some(tok.spec()), None, opts)?
+        TrainRun::new(
+            fresh.trainer,
+            fresh.train,
+            fresh.eval,
+            Some(fresh.tokenizer),
+            None,
+            opts,
+        )?
     };
     if let Some(c) = &comm {
         let shared: Box<dyn Communicator> = Box::new(Rc::clone(c));
@@ -455,79 +505,30 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
             );
         }
     }
-
-    if let Some(spec) = &a.fault_nonfinite_loss {
-        let parsed = spec
-            .split_once(':')
-            .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
-        let Some((fault_rank, step)) = parsed else {
-            bail!("--fault-nonfinite-loss takes RANK:STEP, not {spec}");
-        };
-        if fault_rank == rank {
-            run.trainer.inject_nonfinite_loss_at(step);
-        }
-    }
-    if let Some(step) = a.fault_kill_in_save {
-        run.inject_kill_in_save_at(step);
-    }
+    inject_faults(&a, &mut run, rank)?;
 
     let total = run.trainer.config.steps;
     let until = a
         .stop_after
         .map(|n| run.trainer.step_count() + n)
         .unwrap_or(total);
-    let bar = if a.quiet || !writer {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let report = Reporter::new(
+        a.quiet || !writer,
+        total,
+        run.trainer.step_count(),
+        a.log_every,
     );
-    bar.set_position(run.trainer.step_count());
-    let quiet = a.quiet || !writer;
+    let first_step = run.trainer.step_count();
+    let mut last_eval = None;
     let result = run.train_until(until, |r| {
-        let s = r.stats;
-        let phase = if !s.adapters {
-            "full".to_string()
-        } else {
-            format!("adapters/phase {}", s.phase)
-        };
-        bar.set_position(s.step);
-        bar.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s {phase}{}",
-            s.loss,
-            s.lr,
-            r.tokens_per_s,
-            if s.skipped { " SKIPPED" } else { "" }
-        ));
-        if let Some(rs) = s.reset {
-            bar.println(format!(
-                "step {}: merged phase {}; optimizer reset zeroed {} of {} adapter state entries",
-                s.step, rs.phase, rs.zeroed, rs.positions
-            ));
-        }
-        if s.switched {
-            bar.println(format!("step {}: switched to low-rank adapters", s.step));
-        }
-        if let Some(e) = r.eval {
-            let line = format!(
-                "step {}: train loss {:.4}, eval loss {:.4}, perplexity {:.2}",
-                s.step, s.loss, e.loss, e.perplexity
-            );
-            if quiet {
-                eprintln!("{line}");
-            } else {
-                bar.println(line);
-            }
+        report.step(r);
+        if r.eval.is_some() {
+            last_eval = r.eval;
         }
         true
     });
     if let Err(e) = result {
-        bar.abandon();
+        report.abandon();
         let out = run.options().out_dir.display().to_string();
         let newest = match run_dir::list(&run.options().out_dir) {
             Ok(list) => list
@@ -541,29 +542,92 @@ fn run_with(mut a: TrainArgs, comm: Option<Rc<dyn Communicator>>, device: Device
             run.trainer.step_count()
         )));
     }
-    bar.finish();
+    report.finish();
     if !writer {
         return Ok(());
     }
     let last = run_dir::list(&run.options().out_dir)?
         .pop()
-        .map(|(_, p)| p.display().to_string())
+        .map(|(_, p)| p)
         .unwrap_or_default();
-    eprintln!(
-        "done at step {}; checkpoint {last}",
-        run.trainer.step_count()
+    let steps = run.trainer.step_count();
+    let mut summary = format!(
+        "done: step {steps} of {total} ({} this run) in {:.0} s",
+        steps - first_step,
+        started.elapsed().as_secs_f64()
     );
+    if let Some(e) = last_eval {
+        summary.push_str(&format!(
+            "; eval loss {:.4}, perplexity {:.2}",
+            e.loss, e.perplexity
+        ));
+    }
+    eprintln!("{summary}");
+    eprintln!("checkpoint: {}", last.display());
     if let Some(out) = &a.export {
-        let opts = relora::export::hf::HfExportOptions {
-            force: a.force || a.resume.is_some(),
-            ..Default::default()
+        export_final(&last, out, a.force || a.resume.is_some())?;
+    }
+    let eval_data = eval_spec.unwrap_or_else(|| a.data.clone());
+    print_next_steps(&out_dir, &eval_data, a.export.as_deref());
+    Ok(())
+}
+
+/// Exports the final checkpoint; on failure the error says that the checkpoint is safe and
+/// gives the command that redoes the export.
+fn export_final(ckpt: &Path, out: &Path, replace_own: bool) -> Result<()> {
+    let opts = relora::export::hf::HfExportOptions {
+        force: replace_own,
+        ..Default::default()
+    };
+    relora::export::hf::merge_checkpoint(ckpt, out, None, &opts).with_context(|| {
+        format!(
+            "exporting to {} failed; the checkpoint {} is safe: redo the export with \
+             `relora-convert merge {} {}{}` (the error follows)",
+            out.display(),
+            ckpt.display(),
+            ckpt.display(),
+            out.display(),
+            if replace_own { " --force" } else { "" }
+        )
+    })?;
+    eprintln!(
+        "exported: {} (a Hugging Face model directory)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// What to do with the run now: sample, evaluate, and load the export in transformers.
+fn print_next_steps(run: &Path, eval_data: &str, export: Option<&Path>) {
+    let run = run.display();
+    eprintln!("next:");
+    eprintln!("  relora generate --checkpoint {run} --prompt \"It was\"");
+    eprintln!("  relora eval --checkpoint {run} --data {eval_data}");
+    match export {
+        Some(hf) => eprintln!(
+            "  python -c \"from transformers import pipeline; \
+             print(pipeline('text-generation', model='{}')('It was', max_new_tokens=40)[0]['generated_text'])\"",
+            hf.display()
+        ),
+        None => eprintln!("  relora-convert merge {run} {run}/hf   # a Hugging Face model"),
+    }
+}
+
+/// Applies the hidden fault-injection flags (tests only).
+fn inject_faults(a: &TrainArgs, run: &mut TrainRun, rank: usize) -> Result<()> {
+    if let Some(spec) = &a.fault_nonfinite_loss {
+        let parsed = spec
+            .split_once(':')
+            .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
+        let Some((fault_rank, step)) = parsed else {
+            bail!("--fault-nonfinite-loss takes RANK:STEP, not {spec}");
         };
-        relora::export::hf::merge_checkpoint(Path::new(&last), out, None, &opts)
-            .with_context(|| format!("exporting to {}", out.display()))?;
-        eprintln!(
-            "exported a Hugging Face model directory to {}",
-            out.display()
-        );
+        if fault_rank == rank {
+            run.trainer.inject_nonfinite_loss_at(step);
+        }
+    }
+    if let Some(step) = a.fault_kill_in_save {
+        run.inject_kill_in_save_at(step);
     }
     Ok(())
 }
