@@ -1,6 +1,7 @@
 //! Model and training configuration: the Hugging Face `LlamaConfig` fields, the paper's presets,
 //! and every training option, with validation that names the offending field.
 
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fs::read::{read_limited_text, JSON_LIMIT};
 use crate::optim::reset::ResetMode;
@@ -333,6 +334,10 @@ pub struct TrainConfig {
     /// Matmul type: "" (same as `dtype`) or "bf16" (mixed precision with fp32 master weights and
     /// optimizer state; meant for GPUs).
     pub compute_dtype: String,
+    /// How the trainer computes (fused kernels, layer nodes, ...): its own choices, not the
+    /// process's. The keys sit beside the others (`fused_kernels`, `layer_nodes`, ...).
+    #[serde(flatten)]
+    pub engine: Engine,
 }
 
 impl Default for TrainConfig {
@@ -364,6 +369,7 @@ impl Default for TrainConfig {
             max_nonfinite_steps: 10,
             dtype: "f32".into(),
             compute_dtype: String::new(),
+            engine: Engine::default(),
         }
     }
 }
@@ -464,7 +470,20 @@ impl TrainConfig {
             "max_nonfinite_steps" => self.max_nonfinite_steps = num(key, value)?,
             "dtype" => self.dtype = value.trim().to_string(),
             "compute_dtype" => self.compute_dtype = value.trim().to_string(),
-            other => return Err(Error::Config(format!("unknown option '{other}'"))),
+            other => match self.engine.switch_mut(other) {
+                Some(switch) => {
+                    *switch = match value.trim() {
+                        "true" | "1" | "on" => true,
+                        "false" | "0" | "off" => false,
+                        v => {
+                            return Err(Error::Config(format!(
+                                "{other}: '{v}' is not true or false"
+                            )))
+                        }
+                    }
+                }
+                None => return Err(Error::Config(format!("unknown option '{other}'"))),
+            },
         }
         Ok(())
     }

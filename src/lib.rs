@@ -26,6 +26,8 @@ pub mod device;
 /// cbindgen:ignore
 pub mod distributed;
 /// cbindgen:ignore
+pub mod engine;
+/// cbindgen:ignore
 pub mod error;
 /// cbindgen:ignore
 pub mod export;

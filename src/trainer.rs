@@ -381,6 +381,10 @@ impl Trainer {
     /// Merges the adapters into the frozen weights (fp32), re-initialises them and prunes their
     /// optimizer state. Public so hosts can merge on demand ("merge now").
     pub fn merge_and_reset(&mut self) -> Result<ResetSummary> {
+        crate::engine::scoped(self.config.engine, || self.merge_and_reset_scoped())
+    }
+
+    fn merge_and_reset_scoped(&mut self) -> Result<ResetSummary> {
         if !self.has_adapters() {
             return Err(Error::Config(
                 "merge requested but no adapters are attached".into(),
@@ -449,6 +453,10 @@ impl Trainer {
     /// Forward + backward of one micro-batch, adding its gradients to the step being built.
     /// Returns the micro-batch's loss. Non-finite losses mark the step for skipping.
     pub fn accumulate(&mut self, batch: &Batch) -> Result<f64> {
+        crate::engine::scoped(self.config.engine, || self.accumulate_scoped(batch))
+    }
+
+    fn accumulate_scoped(&mut self, batch: &Batch) -> Result<f64> {
         self.check_batch(batch)?;
         self.prepare_step()?;
         let started = Instant::now();
@@ -540,6 +548,10 @@ impl Trainer {
     /// scheduled learning rate. A non-finite loss or gradient skips the update (nothing applied,
     /// nothing merged) and is counted; too many in a row is an error.
     pub fn apply(&mut self, reducer: Option<&mut dyn GradientReducer>) -> Result<StepStats> {
+        crate::engine::scoped(self.config.engine, || self.apply_scoped(reducer))
+    }
+
+    fn apply_scoped(&mut self, reducer: Option<&mut dyn GradientReducer>) -> Result<StepStats> {
         let Some(mut pending) = self.pending.take() else {
             return Err(Error::Config(
                 "apply called without any accumulated micro-batch".into(),
@@ -640,6 +652,10 @@ impl Trainer {
 
     /// Mean loss and perplexity over `batches`, without touching any state.
     pub fn eval(&self, batches: &[Batch]) -> Result<EvalResult> {
+        crate::engine::scoped(self.config.engine, || self.eval_scoped(batches))
+    }
+
+    fn eval_scoped(&self, batches: &[Batch]) -> Result<EvalResult> {
         let mut sum = 0.0f64;
         let mut tokens = 0usize;
         for b in batches {
@@ -668,6 +684,10 @@ impl Trainer {
     /// The weights a plain LLaMA would have now: every projection with its current adapter merged
     /// in (fp32), under Hugging Face names. The trainer's state is not changed.
     pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
+        crate::engine::scoped(self.config.engine, || self.merged_weights_scoped())
+    }
+
+    fn merged_weights_scoped(&self) -> Result<HashMap<String, Tensor>> {
         let mut out: HashMap<String, Tensor> = self.model.weights().into_iter().collect();
         for p in self.model.projections() {
             if let Some(merged) = p.merged_weight()? {

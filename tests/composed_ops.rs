@@ -10,6 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::gradients::{agree, loss_and_grads};
 use common::{attach_random_adapters, random_batch, tiny};
+use relora::engine::Engine;
 use relora::model::Llama;
 use relora::rng::Rng;
 
@@ -25,11 +26,16 @@ fn fused_and_composed_ops_give_the_same_loss_and_gradients() {
         let batch = random_batch(3, 7, 40, 24);
         let ids = Tensor::from_slice(&batch.inputs, (3, 7), &Device::Cpu).unwrap();
         let targets = Tensor::from_slice(&batch.targets, 21, &Device::Cpu).unwrap();
-        relora::ops::set_fused_kernels(false);
-        let (composed, _) = loss_and_grads(&model, &ids, &targets, false);
-        // Without the fused kernels no layer qualifies for the node: the same graph.
-        let (composed_nodes, no_nodes) = loss_and_grads(&model, &ids, &targets, true);
-        relora::ops::set_fused_kernels(true);
+        let composed_ops = Engine {
+            fused_kernels: false,
+            ..Engine::default()
+        };
+        let (composed, composed_nodes, no_nodes) = relora::engine::scoped(composed_ops, || {
+            let (composed, _) = loss_and_grads(&model, &ids, &targets, false);
+            // Without the fused kernels no layer qualifies for the node: the same graph.
+            let (composed_nodes, no_nodes) = loss_and_grads(&model, &ids, &targets, true);
+            (composed, composed_nodes, no_nodes)
+        });
         let (fused, _) = loss_and_grads(&model, &ids, &targets, false);
         let (nodes, node_layers) = loss_and_grads(&model, &ids, &targets, true);
         assert_eq!(no_nodes, 0);

@@ -422,71 +422,75 @@ fn grouped_adamw_follows_the_cpu_and_the_per_tensor_kernels() {
         weight_decay: 0.1,
     };
     let run = |dev: &Device, grouped: bool| {
-        relora::ops::set_grouped_updates(grouped);
-        let params: Vec<(String, Var)> = init
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                (
-                    format!("p{i}"),
-                    Var::from_tensor(&t.to_device(dev).unwrap()).unwrap(),
-                )
-            })
-            .collect();
-        let mut opt = AdamW::new(config);
-        // A resumed state for p4: both moments are views of one buffer.
-        let both = randn(&[2, 7, 9], 0.0, 0.01)
-            .abs()
-            .unwrap()
-            .to_device(dev)
-            .unwrap();
-        let resumed = values(&both);
-        opt.set_state(
-            "p4",
-            ParamState {
-                exp_avg: both.get(0).unwrap(),
-                exp_avg_sq: both.get(1).unwrap(),
-                step: 4,
-            },
-        );
-        for (s, gs) in grads.iter().enumerate() {
-            let gs: Vec<Tensor> = gs
+        let engine = relora::engine::Engine {
+            grouped_updates: grouped,
+            ..relora::engine::Engine::default()
+        };
+        relora::engine::scoped(engine, || {
+            let params: Vec<(String, Var)> = init
                 .iter()
                 .enumerate()
-                .map(|(i, g)| {
-                    let g = g.to_device(dev).unwrap();
-                    // The [7, 9] gradient arrives as a transposed view of a [9, 7] tensor.
-                    if i == 4 {
-                        g.t().unwrap().contiguous().unwrap().t().unwrap()
-                    } else {
-                        g
-                    }
+                .map(|(i, t)| {
+                    (
+                        format!("p{i}"),
+                        Var::from_tensor(&t.to_device(dev).unwrap()).unwrap(),
+                    )
                 })
                 .collect();
-            assert!(!gs[4].is_contiguous());
-            opt.step_scaled(&params, &gs, &decay, 1e-2 / (s + 1) as f64, 0.7)
+            let mut opt = AdamW::new(config);
+            // A resumed state for p4: both moments are views of one buffer.
+            let both = randn(&[2, 7, 9], 0.0, 0.01)
+                .abs()
+                .unwrap()
+                .to_device(dev)
                 .unwrap();
-        }
-        let mut out = Vec::new();
-        for (name, var) in &params {
-            let st = opt.state(name).unwrap();
-            // In place: the second moment is a tensor of its own, not the second half of the
-            // per-tensor kernel's [2, n] buffer.
-            assert_eq!(
-                st.exp_avg_sq.layout().start_offset() == 0,
-                grouped && dev.is_cuda(),
-                "{name}: grouped {grouped} on {dev:?}"
+            let resumed = values(&both);
+            opt.set_state(
+                "p4",
+                ParamState {
+                    exp_avg: both.get(0).unwrap(),
+                    exp_avg_sq: both.get(1).unwrap(),
+                    step: 4,
+                },
             );
-            out.push((
-                values(var.as_tensor()),
-                values(&st.exp_avg),
-                values(&st.exp_avg_sq),
-            ));
-        }
-        // The resumed buffer itself was copied, not written.
-        assert_eq!(values(&both), resumed);
-        relora::ops::set_grouped_updates(true);
-        out
+            for (s, gs) in grads.iter().enumerate() {
+                let gs: Vec<Tensor> = gs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, g)| {
+                        let g = g.to_device(dev).unwrap();
+                        // The [7, 9] gradient arrives as a transposed view of a [9, 7] tensor.
+                        if i == 4 {
+                            g.t().unwrap().contiguous().unwrap().t().unwrap()
+                        } else {
+                            g
+                        }
+                    })
+                    .collect();
+                assert!(!gs[4].is_contiguous());
+                opt.step_scaled(&params, &gs, &decay, 1e-2 / (s + 1) as f64, 0.7)
+                    .unwrap();
+            }
+            let mut out = Vec::new();
+            for (name, var) in &params {
+                let st = opt.state(name).unwrap();
+                // In place: the second moment is a tensor of its own, not the second half of the
+                // per-tensor kernel's [2, n] buffer.
+                assert_eq!(
+                    st.exp_avg_sq.layout().start_offset() == 0,
+                    grouped && dev.is_cuda(),
+                    "{name}: grouped {grouped} on {dev:?}"
+                );
+                out.push((
+                    values(var.as_tensor()),
+                    values(&st.exp_avg),
+                    values(&st.exp_avg_sq),
+                ));
+            }
+            // The resumed buffer itself was copied, not written.
+            assert_eq!(values(&both), resumed);
+            out
+        })
     };
     let cpu = run(&Device::Cpu, true);
     let per_tensor = run(&gpu(), false);

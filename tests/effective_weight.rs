@@ -1,4 +1,4 @@
-//! The effective weight `W + s B A` (`ops::set_effective_weights`): an adapted projection over
+//! The effective weight `W + s B A` (the trainer's `effective_weights` choice): an adapted projection over
 //! enough rows runs one product forward and one for the input gradient on it instead of the
 //! separate adapter products. It must be the same function: in float64 the loss and every
 //! gradient equal the separate products' to rounding, in f32 to f32 rounding, in bf16 mixed
@@ -10,6 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::gradients::{agree, loss_and_grads, Run};
 use common::{attach_random_adapters, random_batch, tiny};
+use relora::engine::Engine;
 use relora::model::Llama;
 use relora::rng::Rng;
 
@@ -56,9 +57,13 @@ fn the_effective_weight_computes_what_the_separate_adapter_products_do() {
             "{}",
             what("layer nodes")
         );
-        relora::ops::set_effective_weights(false);
-        let (separate, _) = loss_and_grads(&model, &ids, &targets, true);
-        relora::ops::set_effective_weights(true);
+        let separate_products = Engine {
+            effective_weights: false,
+            ..Engine::default()
+        };
+        let (separate, _) = relora::engine::scoped(separate_products, || {
+            loss_and_grads(&model, &ids, &targets, true)
+        });
 
         // Both paths build the effective weight the same way and run the same products; the
         // graph sums some gradients in another order (as without the effective weight).

@@ -10,6 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::gradients::{agree, loss_and_grads};
 use common::{attach_random_adapters, random_batch, tiny};
+use relora::engine::Engine;
 use relora::model::Llama;
 use relora::rng::Rng;
 
@@ -32,9 +33,13 @@ fn bf16_layer_nodes_match_the_graph_and_the_composed_casts() {
             node_layers, cfg.num_hidden_layers,
             "every layer runs as a node in bf16 (adapters: {adapters})"
         );
-        relora::ops::set_fused_kernels(false);
-        let (composed, _) = loss_and_grads(&model, &ids, &targets, false);
-        relora::ops::set_fused_kernels(true);
+        let composed_ops = Engine {
+            fused_kernels: false,
+            ..Engine::default()
+        };
+        let (composed, _) = relora::engine::scoped(composed_ops, || {
+            loss_and_grads(&model, &ids, &targets, false)
+        });
         let what = |s: &str| format!("{s} (adapters: {adapters})");
         // The same bf16 products in the same order (measured: equal bits).
         agree(&what("layer nodes vs graph"), &nodes, &graph, 1e-7, 1e-6);
@@ -52,9 +57,13 @@ fn bf16_layer_nodes_match_the_graph_and_the_composed_casts() {
         // With widening off the nodes round their products to bf16 as the composed casts do,
         // and, full rank, agree with them to f32 rounding (measured: 2e-7); with adapters the
         // composed form still adds its two bf16 products in bf16.
-        relora::ops::set_widening_products(false);
-        let (rounded, _) = loss_and_grads(&model, &ids, &targets, true);
-        relora::ops::set_widening_products(true);
+        let rounded_products = Engine {
+            widening_products: false,
+            ..Engine::default()
+        };
+        let (rounded, _) = relora::engine::scoped(rounded_products, || {
+            loss_and_grads(&model, &ids, &targets, true)
+        });
         let tol = if adapters { 5e-2 } else { 1e-5 };
         agree(
             &what("rounded products vs composed"),

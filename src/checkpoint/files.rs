@@ -54,8 +54,7 @@ pub fn damaged(e: Error) -> Error {
         Error::Io { path, source }
             if matches!(
                 source.kind(),
-                ErrorKind::NotFound | ErrorKind::InvalidData
-                    | ErrorKind::Other
+                ErrorKind::NotFound | ErrorKind::InvalidData | ErrorKind::Other
             ) || crate::fs::read::NOT_REGULAR == source.kind() =>
         {
             let message = match source.kind() {

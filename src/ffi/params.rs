@@ -484,7 +484,9 @@ pub unsafe extern "C" fn relora_params_free(params: *mut relora_params) {
 ///   (int), `lora_alpha` (real), `lora_dropout` (real), `target_modules` (comma-separated
 ///   q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), `reset_mode` (zero, random:P or
 ///   magnitude:P), `seed` (int), `max_nonfinite_steps` (int), `dtype` (f32|f64),
-///   `compute_dtype` (empty, or bf16 with f32 parameters); every field of the library's
+///   `compute_dtype` (empty, or bf16 with f32 parameters); the engine choices `fused_kernels`,
+///   `layer_nodes`, `effective_weights`, `widening_products`, `grouped_updates` (bool, all true
+///   by default; how this trainer computes, never what: each trainer has its own); every field of the library's
 ///   training configuration is a key, including any added after this list was written
 ///   (`relora_params_key_count` / `relora_params_key_name` list them);
 /// - model: `preset` (tiny, small, 60m, 130m, 250m, 350m, 1b: replaces every model key, so set

@@ -27,7 +27,6 @@ use crate::relora::linear::lora_kernel_applies;
 use crate::relora::AdaptableLinear;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Gradients of parameters computed inside hand-chained backward passes, collected during
@@ -188,20 +187,12 @@ impl Projection {
     }
 }
 
-static LAYER_NODES: AtomicBool = AtomicBool::new(true);
-
-/// Turns the layer nodes off (or back on) for the whole process, so training runs every layer
-/// on candle's graph as [`super::Llama::forward`] does: for benchmarks that measure what the
-/// nodes buy, and as a way round a suspected fault. On by default.
-pub fn set_layer_nodes(enabled: bool) {
-    LAYER_NODES.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether [`layer_node`] can run `layer` on `x [n, hidden]`: the layer nodes are on
-/// ([`set_layer_nodes`]), every op has its fused kernel for `x`'s device and dtype, and no
-/// adapter input is dropped out.
+/// Whether [`layer_node`] can run `layer` on `x [n, hidden]`: the calling trainer uses layer
+/// nodes ([`crate::engine::Engine::layer_nodes`]; off, every layer runs on candle's graph as
+/// [`super::Llama::forward`] does), every op has its fused kernel for `x`'s device and dtype,
+/// and no adapter input is dropped out.
 pub(crate) fn layer_node_applies(layer: &Layer, x: &Tensor, cos: &Tensor, dropout_p: f64) -> bool {
-    if !LAYER_NODES.load(Ordering::Relaxed) || !fused_attention_applies(x, cos) {
+    if !crate::engine::current().layer_nodes || !fused_attention_applies(x, cos) {
         return false;
     }
     let adapters_fit = |p: &AdaptableLinear, compute: Option<DType>| {

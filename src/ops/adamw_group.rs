@@ -16,21 +16,13 @@
 
 use super::adamw_update::AdamWConstants;
 use candle_core::{DType, Device, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-static GROUPED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the grouped AdamW update off, or back on, for the whole process: off, each parameter
-/// gets launches of its own ([`super::adamw_update`]), as before the grouped kernel existed. For
-/// benchmarks that measure what grouping buys. On by default; no effect on the CPU, which
+/// Whether the calling trainer uses the grouped AdamW update
+/// ([`crate::engine::Engine::grouped_updates`]): off, each parameter gets launches of its own
+/// ([`super::adamw_update`]), as before the grouped kernel existed. No effect on the CPU, which
 /// launches nothing. (The gradient norm's reduction is always grouped.)
-pub fn set_grouped_updates(enabled: bool) {
-    GROUPED.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether the grouped AdamW update is on (see [`set_grouped_updates`]).
 pub fn grouped_updates() -> bool {
-    GROUPED.load(Ordering::Relaxed)
+    crate::engine::current().grouped_updates
 }
 
 /// One parameter of a grouped update: the parameter and its moments are updated in place.

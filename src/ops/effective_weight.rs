@@ -12,21 +12,12 @@
 
 use super::float::contiguous;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-static EFFECTIVE: AtomicBool = AtomicBool::new(true);
-
-/// Turns the effective weight `W + s B A` off (or back on) for the whole process: off, every
-/// adapted projection runs its three products forward and two for the input gradient, as before
-/// the effective weight existed. For benchmarks that measure what it buys (`relora bench
-/// --separate-adapter-products`). On by default.
-pub fn set_effective_weights(enabled: bool) {
-    EFFECTIVE.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether the effective weight is on (see [`set_effective_weights`]).
+/// Whether the calling trainer uses the effective weight `W + s B A`
+/// ([`crate::engine::Engine::effective_weights`]): off, every adapted projection runs its three
+/// products forward and two for the input gradient, as before the effective weight existed.
 pub fn effective_weights() -> bool {
-    EFFECTIVE.load(Ordering::Relaxed)
+    crate::engine::current().effective_weights
 }
 
 /// Whether a call over `rows` inputs of an `[out, in]` projection does less work with the

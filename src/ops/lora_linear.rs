@@ -22,8 +22,8 @@
 //! for the `r in out` of `B A`. It is the same function: the gradients of A and B are unchanged,
 //! and the forward differs only in rounding (in bf16 mixed precision the adapters' share is
 //! rounded into W' as full-rank training rounds its updates into the cast of W).
-//! [`super::set_effective_weights`] turns it off; the weight itself is built in
-//! [`super::effective_weight`].
+//! A trainer's `effective_weights` choice ([`crate::engine::Engine`]) turns it off; the weight
+//! itself is built in [`super::effective_weight`].
 
 pub(crate) use super::effective_weight::StepWeight;
 use super::mixed_linear::in_compute;

@@ -29,11 +29,11 @@ pub mod sum_squares;
 pub mod swiglu;
 pub mod widening_matmul;
 
-pub use adamw_group::{grouped_updates, set_grouped_updates};
+pub use adamw_group::grouped_updates;
 pub use attention::{causal_attention, fused_attention_applies, Heads};
 pub use causal_softmax::causal_softmax;
 pub use cross_entropy::cross_entropy_rows;
-pub use effective_weight::{effective_weights, set_effective_weights};
+pub use effective_weight::effective_weights;
 pub use frozen_matmul::frozen_matmul;
 pub use lora_linear::lora_linear;
 pub use mixed_linear::mixed_linear;
@@ -41,23 +41,14 @@ pub use rms_norm::rms_norm_fused;
 pub use rotary::rotary;
 pub use sum_squares::sum_squares;
 pub use swiglu::swiglu;
-pub use widening_matmul::{set_widening_products, widening_matmul, widening_matmul_add};
+pub use widening_matmul::{widening_matmul, widening_matmul_add};
 
 use candle_core::{DType, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-static FUSED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the fused ops off (or back on) for the whole process, so the model uses candle's
-/// composed operations everywhere: for benchmarks that measure what the fused kernels buy, and
-/// as a way round a kernel suspected of a fault. On by default.
-pub fn set_fused_kernels(enabled: bool) {
-    FUSED.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether the fused ops are on (see [`set_fused_kernels`]).
+/// Whether the calling trainer uses the fused ops ([`crate::engine::Engine::fused_kernels`]):
+/// off, the model uses candle's composed operations everywhere.
 pub fn fused_kernels() -> bool {
-    FUSED.load(Ordering::Relaxed)
+    crate::engine::current().fused_kernels
 }
 
 /// Whether a fused op has a kernel for tensors like `t` (its device and dtype) and the fused ops

@@ -13,25 +13,18 @@
 //! weights and gradients are read). There is no backward: the callers chain their backward
 //! passes by hand.
 //!
-//! [`set_widening_products`] turns this off for the process: the products are then rounded to
-//! bf16 and cast to f32, as before, through candle's own matmul (to measure what widening buys,
-//! and as a way round a cuBLAS fault).
+//! A trainer's `widening_products` choice ([`crate::engine::Engine`]) turns this off: the products
+//! are then rounded to bf16 and cast to f32, as before, through candle's own matmul (to measure
+//! what widening buys, and as a way round a cuBLAS fault).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-static WIDENING: AtomicBool = AtomicBool::new(true);
-
-/// Turns widening products off (or back on) for the whole process: off, every product this
-/// module computes is rounded to bf16 by candle's matmul and then cast to f32. On by default.
-pub fn set_widening_products(enabled: bool) {
-    WIDENING.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether products widen to f32 (see [`set_widening_products`]).
+/// Whether the calling trainer's products widen to f32
+/// ([`crate::engine::Engine::widening_products`]): off, every product this module computes is
+/// rounded to bf16 by candle's matmul and then cast to f32.
 pub fn widening_products() -> bool {
-    WIDENING.load(Ordering::Relaxed)
+    crate::engine::current().widening_products
 }
 
 /// The product rounded to bf16 by the backend's matmul, then cast to f32: what the module

@@ -7,6 +7,7 @@ use clap::Args;
 use relora::config::{Mode, ModelConfig, TrainConfig};
 use relora::data::batcher::Batcher;
 use relora::device::parse_device;
+use relora::engine::Engine;
 use relora::fs::output::{Claim, OutputKind, Recognise};
 use relora::Trainer;
 use serde::{Deserialize, Serialize};
@@ -138,11 +139,6 @@ fn median(v: &mut [f64]) -> f64 {
 fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     let device = parse_device(&a.device)?;
     relora::device::set_tf32(a.tf32);
-    relora::ops::set_fused_kernels(!a.composed_ops);
-    relora::model::layer_node::set_layer_nodes(!a.graph_layers);
-    relora::ops::set_grouped_updates(!a.per_tensor_optimizer);
-    relora::ops::set_widening_products(!a.rounded_products);
-    relora::ops::set_effective_weights(!a.separate_adapter_products);
     let mut model = ModelConfig::preset(&a.preset)?;
     let tok = inputs::tokenizer(&a.tokenizer)?;
     model.vocab_size = tok.vocab_size();
@@ -160,6 +156,14 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
         lora_rank: a.rank,
         lora_alpha: a.rank as f64,
         compute_dtype: a.compute_dtype.clone(),
+        // The trainer's own engine choices: what `relora train --set` and the C API set too.
+        engine: Engine {
+            fused_kernels: !a.composed_ops,
+            layer_nodes: !a.graph_layers,
+            grouped_updates: !a.per_tensor_optimizer,
+            widening_products: !a.rounded_products,
+            effective_weights: !a.separate_adapter_products,
+        },
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(&model, &cfg, &device)?;
