@@ -53,6 +53,8 @@ pub mod sample;
 /// cbindgen:ignore
 pub mod schedule;
 /// cbindgen:ignore
+pub mod tensor_file;
+/// cbindgen:ignore
 pub mod trainer;
 
 pub use config::{Mode, ModelConfig, TrainConfig};

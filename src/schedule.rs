@@ -58,7 +58,9 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// Checks that the settings describe a usable schedule.
+    /// Checks that the settings describe a usable schedule: the one place these rules live (a
+    /// training configuration's validation calls it). Messages use the training option keys
+    /// (`steps` is `total_steps` here).
     ///
     /// Besides the basic ranges it rejects a first reset inside the initial warmup: a reset
     /// there would start a second ramp while the first one is still climbing, which is never
@@ -66,38 +68,36 @@ impl Schedule {
     /// never happens, so that a short test run can reuse a long run's cycle settings.
     pub fn validate(&self) -> Result<()> {
         if self.total_steps == 0 {
-            return Err(Error::Config(
-                "schedule: total_steps must be positive".into(),
-            ));
+            return Err(Error::Config("steps must be positive".into()));
         }
         if self.warmup_steps >= self.total_steps {
             return Err(Error::Config(format!(
-                "schedule: warmup_steps ({}) must be smaller than total_steps ({})",
+                "warmup_steps {} must be below steps {}",
                 self.warmup_steps, self.total_steps
             )));
         }
         // Written so that NaN fails too.
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(Error::Config(format!(
-                "schedule: min_lr_ratio must be in [0, 1], got {}",
+                "min_lr_ratio {} must be in [0, 1]",
                 self.min_lr_ratio
             )));
         }
         if let Some(c) = &self.cycle {
             if c.reset_every == 0 {
-                return Err(Error::Config(
-                    "schedule: reset_every must be positive".into(),
-                ));
+                return Err(Error::Config("reset_every must be positive".into()));
             }
             if c.restart_warmup_steps >= c.reset_every {
                 return Err(Error::Config(format!(
-                    "schedule: restart_warmup_steps ({}) must be smaller than reset_every ({})",
+                    "restart_warmup_steps {} must be below reset_every {}",
                     c.restart_warmup_steps, c.reset_every
                 )));
             }
             if c.first_reset < self.warmup_steps {
                 return Err(Error::Config(format!(
-                    "schedule: first_reset ({}) falls inside the initial warmup ({} steps)",
+                    "the first reset, before step {} (warmup_full_steps, or reset_every without a \
+                     full-rank warm start), must not fall inside the learning-rate warm-up \
+                     (warmup_steps {})",
                     c.first_reset, self.warmup_steps
                 )));
             }

@@ -6,16 +6,16 @@
 use crate::config::{Mode, ModelConfig, TrainConfig};
 use crate::data::batcher::Batch;
 use crate::error::{Error, Result, TensorContext};
-use crate::export::Phase;
 use crate::model::llama::is_decayed;
 use crate::model::loss::{cross_entropy, cross_entropy_sum};
 use crate::model::{Llama, ParamGrads};
 use crate::optim::{clip, AdamW, AdamWConfig, ResetReport};
 use crate::profile::region;
 use crate::relora::cycle::{attach_adapters, merge_and_reinit};
+use crate::relora::merge::Phase;
 use crate::relora::BaseWeights;
 use crate::rng::Rng;
-use crate::schedule::{RestartCycle, Schedule};
+use crate::schedule::Schedule;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -178,42 +178,13 @@ struct Pending {
     non_finite: bool,
 }
 
-/// The learning-rate schedule implied by a training configuration.
-pub fn schedule_for(cfg: &TrainConfig) -> Schedule {
-    let cycle = match cfg.mode {
-        Mode::Full => None,
-        // The switch to adapters gets a re-warm-up (fresh adapter moments), and so does every merge.
-        Mode::Relora => Some(RestartCycle {
-            first_reset: if cfg.warmup_full_steps > 0 {
-                cfg.warmup_full_steps
-            } else {
-                cfg.reset_every
-            },
-            reset_every: cfg.reset_every,
-            restart_warmup_steps: cfg.restart_warmup_steps,
-        }),
-        Mode::Lora if cfg.warmup_full_steps > 0 => Some(RestartCycle {
-            first_reset: cfg.warmup_full_steps,
-            reset_every: cfg.steps + 1,
-            restart_warmup_steps: cfg.restart_warmup_steps,
-        }),
-        Mode::Lora => None,
-    };
-    Schedule {
-        total_steps: cfg.steps,
-        warmup_steps: cfg.warmup_steps,
-        min_lr_ratio: cfg.min_lr_ratio,
-        cycle,
-    }
-}
-
 impl Trainer {
     /// A new trainer with a freshly initialised model (seeded by `config.seed`).
     pub fn new(model_config: &ModelConfig, config: &TrainConfig, device: &Device) -> Result<Self> {
         config.validate_for(model_config)?;
         let mut init_rng = Rng::derived(config.seed, "init");
         let model = Llama::new(model_config, config.candle_dtype()?, device, &mut init_rng)?;
-        Self::from_parts(
+        Self::assemble(
             model,
             config.clone(),
             TrainerCounters::default(),
@@ -221,17 +192,26 @@ impl Trainer {
         )
     }
 
-    /// Assembles a trainer from restored parts (used by checkpoint loading).
+    /// Assembles a trainer from restored parts (used by checkpoint loading), checking the
+    /// options against the model.
     pub fn from_parts(
+        model: Llama,
+        config: TrainConfig,
+        counters: TrainerCounters,
+        rngs: TrainerRngs,
+    ) -> Result<Self> {
+        config.validate_for(&model.config)?;
+        Self::assemble(model, config, counters, rngs)
+    }
+
+    /// The trainer around validated parts.
+    fn assemble(
         mut model: Llama,
         config: TrainConfig,
         counters: TrainerCounters,
         rngs: TrainerRngs,
     ) -> Result<Self> {
-        config.validate()?;
         model.set_compute_dtype(config.candle_compute_dtype()?);
-        let schedule = schedule_for(&config);
-        schedule.validate()?;
         let optimizer = AdamW::new(AdamWConfig {
             beta1: config.beta1,
             beta2: config.beta2,
@@ -240,9 +220,9 @@ impl Trainer {
         });
         Ok(Trainer {
             model,
+            schedule: config.schedule(),
             config,
             optimizer,
-            schedule,
             counters,
             rngs,
             base: None,
@@ -344,8 +324,7 @@ impl Trainer {
             switched = true;
         } else if self.config.mode == Mode::Relora
             && self.has_adapters()
-            && t > self.config.warmup_full_steps
-            && (t - self.config.warmup_full_steps) % self.config.reset_every == 0
+            && self.schedule.is_reset_step(t)
         {
             reset = Some(self.merge_and_reset()?);
         }

@@ -8,10 +8,12 @@ use candle_core::{DType, Device, Tensor};
 use common::{random_batch, tiny, train_cfg};
 use relora::checkpoint::{self, Manifest, SaveExtra};
 use relora::config::Mode;
-use relora::export::dtype::StDType;
 use relora::export::recognise::export_metadata;
-use relora::export::safetensors::{pt_metadata, PlannedTensor, SafetensorsFile, SafetensorsWriter};
 use relora::export::{merge_checkpoint, write_model_dir, ExportDType, HfExportOptions};
+use relora::tensor_file::dtype::StDType;
+use relora::tensor_file::safetensors::{
+    pt_metadata, PlannedTensor, SafetensorsFile, SafetensorsWriter,
+};
 use relora::{Error, Trainer};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

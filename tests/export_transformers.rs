@@ -369,7 +369,7 @@ fn transformers_saved_llamas_import_exactly_and_run_with_their_logits() {
         };
         merge_checkpoint(&ckpt, &back, None, &o).unwrap();
         let orig = HfWeights::open(&hf).unwrap();
-        let back = relora::export::safetensors::SafetensorsFile::open(&back).unwrap();
+        let back = relora::tensor_file::safetensors::SafetensorsFile::open(&back).unwrap();
         let mut compared = 0;
         for t in back.tensors() {
             let src = orig.file_of(&t.name).unwrap();
@@ -385,9 +385,10 @@ fn transformers_saved_llamas_import_exactly_and_run_with_their_logits() {
 
         // Our model computes transformers' logits from the imported weights.
         let (trainer, _) = checkpoint::load(&ckpt, &Device::Cpu).unwrap();
-        let reference =
-            relora::export::safetensors::SafetensorsFile::open(&hf.join("reference.safetensors"))
-                .unwrap();
+        let reference = relora::tensor_file::safetensors::SafetensorsFile::open(
+            &hf.join("reference.safetensors"),
+        )
+        .unwrap();
         let ids = reference
             .tensor("input_ids")
             .unwrap()

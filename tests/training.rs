@@ -210,7 +210,7 @@ fn poisoned_steps_around_the_switch_and_merges_leave_no_trace() {
 fn adapter_lr_takes_over_at_the_switch() {
     let mut cfg = train_cfg(Mode::Relora, "f32");
     cfg.adapter_lr = 2.5 * cfg.lr;
-    let schedule = relora::trainer::schedule_for(&cfg);
+    let schedule = cfg.schedule();
     let mut t = Trainer::new(&tiny(40), &cfg, &Device::Cpu).unwrap();
     for s in 0..8u64 {
         let st = t.step(&[random_batch(2, 8, 40, s)]).unwrap();

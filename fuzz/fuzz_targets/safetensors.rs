@@ -11,9 +11,9 @@
 use candle_core::Device;
 use libfuzzer_sys::fuzz_target;
 use relora::checkpoint::files::parse_tensors;
-use relora::export::dtype::{convert_into, StDType};
+use relora::tensor_file::dtype::{convert_into, StDType};
 use relora::export::inspect::{inspect, Inspection};
-use relora::export::safetensors::SafetensorsFile;
+use relora::tensor_file::safetensors::SafetensorsFile;
 use relora_fuzz::{check_err, scratch_dir};
 
 fuzz_target!(|data: &[u8]| {

@@ -5,11 +5,11 @@
 use super::files::{parse_tensors, read_verified, take};
 use super::manifest::Manifest;
 use crate::error::{Error, Result, TensorContext};
-use crate::export::{merge_phases, Phase, PhaseAdapter};
 use crate::model::llama::set_checked;
 use crate::model::Llama;
 use crate::optim::ParamState;
 use crate::relora::cycle::{attach_adapters, short_name};
+use crate::relora::merge::{merge_phases, Phase, PhaseAdapter};
 use crate::relora::BaseWeights;
 use crate::rng::Rng;
 use crate::trainer::Trainer;

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! The adapted projections' current weights are not stored: they are `base + sum_k s_k B_k A_k`,
-//! recomputed on load by [`crate::export::merge_phases`], the code the trainer merged with.
+//! recomputed on load by [`crate::relora::merge_phases`], the code the trainer merged with.
 
 pub mod files;
 pub mod load;

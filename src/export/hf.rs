@@ -10,15 +10,15 @@
 //! metadata, `rope_theta` both at the top level and inside `rope_parameters`, and an explicit
 //! `max_position_embeddings`.
 
-use super::dtype::{convert_into, ExportDType, StDType};
 use super::recognise::{export_metadata, MODEL_DIR, MODEL_FILE};
-use super::safetensors::{PlannedTensor, SafetensorsFile, SafetensorsWriter};
-use super::source::{expected_tensors, CheckpointSource};
+use super::source::CheckpointSource;
 use super::tokenizer::{tokenizer_files, TokenizerFiles};
 use crate::config::ModelConfig;
-use crate::error::{Error, Result, TensorContext};
+use crate::error::{Error, Result};
 use crate::fs::output::{check_target, write_synced, Staged};
-use candle_core::{CpuStorage, Device, Storage, Tensor};
+use crate::tensor_file::dtype::{convert_into, ExportDType, StDType};
+use crate::tensor_file::safetensors::{PlannedTensor, SafetensorsFile, SafetensorsWriter};
+use candle_core::Tensor;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -140,7 +140,7 @@ pub(crate) fn write_payload(
                 }
             })
         }
-        Payload::Tensor(t) => tensor_windows(&t, |chunk, from| {
+        Payload::Tensor(t) => crate::tensor_file::windows::tensor_windows(&t, |chunk, from| {
             if from == to {
                 return w.write(chunk);
             }
@@ -149,65 +149,6 @@ pub(crate) fn write_payload(
             w.write(&buf)
         }),
     }
-}
-
-/// Calls `f` with the little-endian bytes of `t`'s elements, a window at a time.
-pub(crate) fn tensor_windows(
-    t: &Tensor,
-    mut f: impl FnMut(&[u8], StDType) -> Result<()>,
-) -> Result<()> {
-    const ELEMS: usize = 1 << 20;
-    let t = t
-        .to_device(&Device::Cpu)
-        .and_then(|t| t.contiguous())
-        .ctx("preparing a tensor for writing")?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::Data("tensor is not on the CPU".into()));
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Data("tensor is not contiguous".into()))?;
-    let mut bytes = Vec::new();
-    macro_rules! windows {
-        ($v:expr, $dt:expr) => {
-            for c in $v[start..end].chunks(ELEMS) {
-                bytes.clear();
-                for x in c {
-                    bytes.extend_from_slice(&x.to_le_bytes());
-                }
-                f(&bytes, $dt)?;
-            }
-        };
-    }
-    match cpu {
-        // Little-endian hosts hand out the buffer itself, with no per-element copy.
-        #[cfg(target_endian = "little")]
-        CpuStorage::F32(v) => {
-            for c in v[start..end].chunks(ELEMS) {
-                f(bytemuck::cast_slice(c), StDType::F32)?;
-            }
-        }
-        #[cfg(target_endian = "little")]
-        CpuStorage::F64(v) => {
-            for c in v[start..end].chunks(ELEMS) {
-                f(bytemuck::cast_slice(c), StDType::F64)?;
-            }
-        }
-        #[cfg(not(target_endian = "little"))]
-        CpuStorage::F32(v) => windows!(v, StDType::F32),
-        #[cfg(not(target_endian = "little"))]
-        CpuStorage::F64(v) => windows!(v, StDType::F64),
-        CpuStorage::BF16(v) => windows!(v, StDType::BF16),
-        CpuStorage::F16(v) => windows!(v, StDType::F16),
-        _ => {
-            return Err(Error::Data(format!(
-                "cannot export a tensor of dtype {:?}",
-                t.dtype()
-            )))
-        }
-    }
-    Ok(())
 }
 
 /// Writes one safetensors file holding `plan`, pulling each tensor from `produce`. A writer
@@ -323,7 +264,8 @@ pub(crate) fn write_hf_into(
     produce: &mut Producer<'_, '_>,
     opts: &HfExportOptions,
 ) -> Result<()> {
-    let plan: Vec<PlannedTensor> = expected_tensors(cfg)
+    let plan: Vec<PlannedTensor> = cfg
+        .tensor_shapes()
         .into_iter()
         .map(|(name, shape)| PlannedTensor {
             name,
@@ -387,7 +329,8 @@ pub(crate) fn write_export(
             )));
         }
         let staged = Staged::new(out, &MODEL_FILE, opts.force)?;
-        let plan = expected_tensors(cfg)
+        let plan = cfg
+            .tensor_shapes()
             .into_iter()
             .map(|(name, shape)| PlannedTensor {
                 name,
@@ -422,7 +365,7 @@ pub fn is_single_file(out: &Path) -> bool {
 /// Checks in-memory weights against the model's tensor list: every tensor present with its
 /// shape and a float dtype, nothing else (adapter factors and rotary tables are named as such).
 fn check_weights(weights: &HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
-    let expected = expected_tensors(cfg);
+    let expected = cfg.tensor_shapes();
     for (name, shape) in &expected {
         let t = weights.get(name).ok_or_else(|| Error::Shape {
             name: name.clone(),

@@ -9,8 +9,6 @@
 //! model. Rotary `inv_freq` buffers are skipped, as is `lm_head.weight` of a tied model.
 
 use super::hf::{write_file, Payload};
-use super::safetensors::{PlannedTensor, SafetensorsFile};
-use super::source::expected_tensors;
 use super::tokenizer::recognise;
 use crate::checkpoint::files::FileInfo;
 use crate::checkpoint::manifest::{Manifest, FORMAT, FORMAT_VERSION};
@@ -20,7 +18,8 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::fs::output::{check_target, Staged};
 use crate::fs::read::{read_limited_text, JSON_LIMIT};
-use crate::trainer::{schedule_for, TrainerCounters, TrainerRngs};
+use crate::tensor_file::safetensors::{PlannedTensor, SafetensorsFile};
+use crate::trainer::{TrainerCounters, TrainerRngs};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -271,13 +270,12 @@ pub fn import_hf(hf_dir: &Path, ckpt: &Path, opts: &ImportOptions) -> Result<Imp
     let cfg = read_hf_config(&hf_dir.join("config.json"))?;
     let train = &opts.train;
     train.validate_for(&cfg)?;
-    schedule_for(train).validate()?;
     let dtype = match train.dtype.as_str() {
-        "f64" => super::dtype::StDType::F64,
-        _ => super::dtype::StDType::F32,
+        "f64" => crate::tensor_file::dtype::StDType::F64,
+        _ => crate::tensor_file::dtype::StDType::F32,
     };
     let weights = HfWeights::open(hf_dir)?;
-    let expected = expected_tensors(&cfg);
+    let expected = cfg.tensor_shapes();
     let wanted: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
     let mut skipped = Vec::new();
     let mut source_dtypes = BTreeSet::new();

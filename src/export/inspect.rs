@@ -3,11 +3,11 @@
 //! shape verified on request.
 
 use super::import::{read_hf_config, HfWeights};
-use super::safetensors::SafetensorsFile;
 use super::source::CheckpointSource;
 use crate::checkpoint::manifest::{Manifest, MANIFEST_FILE};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::tensor_file::safetensors::SafetensorsFile;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

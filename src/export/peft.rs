@@ -10,11 +10,11 @@
 
 use super::hf::{payload, write_file, write_hf_into, HfExportOptions, Payload};
 use super::recognise::PEFT_DIR;
-use super::safetensors::PlannedTensor;
 use super::source::CheckpointSource;
 use super::tokenizer::tokenizer_files;
 use crate::error::{Error, Result};
 use crate::fs::output::{check_target, write_synced, Staged};
+use crate::tensor_file::safetensors::PlannedTensor;
 use serde_json::json;
 use std::path::Path;
 

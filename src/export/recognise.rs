@@ -5,8 +5,8 @@
 //! export; Hugging Face loaders, vLLM and llama.cpp's converter ignore it. A single
 //! `.safetensors` file records its writer in its header's `__metadata__` ([`WRITER_KEY`]).
 
-use super::safetensors::SafetensorsFile;
 use crate::fs::output::{Claim, OutputKind, Recognise};
+use crate::tensor_file::safetensors::SafetensorsFile;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -5,47 +5,15 @@
 //! [`merge_delta`](super::merge_delta), the trainer's own merge, so the result is bit-identical to
 //! the trainer's weights.
 
-use super::dtype::StDType;
-use super::safetensors::{SafetensorsFile, WINDOW_BYTES};
-use super::{merge_product, merge_steps};
 use crate::checkpoint::manifest::{Manifest, PhaseEntry};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::relora::merge::{merge_product, merge_steps};
+use crate::tensor_file::dtype::StDType;
+use crate::tensor_file::safetensors::{SafetensorsFile, WINDOW_BYTES};
 use candle_core::Tensor;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-
-/// The tensors of a plain Llama of shape `cfg`, Hugging Face names and `[out, in]` shapes, in
-/// model order (embedding, each layer's norms and projections, final norm, head).
-pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, d) = (cfg.hidden_size, cfg.head_dim());
-    let (q, kv, ff) = (
-        cfg.num_attention_heads * d,
-        cfg.kv_heads() * d,
-        cfg.intermediate_size,
-    );
-    let mut out = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![cfg.vocab_size, h],
-    )];
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![ff, h]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![ff, h]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, ff]));
-    }
-    out.push(("model.norm.weight".to_string(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
-    }
-    out
-}
 
 /// Checks a file of the checkpoint against the manifest's size and CRC-32, hashing it through
 /// memory-mapped windows so memory stays small whatever its size and no copy is made.
@@ -178,7 +146,7 @@ impl CheckpointSource {
         // claiming more is refused before the tensor list (one entry per layer) is built.
         let stored = params.len() + base.as_ref().map_or(0, SafetensorsFile::len);
         m.check_weights_fit(dir, stored, dtype.size(), &dtype.to_string())?;
-        let expected = expected_tensors(&m.model);
+        let expected = m.model.tensor_shapes();
         let mut src = CheckpointSource {
             dir: dir.to_path_buf(),
             manifest: m,

@@ -15,9 +15,11 @@
 
 use crate::checkpoint::files::FileInfo;
 use crate::error::{Error, Result};
-use crate::export::dtype::StDType;
-use crate::export::hf::tensor_windows;
-use crate::export::safetensors::{pt_metadata, PlannedTensor, SafetensorsFile, SafetensorsWriter};
+use crate::tensor_file::dtype::StDType;
+use crate::tensor_file::safetensors::{
+    pt_metadata, PlannedTensor, SafetensorsFile, SafetensorsWriter,
+};
+use crate::tensor_file::windows::tensor_windows;
 use candle_core::Tensor;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};

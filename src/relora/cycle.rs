@@ -1,9 +1,9 @@
 //! The ReLoRA cycle on a model: attach adapters to the target projections at the switch from
-//! full rank, and at each reset merge `W += s B A` (fp32, via [`crate::export::merge_delta`]) and
+//! full rank, and at each reset merge `W += s B A` (fp32, via [`super::merge::merge_delta`]) and
 //! re-initialise A (Kaiming-uniform) and B (zero).
 
+use super::merge::{merge_delta, Phase, PhaseAdapter};
 use crate::error::{Result, TensorContext};
-use crate::export::{merge_delta, Phase, PhaseAdapter};
 use crate::model::Llama;
 use crate::rng::Rng;
 

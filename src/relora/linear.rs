@@ -110,13 +110,13 @@ impl AdaptableLinear {
         }
     }
 
-    /// The weight with the current adapter merged in (fp32, via [`crate::export::merge_delta`]),
+    /// The weight with the current adapter merged in (fp32, via [`super::merge::merge_delta`]),
     /// or `None` without an adapter. Nothing is changed.
     pub fn merged_weight(&self) -> Result<Option<Tensor>> {
         let Some(ad) = &self.adapter else {
             return Ok(None);
         };
-        crate::export::merge_delta(
+        super::merge::merge_delta(
             &self.name,
             self.weight.as_tensor(),
             ad.a.as_tensor(),

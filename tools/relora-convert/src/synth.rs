@@ -7,9 +7,11 @@ use clap::Args;
 use relora::checkpoint::files::FileInfo;
 use relora::checkpoint::manifest::{Manifest, PhaseEntry, FORMAT, FORMAT_VERSION};
 use relora::config::{Mode, ModelConfig, TrainConfig};
-use relora::export::dtype::StDType;
-use relora::export::safetensors::{header_bytes, pt_metadata, PlannedTensor, SafetensorsWriter};
-use relora::export::source::{expected_tensors, is_projection};
+use relora::export::source::is_projection;
+use relora::tensor_file::dtype::StDType;
+use relora::tensor_file::safetensors::{
+    header_bytes, pt_metadata, PlannedTensor, SafetensorsWriter,
+};
 use relora::trainer::{TrainerCounters, TrainerRngs};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -131,7 +133,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
     let mut fill = Fill {
         state: a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
     };
-    let all = expected_tensors(&model);
+    let all = model.tensor_shapes();
     let dense: Vec<(String, Vec<usize>, f32)> = all
         .iter()
         .filter(|(n, _)| !is_projection(n))
