@@ -234,22 +234,6 @@ typedef struct relora_params relora_params;
 typedef struct relora_trainer relora_trainer;
 
 /**
- * Receives the trainer's log messages. `message` is a NUL-terminated UTF-8 string valid only
- * during the call.
- */
-typedef void (*relora_log_fn)(void *user_data, relora_log_level level, const char *message);
-
-/**
- * Reports progress inside a long call: `done` of `total` units of `stage` are finished. Return
- * true to continue, false to abort the call, which then returns `RELORA_STATUS_ABORTED` without
- * applying any update.
- */
-typedef bool (*relora_progress_fn)(void *user_data,
-                                   relora_progress_stage stage,
-                                   uint64_t done,
-                                   uint64_t total);
-
-/**
  * Statistics of one optimizer step.
  *
  * Before passing one to the library, set `struct_size = sizeof(relora_step_stats)`; the library
@@ -328,6 +312,22 @@ typedef struct {
      */
     uint32_t nonfinite_streak;
 } relora_step_stats;
+
+/**
+ * Receives the trainer's log messages. `message` is a NUL-terminated UTF-8 string valid only
+ * during the call.
+ */
+typedef void (*relora_log_fn)(void *user_data, relora_log_level level, const char *message);
+
+/**
+ * Reports progress inside a long call: `done` of `total` units of `stage` are finished. Return
+ * true to continue, false to abort the call, which then returns `RELORA_STATUS_ABORTED` without
+ * applying any update.
+ */
+typedef bool (*relora_progress_fn)(void *user_data,
+                                   relora_progress_stage stage,
+                                   uint64_t done,
+                                   uint64_t total);
 
 /**
  * Reduces one trainable parameter's gradient in place before the optimizer step, e.g. an
@@ -563,34 +563,6 @@ relora_status relora_params_key_name(size_t index, char *buf, size_t len, size_t
 relora_status relora_params_validate(const relora_params *params);
 
 /**
- * Installs (or, with `callback` NULL, removes) the trainer's logger. Messages of `max_level` and
- * more severe are delivered: pass a `relora_log_level` value (1 = errors only ... 4 = every
- * step). `user_data` is passed back untouched and must stay valid while the logger is installed.
- * Each trainer has its own logger; there is no global one.
- *
- * Errors: `RELORA_STATUS_NULL_PARAMETER` (trainer), `RELORA_STATUS_INVALID_HANDLE`,
- * `RELORA_STATUS_INVALID_ARGUMENT` (`max_level` not 1..4), `RELORA_STATUS_BUSY`,
- * `RELORA_STATUS_POISONED`.
- */
-relora_status relora_trainer_set_log_callback(relora_trainer *trainer,
-                                              relora_log_fn callback,
-                                              void *user_data,
-                                              uint32_t max_level);
-
-/**
- * Installs (or, with `callback` NULL, removes) the trainer's progress callback, called after each
- * micro-batch of `relora_trainer_step` and each chunk of `relora_trainer_eval`; returning false
- * aborts that call with `RELORA_STATUS_ABORTED` and no update applied. `user_data` is
- * passed back untouched and must stay valid while the callback is installed.
- *
- * Errors: `RELORA_STATUS_NULL_PARAMETER` (trainer), `RELORA_STATUS_INVALID_HANDLE`,
- * `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
- */
-relora_status relora_trainer_set_progress_callback(relora_trainer *trainer,
-                                                   relora_progress_fn callback,
-                                                   void *user_data);
-
-/**
  * Creates a trainer with a freshly initialised model from `params` (which the caller keeps and
  * may free right after). The model and optimizer live on `params`' device ("cpu", or "cuda:N" in
  * builds with CUDA).
@@ -629,88 +601,6 @@ relora_status relora_trainer_load(const char *dir, const char *device, relora_tr
  * trainer can be freed.
  */
 void relora_trainer_free(relora_trainer *trainer);
-
-/**
- * One optimizer step on `batch` rows of `len` tokens (`len` = seq_len + 1: inputs are
- * `row[0..len-1]`, targets `row[1..len]`). The rows are split into `grad_accum` equal
- * micro-batches whose gradients are averaged; the step then clips, updates at the scheduled
- * learning rate, and performs the ReLoRA switch or merge when one is due. `batch` and `len`
- * may differ from the `batch_size` and `seq_len` options (`batch_size` only sizes evaluation
- * chunks), as long as `len - 1` is at most `max_position_embeddings`.
- *
- * A step whose loss or gradient is not finite is skipped (nothing updated, `stats->skipped`
- * set) and still returns `RELORA_STATUS_OK`, until `max_nonfinite_steps` in a row fail with
- * `RELORA_STATUS_NON_FINITE`.
- *
- * `stats` may be NULL; otherwise set `stats->struct_size` first, and on success it receives the
- * step's statistics. On failure no update is applied and the step count is unchanged (a ReLoRA
- * switch or merge due before this step may already have been performed; a retried step does
- * not repeat it).
- *
- * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
- * `RELORA_STATUS_INVALID_ARGUMENT` (batch 0, len < 2, batch not a multiple of grad_accum, bad
- * struct_size), `RELORA_STATUS_INVALID_DATA` (token ids outside [0, vocab_size), len - 1 above
- * max_position_embeddings), `RELORA_STATUS_INVALID_STATE` (a split step is in progress),
- * `RELORA_STATUS_ABORTED`, `RELORA_STATUS_NON_FINITE`, `RELORA_STATUS_COMPUTE`,
- * `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
- */
-relora_status relora_trainer_step(relora_trainer *trainer,
-                                  const int32_t *tokens,
-                                  size_t batch,
-                                  size_t len,
-                                  relora_step_stats *stats);
-
-/**
- * The first half of a split step, for hosts that reduce gradients themselves: forward and
- * backward of one micro-batch of `batch` rows of `len` tokens (as in `relora_trainer_step`),
- * adding its gradients to the step being built. Call it `grad_accum` times per step (each
- * micro-batch's loss is scaled by 1 / grad_accum), then `relora_trainer_apply`. `loss` may be
- * NULL; on success it receives the micro-batch's mean loss.
- *
- * Errors: as `relora_trainer_step`, except that a split step in progress is what this call
- * extends; a failed call leaves the micro-batches accumulated so far in place.
- */
-relora_status relora_trainer_accumulate(relora_trainer *trainer,
-                                        const int32_t *tokens,
-                                        size_t batch,
-                                        size_t len,
-                                        float *loss);
-
-/**
- * The second half of a split step: calls `reduce` (if not NULL) once per trainable parameter,
- * in a fixed order, with its accumulated gradient as f32 so the host can all-reduce it in place
- * (average across ranks: every rank must then apply the same gradient), then clips, updates and
- * performs any due ReLoRA event, as `relora_trainer_step` does. `user_data` is passed to
- * `reduce` untouched.
- *
- * `stats` may be NULL; otherwise set `stats->struct_size` first. If `reduce` returns false the
- * step is abandoned: `RELORA_STATUS_CALLBACK_FAILED`, no weight changed, the accumulated
- * gradients discarded.
- *
- * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
- * `RELORA_STATUS_INVALID_STATE` (nothing accumulated), `RELORA_STATUS_INVALID_ARGUMENT` (bad
- * struct_size), `RELORA_STATUS_CALLBACK_FAILED`, `RELORA_STATUS_NON_FINITE`,
- * `RELORA_STATUS_COMPUTE`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
- */
-relora_status relora_trainer_apply(relora_trainer *trainer,
-                                   relora_grad_reduce_fn reduce,
-                                   void *user_data,
-                                   relora_step_stats *stats);
-
-/**
- * Mean next-token cross-entropy (nats) of the model on `batch` rows of `len` tokens (as in
- * `relora_trainer_step`), evaluated in chunks of `batch_size` rows, without changing the
- * trainer (dropout off). On success `*loss` receives it; exp(loss) is the perplexity.
- *
- * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
- * `RELORA_STATUS_INVALID_ARGUMENT`, `RELORA_STATUS_INVALID_DATA`, `RELORA_STATUS_ABORTED`,
- * `RELORA_STATUS_COMPUTE`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
- */
-relora_status relora_trainer_eval(const relora_trainer *trainer,
-                                  const int32_t *tokens,
-                                  size_t batch,
-                                  size_t len,
-                                  double *loss);
 
 /**
  * Saves a checkpoint of the whole training state to directory `dir`, atomically: a save that
@@ -852,6 +742,116 @@ relora_status relora_trainer_config_get_int(const relora_trainer *trainer,
 relora_status relora_trainer_config_get_float(const relora_trainer *trainer,
                                               const char *key,
                                               double *out);
+
+/**
+ * Installs (or, with `callback` NULL, removes) the trainer's logger. Messages of `max_level` and
+ * more severe are delivered: pass a `relora_log_level` value (1 = errors only ... 4 = every
+ * step). `user_data` is passed back untouched and must stay valid while the logger is installed.
+ * Each trainer has its own logger; there is no global one.
+ *
+ * Errors: `RELORA_STATUS_NULL_PARAMETER` (trainer), `RELORA_STATUS_INVALID_HANDLE`,
+ * `RELORA_STATUS_INVALID_ARGUMENT` (`max_level` not 1..4), `RELORA_STATUS_BUSY`,
+ * `RELORA_STATUS_POISONED`.
+ */
+relora_status relora_trainer_set_log_callback(relora_trainer *trainer,
+                                              relora_log_fn callback,
+                                              void *user_data,
+                                              uint32_t max_level);
+
+/**
+ * Installs (or, with `callback` NULL, removes) the trainer's progress callback, called after each
+ * micro-batch of `relora_trainer_step` and each chunk of `relora_trainer_eval`; returning false
+ * aborts that call with `RELORA_STATUS_ABORTED` and no update applied. `user_data` is
+ * passed back untouched and must stay valid while the callback is installed.
+ *
+ * Errors: `RELORA_STATUS_NULL_PARAMETER` (trainer), `RELORA_STATUS_INVALID_HANDLE`,
+ * `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
+ */
+relora_status relora_trainer_set_progress_callback(relora_trainer *trainer,
+                                                   relora_progress_fn callback,
+                                                   void *user_data);
+
+/**
+ * One optimizer step on `batch` rows of `len` tokens (`len` = seq_len + 1: inputs are
+ * `row[0..len-1]`, targets `row[1..len]`). The rows are split into `grad_accum` equal
+ * micro-batches whose gradients are averaged; the step then clips, updates at the scheduled
+ * learning rate, and performs the ReLoRA switch or merge when one is due. `batch` and `len`
+ * may differ from the `batch_size` and `seq_len` options (`batch_size` only sizes evaluation
+ * chunks), as long as `len - 1` is at most `max_position_embeddings`.
+ *
+ * A step whose loss or gradient is not finite is skipped (nothing updated, `stats->skipped`
+ * set) and still returns `RELORA_STATUS_OK`, until `max_nonfinite_steps` in a row fail with
+ * `RELORA_STATUS_NON_FINITE`.
+ *
+ * `stats` may be NULL; otherwise set `stats->struct_size` first, and on success it receives the
+ * step's statistics. On failure no update is applied and the step count is unchanged (a ReLoRA
+ * switch or merge due before this step may already have been performed; a retried step does
+ * not repeat it).
+ *
+ * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
+ * `RELORA_STATUS_INVALID_ARGUMENT` (batch 0, len < 2, batch not a multiple of grad_accum, bad
+ * struct_size), `RELORA_STATUS_INVALID_DATA` (token ids outside [0, vocab_size), len - 1 above
+ * max_position_embeddings), `RELORA_STATUS_INVALID_STATE` (a split step is in progress),
+ * `RELORA_STATUS_ABORTED`, `RELORA_STATUS_NON_FINITE`, `RELORA_STATUS_COMPUTE`,
+ * `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
+ */
+relora_status relora_trainer_step(relora_trainer *trainer,
+                                  const int32_t *tokens,
+                                  size_t batch,
+                                  size_t len,
+                                  relora_step_stats *stats);
+
+/**
+ * The first half of a split step, for hosts that reduce gradients themselves: forward and
+ * backward of one micro-batch of `batch` rows of `len` tokens (as in `relora_trainer_step`),
+ * adding its gradients to the step being built. Call it `grad_accum` times per step (each
+ * micro-batch's loss is scaled by 1 / grad_accum), then `relora_trainer_apply`. `loss` may be
+ * NULL; on success it receives the micro-batch's mean loss.
+ *
+ * Errors: as `relora_trainer_step`, except that a split step in progress is what this call
+ * extends; a failed call leaves the micro-batches accumulated so far in place.
+ */
+relora_status relora_trainer_accumulate(relora_trainer *trainer,
+                                        const int32_t *tokens,
+                                        size_t batch,
+                                        size_t len,
+                                        float *loss);
+
+/**
+ * The second half of a split step: calls `reduce` (if not NULL) once per trainable parameter,
+ * in a fixed order, with its accumulated gradient as f32 so the host can all-reduce it in place
+ * (average across ranks: every rank must then apply the same gradient), then clips, updates and
+ * performs any due ReLoRA event, as `relora_trainer_step` does. `user_data` is passed to
+ * `reduce` untouched.
+ *
+ * `stats` may be NULL; otherwise set `stats->struct_size` first. If `reduce` returns false the
+ * step is abandoned: `RELORA_STATUS_CALLBACK_FAILED`, no weight changed, the accumulated
+ * gradients discarded.
+ *
+ * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
+ * `RELORA_STATUS_INVALID_STATE` (nothing accumulated), `RELORA_STATUS_INVALID_ARGUMENT` (bad
+ * struct_size), `RELORA_STATUS_CALLBACK_FAILED`, `RELORA_STATUS_NON_FINITE`,
+ * `RELORA_STATUS_COMPUTE`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
+ */
+relora_status relora_trainer_apply(relora_trainer *trainer,
+                                   relora_grad_reduce_fn reduce,
+                                   void *user_data,
+                                   relora_step_stats *stats);
+
+/**
+ * Mean next-token cross-entropy (nats) of the model on `batch` rows of `len` tokens (as in
+ * `relora_trainer_step`), evaluated in chunks of `batch_size` rows, without changing the
+ * trainer (dropout off). On success `*loss` receives it; exp(loss) is the perplexity.
+ *
+ * Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
+ * `RELORA_STATUS_INVALID_ARGUMENT`, `RELORA_STATUS_INVALID_DATA`, `RELORA_STATUS_ABORTED`,
+ * `RELORA_STATUS_COMPUTE`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
+ */
+relora_status relora_trainer_eval(const relora_trainer *trainer,
+                                  const int32_t *tokens,
+                                  size_t batch,
+                                  size_t len,
+                                  double *loss);
 
 /**
  * The number of named parameters right now (it grows when adapters are attached), into `*out`.

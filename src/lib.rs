@@ -16,6 +16,8 @@
 // committed header.
 
 /// cbindgen:ignore
+pub mod analysis;
+/// cbindgen:ignore
 pub mod checkpoint;
 /// cbindgen:ignore
 pub mod config;
@@ -35,11 +37,17 @@ pub mod ffi;
 /// cbindgen:ignore
 pub mod fs;
 /// cbindgen:ignore
+pub mod import;
+/// cbindgen:ignore
+pub mod init;
+/// cbindgen:ignore
 pub mod model;
 /// cbindgen:ignore
 pub mod ops;
 /// cbindgen:ignore
 pub mod optim;
+/// cbindgen:ignore
+pub mod plots;
 /// cbindgen:ignore
 pub mod profile;
 /// cbindgen:ignore
@@ -54,6 +62,8 @@ pub mod sample;
 pub mod schedule;
 /// cbindgen:ignore
 pub mod tensor_file;
+/// cbindgen:ignore
+pub mod train_state;
 /// cbindgen:ignore
 pub mod trainer;
 

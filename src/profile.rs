@@ -122,9 +122,9 @@ impl SyncError for candle_core::Error {
     }
 }
 
-impl SyncError for crate::Error {
+impl SyncError for crate::error::Error {
     fn sync_failed(name: &'static str, source: candle_core::Error) -> Self {
-        crate::Error::tensor(
+        crate::error::Error::tensor(
             format!("waiting for the device around profiled region {name:?}"),
             source,
         )

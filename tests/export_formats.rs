@@ -7,15 +7,15 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{random_batch, tiny, train_cfg};
+use relora::analysis::spectrum::{histogram_png, spectrum, table};
 use relora::checkpoint::{self, SaveExtra};
 use relora::config::{Mode, ModelConfig};
 use relora::data::corpus::builtin_train_text;
 use relora::data::tokenizer::{Tokenizer, TokenizerKind};
-use relora::export::import::{import_hf, ImportOptions};
 use relora::export::peft::{peft_name, write_peft, ADAPTER_CONFIG, ADAPTER_FILE, BASE_DIR};
-use relora::export::spectrum::{histogram_png, spectrum, table};
 use relora::export::tokenizer::{recognise, tokenizer_files};
 use relora::export::{merge_checkpoint, write_model_dir, ExportDType, HfExportOptions};
+use relora::import::{import_hf, ImportOptions};
 use relora::relora::merge_delta;
 use relora::run::{RunOptions, TrainRun};
 use relora::tensor_file::safetensors::SafetensorsFile;

@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relora::export::import::read_hf_config;
+use relora::import::read_hf_config;
 use relora::{ModelConfig, TrainConfig};
 use relora_fuzz::{check_err, scratch_dir};
 

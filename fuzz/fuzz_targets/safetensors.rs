@@ -12,7 +12,7 @@ use candle_core::Device;
 use libfuzzer_sys::fuzz_target;
 use relora::checkpoint::files::parse_tensors;
 use relora::tensor_file::dtype::{convert_into, StDType};
-use relora::export::inspect::{inspect, Inspection};
+use relora::analysis::inspect::{inspect, Inspection};
 use relora::tensor_file::safetensors::SafetensorsFile;
 use relora_fuzz::{check_err, scratch_dir};
 

@@ -3,18 +3,10 @@
 
 use crate::error::{Error, Result, TensorContext};
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Size and checksum of one file in a checkpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileInfo {
-    /// Length in bytes.
-    pub bytes: u64,
-    /// CRC-32 (IEEE) of the whole file.
-    pub crc32: u32,
-}
+pub use crate::fs::file_info::FileInfo;
 
 /// Writes `bytes` to `path`, flushes it to disk, and returns its size and checksum.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<FileInfo> {

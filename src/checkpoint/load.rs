@@ -5,10 +5,10 @@
 use super::files::{parse_tensors, read_verified, take};
 use super::manifest::Manifest;
 use crate::error::{Error, Result, TensorContext};
+use crate::model::adapters::{attach_adapters, short_name};
 use crate::model::llama::set_checked;
 use crate::model::Llama;
 use crate::optim::ParamState;
-use crate::relora::cycle::{attach_adapters, short_name};
 use crate::relora::merge::{merge_phases, Phase, PhaseAdapter};
 use crate::relora::BaseWeights;
 use crate::rng::Rng;

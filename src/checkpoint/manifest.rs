@@ -3,7 +3,7 @@
 use super::files::{write_synced, FileInfo};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::error::{Error, Result};
-use crate::trainer::{TrainerCounters, TrainerRngs};
+use crate::train_state::{TrainerCounters, TrainerRngs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;

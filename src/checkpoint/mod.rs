@@ -21,6 +21,7 @@ pub mod manifest;
 pub mod recognise;
 pub mod run_dir;
 pub mod save;
+pub mod source;
 
 pub use load::load;
 pub use manifest::Manifest;

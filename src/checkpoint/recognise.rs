@@ -8,7 +8,7 @@
 //! uses.
 
 use super::manifest::{FORMAT, MANIFEST_CHECKSUM_FILE, MANIFEST_FILE};
-use crate::fs::output::{is_inside, Claim, OutputKind, Recognise};
+use crate::fs::ownership::{is_inside, Claim, OutputKind, Recognise};
 use std::path::{Path, PathBuf};
 
 /// A relora checkpoint directory.
@@ -86,7 +86,7 @@ fn is_layout_name(rel: &Path) -> bool {
 
 /// The entries of an unfinished checkpoint, when every one has a checkpoint layout name.
 fn unfinished(dir: &Path) -> Result<Claim, String> {
-    let entries = crate::fs::output::entries(dir).map_err(|e| e.to_string())?;
+    let entries = crate::fs::ownership::entries(dir).map_err(|e| e.to_string())?;
     let mut claim = Claim::default();
     for (rel, is_dir) in entries {
         if !is_layout_name(&rel) || (is_dir != (rel == Path::new(PHASES_DIR))) {

@@ -6,7 +6,7 @@
 
 use super::Communicator;
 use crate::error::{Error, Result, TensorContext};
-use crate::trainer::GradientReducer;
+use crate::train_state::GradientReducer;
 use candle_core::{DType, Tensor};
 use std::ops::Range;
 

@@ -11,8 +11,8 @@
 //! `max_position_embeddings`.
 
 use super::recognise::{export_metadata, MODEL_DIR, MODEL_FILE};
-use super::source::CheckpointSource;
 use super::tokenizer::{tokenizer_files, TokenizerFiles};
+use crate::checkpoint::source::CheckpointSource;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::fs::output::{check_target, write_synced, Staged};

@@ -17,16 +17,9 @@
 //!   [`source`] the validated, streaming view of a checkpoint, [`tokenizer`] the tokenizer files
 //!   of an export.
 
-pub mod curves;
 pub mod hf;
-pub mod import;
-pub mod inspect;
-mod linalg;
 pub mod peft;
-mod png;
 pub mod recognise;
-pub mod source;
-pub mod spectrum;
 pub mod tokenizer;
 
 pub use crate::tensor_file::dtype::ExportDType;

@@ -10,8 +10,8 @@
 
 use super::hf::{payload, write_file, write_hf_into, HfExportOptions, Payload};
 use super::recognise::PEFT_DIR;
-use super::source::CheckpointSource;
 use super::tokenizer::tokenizer_files;
+use crate::checkpoint::source::CheckpointSource;
 use crate::error::{Error, Result};
 use crate::fs::output::{check_target, write_synced, Staged};
 use crate::tensor_file::safetensors::PlannedTensor;

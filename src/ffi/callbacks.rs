@@ -5,9 +5,8 @@
 //! trainer (that call fails with `RELORA_STATUS_BUSY`), must return normally (no longjmp, no C++
 //! exception), and may use other trainers.
 
-use super::guard::{boundary, Failure, FfiResult};
+use super::guard::{Failure, FfiResult};
 use super::status::relora_status;
-use super::trainer::{enter, relora_trainer};
 use crate::error::{Error, Result};
 use crate::trainer::GradientReducer;
 use std::ffi::CString;
@@ -92,6 +91,21 @@ impl Default for Callbacks {
     }
 }
 
+impl Callbacks {
+    /// Installs (or, with `None`, removes) the logger, delivering `max` and more severe.
+    pub(crate) fn set_log(&mut self, log: relora_log_fn, data: *mut c_void, max: relora_log_level) {
+        self.log = log;
+        self.log_data = data;
+        self.log_max = max;
+    }
+
+    /// Installs (or, with `None`, removes) the progress callback.
+    pub(crate) fn set_progress(&mut self, progress: relora_progress_fn, data: *mut c_void) {
+        self.progress = progress;
+        self.progress_data = data;
+    }
+}
+
 /// A C string with any interior NUL replaced, so no message is ever dropped.
 fn c_text(s: &str) -> CString {
     CString::new(s.replace('\0', "\u{FFFD}")).unwrap_or_default()
@@ -171,64 +185,4 @@ impl GradientReducer for HostReducer {
             )))
         }
     }
-}
-
-/// Installs (or, with `callback` NULL, removes) the trainer's logger. Messages of `max_level` and
-/// more severe are delivered: pass a `relora_log_level` value (1 = errors only ... 4 = every
-/// step). `user_data` is passed back untouched and must stay valid while the logger is installed.
-/// Each trainer has its own logger; there is no global one.
-///
-/// Errors: `RELORA_STATUS_NULL_PARAMETER` (trainer), `RELORA_STATUS_INVALID_HANDLE`,
-/// `RELORA_STATUS_INVALID_ARGUMENT` (`max_level` not 1..4), `RELORA_STATUS_BUSY`,
-/// `RELORA_STATUS_POISONED`.
-#[no_mangle]
-pub unsafe extern "C" fn relora_trainer_set_log_callback(
-    trainer: *mut relora_trainer,
-    callback: relora_log_fn,
-    user_data: *mut c_void,
-    max_level: u32,
-) -> relora_status {
-    let func = "relora_trainer_set_log_callback";
-    boundary(func, || {
-        let level = match max_level {
-            1 => relora_log_level::Error,
-            2 => relora_log_level::Warn,
-            3 => relora_log_level::Info,
-            4 => relora_log_level::Debug,
-            other => {
-                return Err(Failure::invalid(format!(
-                    "max_level {other} is not a relora_log_level (1..4)"
-                )))
-            }
-        };
-        enter(func, trainer, |s| {
-            s.callbacks.log = callback;
-            s.callbacks.log_data = user_data;
-            s.callbacks.log_max = level;
-            Ok(())
-        })
-    })
-}
-
-/// Installs (or, with `callback` NULL, removes) the trainer's progress callback, called after each
-/// micro-batch of `relora_trainer_step` and each chunk of `relora_trainer_eval`; returning false
-/// aborts that call with `RELORA_STATUS_ABORTED` and no update applied. `user_data` is
-/// passed back untouched and must stay valid while the callback is installed.
-///
-/// Errors: `RELORA_STATUS_NULL_PARAMETER` (trainer), `RELORA_STATUS_INVALID_HANDLE`,
-/// `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
-#[no_mangle]
-pub unsafe extern "C" fn relora_trainer_set_progress_callback(
-    trainer: *mut relora_trainer,
-    callback: relora_progress_fn,
-    user_data: *mut c_void,
-) -> relora_status {
-    let func = "relora_trainer_set_progress_callback";
-    boundary(func, || {
-        enter(func, trainer, |s| {
-            s.callbacks.progress = callback;
-            s.callbacks.progress_data = user_data;
-            Ok(())
-        })
-    })
 }

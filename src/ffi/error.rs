@@ -3,28 +3,9 @@
 //! own buffer.
 
 use super::guard::{boundary_value, write_out};
+use super::last_error::last_error;
 use super::status::relora_status;
-use std::cell::RefCell;
 use std::os::raw::c_char;
-
-thread_local! {
-    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
-}
-
-/// Records `message` as this thread's last error.
-pub(crate) fn set_last_error(message: String) {
-    LAST_ERROR.with(|m| *m.borrow_mut() = message);
-}
-
-/// Clears this thread's last error (after a successful call).
-pub(crate) fn clear_last_error() {
-    LAST_ERROR.with(|m| m.borrow_mut().clear());
-}
-
-/// A copy of this thread's last error.
-pub(crate) fn last_error() -> String {
-    LAST_ERROR.with(|m| m.borrow().clone())
-}
 
 /// The largest prefix of `s` that fits in `max` bytes without splitting a UTF-8 character.
 fn utf8_prefix(s: &str, max: usize) -> &str {
@@ -103,6 +84,7 @@ pub extern "C" fn relora_status_string(status: i32) -> *const c_char {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ffi::last_error::{clear_last_error, set_last_error};
 
     #[test]
     fn truncation_keeps_utf8_whole() {

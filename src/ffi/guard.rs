@@ -7,7 +7,7 @@
 //! that the allocator hands to a new handle of the same kind cannot be told apart; that is the
 //! limit of what the library can detect.)
 
-use super::error::{clear_last_error, set_last_error};
+use super::last_error::{clear_last_error, set_last_error};
 use super::status::{relora_status, status_of};
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -285,15 +285,17 @@ mod tests {
     fn boundary_turns_panics_into_status() {
         let st = boundary("relora_test", || panic!("boom"));
         assert_eq!(st, relora_status::Panic);
-        assert!(super::super::error::last_error().contains("relora_test: internal panic: boom"));
+        assert!(
+            super::super::last_error::last_error().contains("relora_test: internal panic: boom")
+        );
         let st = boundary("relora_test", || Err(Failure::null("x")));
         assert_eq!(st, relora_status::NullParameter);
         assert_eq!(
-            super::super::error::last_error(),
+            super::super::last_error::last_error(),
             "relora_test: argument 'x' is NULL"
         );
         assert_eq!(boundary("relora_test", || Ok(())), relora_status::Ok);
-        assert_eq!(super::super::error::last_error(), "");
+        assert_eq!(super::super::last_error::last_error(), "");
     }
 
     #[test]

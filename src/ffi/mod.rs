@@ -5,13 +5,15 @@
 //!
 //! - names: `relora_<object>_<verb>`; handles are opaque (`relora_params`, `relora_trainer`);
 //! - [`status`]: every fallible call returns a [`status::relora_status`]; values are grouped and
-//!   never reused; the detail goes into a thread-local message ([`error`]);
+//!   never reused; the detail goes into a thread-local message ([`error`], [`last_error`]);
 //! - [`guard`]: the panic boundary around every entry point, pointer and string checks, the
 //!   registry of live handles that turns a freed or foreign pointer into an error instead of a
 //!   crash, and the poisoning of a trainer that panicked;
 //! - outputs are written only on success; `_free(NULL)` is a no-op;
-//! - [`params`]: the options handle with its text and typed setters;
-//! - [`trainer`]: create, load, step (one call or split), eval, save, merge, export;
+//! - [`params`]: the options handle with its text and typed setters, over the options table
+//!   ([`options`]);
+//! - [`trainer`]: create, load, save, merge, export, read counters and options; [`train_step`]:
+//!   step (one call or split) and eval; [`handle`]: the handle behind them;
 //! - [`tensors`]: copying named parameters out and in as f32;
 //! - [`callbacks`]: logging, progress with abort, gradient reduction, each with `user_data`;
 //! - [`stats`]: the sized step-statistics struct; [`version`]: version numbers.
@@ -32,9 +34,13 @@ pub mod version;
 
 pub mod status;
 
+mod last_error;
+
 pub mod error;
 
 pub mod guard;
+
+pub mod options;
 
 pub mod params;
 
@@ -42,6 +48,10 @@ pub mod stats;
 
 pub mod callbacks;
 
+pub mod handle;
+
 pub mod trainer;
+
+pub mod train_step;
 
 pub mod tensors;

@@ -6,8 +6,8 @@
 //! adapted projection's `{module}.lora_A` (`[rank, in]`) and `{module}.lora_B` (`[out, rank]`).
 
 use super::guard::{boundary, cstr, out_ptr, slice, write_text, Failure, FfiResult};
+use super::handle::{enter, relora_trainer};
 use super::status::relora_status;
-use super::trainer::{enter, relora_trainer};
 use crate::error::TensorContext;
 use crate::model::llama::set_checked;
 use crate::trainer::Trainer;

@@ -1,284 +1,23 @@
-//! `relora_trainer`: create (from params or a checkpoint), train (one call, or accumulate then
-//! apply with a gradient reducer), evaluate, save, merge, export, and read the step statistics.
-//!
-//! Tokens arrive as `const int32_t *tokens` holding `batch` rows of `len` tokens, row-major.
-//! Each row carries its own shifted target: the inputs are `row[0 .. len-1]` and the targets
-//! `row[1 .. len]`, so a row of `len` tokens trains `len - 1` positions (`len` = seq_len + 1).
+//! `relora_trainer`: create (from params or a checkpoint), free, save, merge, export, and read
+//! the trainer's counters, statistics, host state and options. Training itself is in
+//! [`super::train_step`], the handle in [`super::handle`].
 
-use super::callbacks::{relora_log_level, relora_progress_stage, Callbacks, HostReducer};
+use super::callbacks::{relora_log_fn, relora_log_level, relora_progress_fn};
 use super::guard::{
-    boundary, check_live, cstr, opt_cstr, out_ptr, panic_message, registry, slice, write_out,
-    write_text, Failure, FfiResult, HandleKind,
+    boundary, check_live, cstr, opt_cstr, out_ptr, registry, write_text, Failure, HandleKind,
 };
-use super::params::{relora_params, with_params, Options};
+use super::handle::{enter, hand_out, relora_trainer, TrainerState};
+use super::options::Options;
+use super::params::{relora_params, with_params};
 use super::stats::{check_stats_out, relora_step_stats, write_stats};
 use super::status::relora_status;
 use crate::checkpoint::{self, SaveExtra};
-use crate::data::batcher::Batch;
 use crate::device::{device_string, parse_device};
 use crate::error::Error;
 use crate::export::{write_model_dir, ExportDType, HfExportOptions};
-use crate::trainer::{GradientReducer, StepStats, Trainer};
-use std::cell::UnsafeCell;
+use crate::trainer::Trainer;
 use std::os::raw::{c_char, c_void};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-/// A trainer and everything the C API keeps beside it.
-pub(crate) struct TrainerState {
-    /// The core trainer.
-    pub trainer: Trainer,
-    /// The options it was built from (or read back from its checkpoint).
-    pub options: Options,
-    /// The host's callbacks.
-    pub callbacks: Callbacks,
-    /// Statistics of the last applied step since creation or loading.
-    pub last_stats: Option<relora_step_stats>,
-    /// The host's JSON text stored in the checkpoint this trainer was loaded from, byte for
-    /// byte as the host gave it.
-    pub host_state: Option<String>,
-    /// The message of the panic that poisoned the trainer.
-    poison: String,
-}
-
-/// A trainer. Create with `relora_trainer_new` or `relora_trainer_load`, free with
-/// `relora_trainer_free`. One trainer is used by one thread at a time; separate trainers may run
-/// in parallel.
-pub struct relora_trainer {
-    /// Set while a call is running on this trainer.
-    busy: AtomicBool,
-    /// Set when a call panicked; everything but `_free` is refused from then on.
-    poisoned: AtomicBool,
-    /// Only touched by the call that holds `busy`.
-    state: UnsafeCell<TrainerState>,
-}
-
-/// Clears the busy flag when a call leaves, however it leaves.
-struct Release<'a>(&'a AtomicBool);
-
-impl Drop for Release<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
-/// Runs `body` with exclusive access to a live, healthy trainer. Refuses NULL, freed or foreign
-/// handles, overlapping calls (`Busy`) and poisoned trainers; a panic in `body` poisons the
-/// trainer. Failures are also sent to the trainer's logger as "func: message".
-pub(crate) fn enter<T>(
-    func: &str,
-    trainer: *const relora_trainer,
-    body: impl FnOnce(&mut TrainerState) -> FfiResult<T>,
-) -> FfiResult<T> {
-    if trainer.is_null() {
-        return Err(Failure::null("trainer"));
-    }
-    {
-        let live = registry();
-        check_live(&live, trainer as usize, HandleKind::Trainer, "trainer")?;
-        // SAFETY: the registry says the handle is live, and it cannot be freed while we hold the
-        // registry lock (freeing takes it too).
-        let t = unsafe { &*trainer };
-        if t.busy.swap(true, Ordering::Acquire) {
-            return Err(Failure::new(
-                relora_status::Busy,
-                "the trainer is already in a call (from another thread, or from one of its own \
-                 callbacks); one trainer is used by one thread at a time",
-            ));
-        }
-    }
-    // SAFETY: live (checked above); `_free` refuses a busy trainer, so it stays live until the
-    // Release guard clears the flag.
-    let t = unsafe { &*trainer };
-    let _release = Release(&t.busy);
-    // SAFETY: the busy flag gives this call exclusive access to the state.
-    let state = unsafe { &mut *t.state.get() };
-    if t.poisoned.load(Ordering::Acquire) {
-        return Err(Failure::new(
-            relora_status::Poisoned,
-            format!(
-                "the trainer panicked in an earlier call ({}); only relora_trainer_free is allowed",
-                state.poison
-            ),
-        ));
-    }
-    let result = match catch_unwind(AssertUnwindSafe(|| body(&mut *state))) {
-        Ok(r) => r,
-        Err(payload) => {
-            let msg = panic_message(&*payload);
-            t.poisoned.store(true, Ordering::Release);
-            state.poison = msg.clone();
-            Err(Failure::new(
-                relora_status::Panic,
-                format!(
-                    "internal panic: {msg}; the trainer is poisoned and only relora_trainer_free \
-                     is allowed"
-                ),
-            ))
-        }
-    };
-    if let Err(f) = &result {
-        state
-            .callbacks
-            .log(relora_log_level::Error, || format!("{func}: {}", f.message));
-    }
-    result
-}
-
-/// Boxes a trainer, registers the handle and writes it to `out`.
-fn hand_out(state: TrainerState, out: *mut *mut relora_trainer) {
-    let raw = Box::into_raw(Box::new(relora_trainer {
-        busy: AtomicBool::new(false),
-        poisoned: AtomicBool::new(false),
-        state: UnsafeCell::new(state),
-    }));
-    registry().insert(raw as usize, HandleKind::Trainer);
-    // SAFETY: `out` was checked by `out_ptr` before any work.
-    unsafe { out.write(raw) };
-}
-
-/// Reads `batch` rows of `len` tokens into one batch (inputs `row[..len-1]`, targets `row[1..]`),
-/// checking the lengths and every id against `vocab`.
-///
-/// # Safety
-/// `tokens` is NULL or valid for reads of `batch * len` values.
-unsafe fn read_rows(
-    tokens: *const i32,
-    batch: usize,
-    len: usize,
-    vocab: usize,
-) -> FfiResult<Vec<Vec<u32>>> {
-    if tokens.is_null() {
-        return Err(Failure::null("tokens"));
-    }
-    if batch == 0 {
-        return Err(Failure::invalid(
-            "batch is 0; a call needs at least one row",
-        ));
-    }
-    if len < 2 {
-        return Err(Failure::invalid(format!(
-            "len is {len}; each row needs at least 2 tokens (inputs are row[0..len-1], targets \
-             row[1..len])"
-        )));
-    }
-    let total = batch
-        .checked_mul(len)
-        .ok_or_else(|| Failure::invalid(format!("batch {batch} x len {len} overflows")))?;
-    // SAFETY: the caller provides batch * len readable values.
-    let all = unsafe { slice(tokens, total, "tokens")? };
-    let mut rows = Vec::with_capacity(batch);
-    for (r, row) in all.chunks_exact(len).enumerate() {
-        let mut ids = Vec::with_capacity(len);
-        for (c, &id) in row.iter().enumerate() {
-            if id < 0 || id as usize >= vocab {
-                return Err(Failure::new(
-                    relora_status::InvalidData,
-                    format!(
-                        "token id {id} at row {r}, column {c} is outside [0, vocab_size {vocab})"
-                    ),
-                ));
-            }
-            ids.push(id as u32);
-        }
-        rows.push(ids);
-    }
-    Ok(rows)
-}
-
-/// Rows into batches of at most `per_batch` rows each.
-fn batches(rows: &[Vec<u32>], per_batch: usize) -> Vec<Batch> {
-    rows.chunks(per_batch.max(1))
-        .map(|chunk| {
-            let seq = chunk[0].len() - 1;
-            let mut inputs = Vec::with_capacity(chunk.len() * seq);
-            let mut targets = Vec::with_capacity(chunk.len() * seq);
-            for row in chunk {
-                inputs.extend_from_slice(&row[..seq]);
-                targets.extend_from_slice(&row[1..]);
-            }
-            Batch {
-                inputs,
-                targets,
-                batch: chunk.len(),
-                seq_len: seq,
-            }
-        })
-        .collect()
-}
-
-impl TrainerState {
-    fn new(trainer: Trainer, options: Options, host_state: Option<String>) -> Self {
-        TrainerState {
-            trainer,
-            options,
-            callbacks: Callbacks::default(),
-            last_stats: None,
-            host_state,
-            poison: String::new(),
-        }
-    }
-
-    /// The vocabulary size token ids are checked against.
-    fn vocab(&self) -> usize {
-        self.trainer.model.config.vocab_size
-    }
-
-    /// Drops a half-built step, if any.
-    fn discard_pending(&mut self) {
-        self.trainer.discard_pending();
-    }
-
-    fn refuse_pending(&self, what: &str) -> FfiResult<()> {
-        if self.trainer.has_pending() {
-            return Err(Failure::state(format!(
-                "{what} is not allowed during a split step: relora_trainer_accumulate was called, \
-                 finish the step with relora_trainer_apply first"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Records a finished step: statistics and log lines.
-    fn record(&mut self, stats: &StepStats) -> relora_step_stats {
-        let c = relora_step_stats::from_stats(stats, self.trainer.counters().nonfinite_streak);
-        let cb = &self.callbacks;
-        if stats.switched {
-            cb.log(relora_log_level::Info, || {
-                format!(
-                    "step {}: switched from full rank to rank-{} adapters",
-                    stats.step, self.trainer.config.lora_rank
-                )
-            });
-        }
-        if let Some(r) = stats.reset {
-            cb.log(relora_log_level::Info, || {
-                format!(
-                    "step {}: merged phase {} into the weights; optimizer reset zeroed {} of {} \
-                     adapter state entries",
-                    stats.step, r.phase, r.zeroed, r.positions
-                )
-            });
-        }
-        if stats.skipped {
-            cb.log(relora_log_level::Warn, || {
-                format!(
-                    "step {} skipped: non-finite loss {} or gradient norm {} ({} skipped in total)",
-                    stats.step, stats.loss, stats.grad_norm, stats.skipped_total
-                )
-            });
-        }
-        cb.log(relora_log_level::Debug, || {
-            format!(
-                "step {} loss {:.4} lr {:.3e} grad_norm {:.4} tokens {}",
-                stats.step, stats.loss, stats.lr, stats.grad_norm, stats.tokens
-            )
-        });
-        self.last_stats = Some(c);
-        c
-    }
-}
 
 /// Creates a trainer with a freshly initialised model from `params` (which the caller keeps and
 /// may free right after). The model and optimizer live on `params`' device ("cpu", or "cuda:N" in
@@ -364,7 +103,7 @@ pub unsafe extern "C" fn relora_trainer_free(trainer: *mut relora_trainer) {
         let mut live = registry();
         check_live(&live, trainer as usize, HandleKind::Trainer, "trainer")?;
         // SAFETY: live per the registry, whose lock we hold.
-        if unsafe { &*trainer }.busy.load(Ordering::Acquire) {
+        if unsafe { &*trainer }.is_busy() {
             return Err(Failure::new(
                 relora_status::Busy,
                 "cannot free a trainer while a call on it is running",
@@ -376,209 +115,6 @@ pub unsafe extern "C" fn relora_trainer_free(trainer: *mut relora_trainer) {
         drop(unsafe { Box::from_raw(trainer) });
         Ok(())
     });
-}
-
-/// One optimizer step on `batch` rows of `len` tokens (`len` = seq_len + 1: inputs are
-/// `row[0..len-1]`, targets `row[1..len]`). The rows are split into `grad_accum` equal
-/// micro-batches whose gradients are averaged; the step then clips, updates at the scheduled
-/// learning rate, and performs the ReLoRA switch or merge when one is due. `batch` and `len`
-/// may differ from the `batch_size` and `seq_len` options (`batch_size` only sizes evaluation
-/// chunks), as long as `len - 1` is at most `max_position_embeddings`.
-///
-/// A step whose loss or gradient is not finite is skipped (nothing updated, `stats->skipped`
-/// set) and still returns `RELORA_STATUS_OK`, until `max_nonfinite_steps` in a row fail with
-/// `RELORA_STATUS_NON_FINITE`.
-///
-/// `stats` may be NULL; otherwise set `stats->struct_size` first, and on success it receives the
-/// step's statistics. On failure no update is applied and the step count is unchanged (a ReLoRA
-/// switch or merge due before this step may already have been performed; a retried step does
-/// not repeat it).
-///
-/// Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
-/// `RELORA_STATUS_INVALID_ARGUMENT` (batch 0, len < 2, batch not a multiple of grad_accum, bad
-/// struct_size), `RELORA_STATUS_INVALID_DATA` (token ids outside [0, vocab_size), len - 1 above
-/// max_position_embeddings), `RELORA_STATUS_INVALID_STATE` (a split step is in progress),
-/// `RELORA_STATUS_ABORTED`, `RELORA_STATUS_NON_FINITE`, `RELORA_STATUS_COMPUTE`,
-/// `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
-#[no_mangle]
-pub unsafe extern "C" fn relora_trainer_step(
-    trainer: *mut relora_trainer,
-    tokens: *const i32,
-    batch: usize,
-    len: usize,
-    stats: *mut relora_step_stats,
-) -> relora_status {
-    let func = "relora_trainer_step";
-    boundary(func, || {
-        enter(func, trainer, |s| {
-            // SAFETY: the caller's struct, checked before use.
-            unsafe { check_stats_out(stats)? };
-            s.refuse_pending("relora_trainer_step")?;
-            // SAFETY: the caller provides batch * len tokens.
-            let rows = unsafe { read_rows(tokens, batch, len, s.vocab())? };
-            let k = s.trainer.config.grad_accum;
-            if batch % k != 0 {
-                return Err(Failure::invalid(format!(
-                    "batch {batch} is not a multiple of grad_accum {k} (the rows are split into \
-                     grad_accum equal micro-batches)"
-                )));
-            }
-            let micro = batches(&rows, batch / k);
-            for (i, mb) in micro.iter().enumerate() {
-                let progress = s
-                    .trainer
-                    .accumulate(mb)
-                    .map_err(Failure::from)
-                    .and_then(|_| {
-                        s.callbacks.progress(
-                            relora_progress_stage::MicroBatch,
-                            i as u64 + 1,
-                            micro.len() as u64,
-                        )
-                    });
-                if let Err(f) = progress {
-                    s.discard_pending();
-                    return Err(f);
-                }
-            }
-            let st = s.trainer.apply(None)?;
-            let c = s.record(&st);
-            // SAFETY: checked by `check_stats_out`.
-            unsafe { write_stats(stats, &c) };
-            Ok(())
-        })
-    })
-}
-
-/// The first half of a split step, for hosts that reduce gradients themselves: forward and
-/// backward of one micro-batch of `batch` rows of `len` tokens (as in `relora_trainer_step`),
-/// adding its gradients to the step being built. Call it `grad_accum` times per step (each
-/// micro-batch's loss is scaled by 1 / grad_accum), then `relora_trainer_apply`. `loss` may be
-/// NULL; on success it receives the micro-batch's mean loss.
-///
-/// Errors: as `relora_trainer_step`, except that a split step in progress is what this call
-/// extends; a failed call leaves the micro-batches accumulated so far in place.
-#[no_mangle]
-pub unsafe extern "C" fn relora_trainer_accumulate(
-    trainer: *mut relora_trainer,
-    tokens: *const i32,
-    batch: usize,
-    len: usize,
-    loss: *mut f32,
-) -> relora_status {
-    let func = "relora_trainer_accumulate";
-    boundary(func, || {
-        enter(func, trainer, |s| {
-            if !loss.is_null() {
-                out_ptr(loss, "loss")?;
-            }
-            // SAFETY: the caller provides batch * len tokens.
-            let rows = unsafe { read_rows(tokens, batch, len, s.vocab())? };
-            let value = s.trainer.accumulate(&batches(&rows, batch)[0])?;
-            // SAFETY: NULL or checked by `out_ptr`. The ABI's `float`; the step's statistics
-            // carry the mean as computed.
-            unsafe { write_out(loss, value as f32) };
-            Ok(())
-        })
-    })
-}
-
-/// The second half of a split step: calls `reduce` (if not NULL) once per trainable parameter,
-/// in a fixed order, with its accumulated gradient as f32 so the host can all-reduce it in place
-/// (average across ranks: every rank must then apply the same gradient), then clips, updates and
-/// performs any due ReLoRA event, as `relora_trainer_step` does. `user_data` is passed to
-/// `reduce` untouched.
-///
-/// `stats` may be NULL; otherwise set `stats->struct_size` first. If `reduce` returns false the
-/// step is abandoned: `RELORA_STATUS_CALLBACK_FAILED`, no weight changed, the accumulated
-/// gradients discarded.
-///
-/// Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
-/// `RELORA_STATUS_INVALID_STATE` (nothing accumulated), `RELORA_STATUS_INVALID_ARGUMENT` (bad
-/// struct_size), `RELORA_STATUS_CALLBACK_FAILED`, `RELORA_STATUS_NON_FINITE`,
-/// `RELORA_STATUS_COMPUTE`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
-#[no_mangle]
-pub unsafe extern "C" fn relora_trainer_apply(
-    trainer: *mut relora_trainer,
-    reduce: super::callbacks::relora_grad_reduce_fn,
-    user_data: *mut c_void,
-    stats: *mut relora_step_stats,
-) -> relora_status {
-    let func = "relora_trainer_apply";
-    boundary(func, || {
-        enter(func, trainer, |s| {
-            // SAFETY: the caller's struct, checked before use.
-            unsafe { check_stats_out(stats)? };
-            if !s.trainer.has_pending() {
-                return Err(Failure::state(
-                    "nothing to apply: call relora_trainer_accumulate first",
-                ));
-            }
-            let mut reducer = HostReducer::new(reduce, user_data);
-            let result = s
-                .trainer
-                .apply(reducer.as_mut().map(|r| r as &mut dyn GradientReducer));
-            let st = match result {
-                Ok(st) => st,
-                Err(e) => {
-                    return Err(match reducer.and_then(|r| r.failed) {
-                        Some(name) => Failure::new(
-                            relora_status::CallbackFailed,
-                            format!(
-                                "the gradient reducer returned false for {name}; the step was \
-                                 abandoned and its gradients discarded"
-                            ),
-                        ),
-                        None => e.into(),
-                    })
-                }
-            };
-            let c = s.record(&st);
-            // SAFETY: checked by `check_stats_out`.
-            unsafe { write_stats(stats, &c) };
-            Ok(())
-        })
-    })
-}
-
-/// Mean next-token cross-entropy (nats) of the model on `batch` rows of `len` tokens (as in
-/// `relora_trainer_step`), evaluated in chunks of `batch_size` rows, without changing the
-/// trainer (dropout off). On success `*loss` receives it; exp(loss) is the perplexity.
-///
-/// Errors: `RELORA_STATUS_NULL_PARAMETER`, `RELORA_STATUS_INVALID_HANDLE`,
-/// `RELORA_STATUS_INVALID_ARGUMENT`, `RELORA_STATUS_INVALID_DATA`, `RELORA_STATUS_ABORTED`,
-/// `RELORA_STATUS_COMPUTE`, `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
-#[no_mangle]
-pub unsafe extern "C" fn relora_trainer_eval(
-    trainer: *const relora_trainer,
-    tokens: *const i32,
-    batch: usize,
-    len: usize,
-    loss: *mut f64,
-) -> relora_status {
-    let func = "relora_trainer_eval";
-    boundary(func, || {
-        enter(func, trainer, |s| {
-            let loss = out_ptr(loss, "loss")?;
-            // SAFETY: the caller provides batch * len tokens.
-            let rows = unsafe { read_rows(tokens, batch, len, s.vocab())? };
-            let chunks = batches(&rows, s.trainer.config.batch_size);
-            let (mut sum, mut count) = (0.0f64, 0usize);
-            for (i, b) in chunks.iter().enumerate() {
-                let r = s.trainer.eval(std::slice::from_ref(b))?;
-                sum += r.loss * r.tokens as f64;
-                count += r.tokens;
-                s.callbacks.progress(
-                    relora_progress_stage::Eval,
-                    i as u64 + 1,
-                    chunks.len() as u64,
-                )?;
-            }
-            // SAFETY: checked by `out_ptr`.
-            unsafe { loss.write(sum / count as f64) };
-            Ok(())
-        })
-    })
 }
 
 /// Saves a checkpoint of the whole training state to directory `dir`, atomically: a save that
@@ -911,9 +447,69 @@ fn getter<T>(
     })
 }
 
+/// Installs (or, with `callback` NULL, removes) the trainer's logger. Messages of `max_level` and
+/// more severe are delivered: pass a `relora_log_level` value (1 = errors only ... 4 = every
+/// step). `user_data` is passed back untouched and must stay valid while the logger is installed.
+/// Each trainer has its own logger; there is no global one.
+///
+/// Errors: `RELORA_STATUS_NULL_PARAMETER` (trainer), `RELORA_STATUS_INVALID_HANDLE`,
+/// `RELORA_STATUS_INVALID_ARGUMENT` (`max_level` not 1..4), `RELORA_STATUS_BUSY`,
+/// `RELORA_STATUS_POISONED`.
+#[no_mangle]
+pub unsafe extern "C" fn relora_trainer_set_log_callback(
+    trainer: *mut relora_trainer,
+    callback: relora_log_fn,
+    user_data: *mut c_void,
+    max_level: u32,
+) -> relora_status {
+    let func = "relora_trainer_set_log_callback";
+    boundary(func, || {
+        let level = match max_level {
+            1 => relora_log_level::Error,
+            2 => relora_log_level::Warn,
+            3 => relora_log_level::Info,
+            4 => relora_log_level::Debug,
+            other => {
+                return Err(Failure::invalid(format!(
+                    "max_level {other} is not a relora_log_level (1..4)"
+                )))
+            }
+        };
+        enter(func, trainer, |s| {
+            s.callbacks.set_log(callback, user_data, level);
+            Ok(())
+        })
+    })
+}
+
+/// Installs (or, with `callback` NULL, removes) the trainer's progress callback, called after each
+/// micro-batch of `relora_trainer_step` and each chunk of `relora_trainer_eval`; returning false
+/// aborts that call with `RELORA_STATUS_ABORTED` and no update applied. `user_data` is
+/// passed back untouched and must stay valid while the callback is installed.
+///
+/// Errors: `RELORA_STATUS_NULL_PARAMETER` (trainer), `RELORA_STATUS_INVALID_HANDLE`,
+/// `RELORA_STATUS_BUSY`, `RELORA_STATUS_POISONED`.
+#[no_mangle]
+pub unsafe extern "C" fn relora_trainer_set_progress_callback(
+    trainer: *mut relora_trainer,
+    callback: relora_progress_fn,
+    user_data: *mut c_void,
+) -> relora_status {
+    let func = "relora_trainer_set_progress_callback";
+    boundary(func, || {
+        enter(func, trainer, |s| {
+            s.callbacks.set_progress(callback, user_data);
+            Ok(())
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::callbacks::relora_progress_stage;
+    use super::super::train_step::{relora_trainer_apply, relora_trainer_step};
     use super::*;
+    use crate::ffi::guard::FfiResult;
     use crate::ffi::params::{relora_params_free, relora_params_new, relora_params_set};
     use std::ffi::CString;
 
@@ -947,23 +543,6 @@ mod tests {
     }
 
     #[test]
-    fn rows_carry_their_shifted_targets() {
-        let tokens = [1, 2, 3, 4, 5, 6];
-        let rows = unsafe { read_rows(tokens.as_ptr(), 2, 3, 10).unwrap() };
-        let b = batches(&rows, 2);
-        assert_eq!(b.len(), 1);
-        assert_eq!(b[0].inputs, [1, 2, 4, 5]);
-        assert_eq!(b[0].targets, [2, 3, 5, 6]);
-        assert_eq!((b[0].batch, b[0].seq_len), (2, 2));
-        let e = unsafe { read_rows(tokens.as_ptr(), 2, 3, 6).unwrap_err() };
-        assert_eq!(e.status, relora_status::InvalidData);
-        assert!(e.message.contains("row 1, column 2"), "{}", e.message);
-        let neg = [0, -1];
-        let e = unsafe { read_rows(neg.as_ptr(), 1, 2, 6).unwrap_err() };
-        assert_eq!(e.status, relora_status::InvalidData);
-    }
-
-    #[test]
     fn a_panic_poisons_the_trainer_until_it_is_freed() {
         let t = tiny_trainer();
         let st = boundary("test", || {
@@ -973,12 +552,12 @@ mod tests {
         let mut n = 0u64;
         let st = unsafe { relora_trainer_step_count(t, &mut n) };
         assert_eq!(st, relora_status::Poisoned);
-        assert!(crate::ffi::error::last_error().contains("injected fault"));
+        assert!(crate::ffi::last_error::last_error().contains("injected fault"));
         unsafe { relora_trainer_free(t) };
-        assert_eq!(crate::ffi::error::last_error(), "");
+        assert_eq!(crate::ffi::last_error::last_error(), "");
         // The handle is gone: a second free is detected, not performed.
         unsafe { relora_trainer_free(t) };
-        assert!(crate::ffi::error::last_error().contains("not a live relora_trainer"));
+        assert!(crate::ffi::last_error::last_error().contains("not a live relora_trainer"));
     }
 
     #[test]
@@ -1003,7 +582,7 @@ mod tests {
                 relora_status::Ok
             );
             assert_eq!(before.step, 1);
-            let cb = super::super::callbacks::relora_trainer_set_progress_callback;
+            let cb = relora_trainer_set_progress_callback;
             assert_eq!(cb(t, Some(stop), std::ptr::null_mut()), relora_status::Ok);
             let st = relora_trainer_step(t, tokens.as_ptr(), 2, 9, std::ptr::null_mut());
             assert_eq!(st, relora_status::Aborted);

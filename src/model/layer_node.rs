@@ -14,7 +14,7 @@
 //! The node applies where every op of the layer has its fused kernel and no adapter input is
 //! dropped out (dropout masks would have to be saved too); elsewhere the layer runs on the graph.
 
-use super::llama::Layer;
+use super::layer::Layer;
 use crate::ops::attention::{attention_forward, fused_attention_applies, AttentionSaved};
 use crate::ops::lora_linear::{lora_linear_backward, lora_linear_step, StepWeight};
 use crate::ops::mixed_linear::{mixed_linear_backward, mixed_linear_cast};

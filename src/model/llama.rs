@@ -2,31 +2,20 @@
 //! SwiGLU, a final RMSNorm and the language-model head, with Hugging Face tensor names.
 
 use super::attention::Attention;
-use super::init;
+use super::layer::Layer;
 use super::layer_node::{layer_node, layer_node_applies, ParamGrads};
 use super::mlp::Mlp;
 use super::norm::rms_norm;
 use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result, TensorContext};
+use crate::init;
 use crate::profile::region;
 use crate::relora::linear::reborrow;
 use crate::relora::AdaptableLinear;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
-
-/// One decoder block.
-pub struct Layer {
-    /// RMSNorm weight before attention `[hidden]`.
-    pub input_layernorm: Var,
-    /// The attention projections.
-    pub self_attn: Attention,
-    /// RMSNorm weight before the MLP `[hidden]`.
-    pub post_attention_layernorm: Var,
-    /// The MLP projections.
-    pub mlp: Mlp,
-}
 
 /// A LLaMA causal language model whose parameters are candle `Var`s.
 pub struct Llama {

@@ -13,8 +13,8 @@
 //! A `/tmp` on tmpfs would keep the weights in memory after all, only no longer counted as the
 //! process's: the run directory is on the disk that holds the checkpoints anyway.
 
-use crate::checkpoint::files::FileInfo;
 use crate::error::{Error, Result};
+use crate::fs::file_info::FileInfo;
 use crate::tensor_file::dtype::StDType;
 use crate::tensor_file::safetensors::{
     pt_metadata, PlannedTensor, SafetensorsFile, SafetensorsWriter,

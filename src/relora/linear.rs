@@ -2,7 +2,7 @@
 //! frozen while an adapter is attached.
 
 use crate::error::{Result, TensorContext};
-use crate::model::init;
+use crate::init;
 use crate::ops::{frozen_matmul, lora_linear, mixed_linear};
 use crate::rng::Rng;
 use candle_core::{DType, Tensor, Var};

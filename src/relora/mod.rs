@@ -1,8 +1,9 @@
-//! ReLoRA's own pieces: the adaptable projection, the merge math and its phases, the
-//! merge-and-restart cycle, and the base weights kept for the checkpoint.
+//! ReLoRA's own building blocks, below the model that is made of them: the adaptable projection
+//! `W x + s B (A x)`, the merge math and its phases, and the base weights kept for the
+//! checkpoint. The cycle over a whole model (attach, merge, restart) is
+//! [`crate::model::adapters`], driven by the trainer.
 
 pub mod base_weights;
-pub mod cycle;
 pub mod linear;
 pub mod merge;
 

@@ -64,7 +64,7 @@ pub fn attach_random_adapters(model: &mut relora::model::Llama, seed: u64) {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    relora::relora::cycle::attach_adapters(model, &targets, 4, 2.0, &mut Rng::new(seed)).unwrap();
+    relora::model::adapters::attach_adapters(model, &targets, 4, 2.0, &mut Rng::new(seed)).unwrap();
     let mut rng = Rng::new(seed + 1);
     for p in model.projections() {
         let b = &p.adapter.as_ref().unwrap().b;

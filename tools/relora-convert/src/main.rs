@@ -11,14 +11,14 @@ mod synth;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use relora::analysis::inspect::inspect;
+use relora::analysis::spectrum::{histogram_png, spectrum, table, Spectrum};
 use relora::checkpoint::run_dir;
 use relora::config::TrainConfig;
 use relora::export::hf::parse_size;
-use relora::export::import::{import_hf, ImportOptions};
-use relora::export::inspect::inspect;
 use relora::export::peft::write_peft;
-use relora::export::spectrum::{histogram_png, spectrum, table, Spectrum};
 use relora::export::{merge_checkpoint_with, ExportDType, HfExportOptions};
+use relora::import::{import_hf, ImportOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -6,8 +6,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use relora::checkpoint::files::FileInfo;
 use relora::checkpoint::manifest::{Manifest, PhaseEntry, FORMAT, FORMAT_VERSION};
+use relora::checkpoint::source::is_projection;
 use relora::config::{Mode, ModelConfig, TrainConfig};
-use relora::export::source::is_projection;
 use relora::tensor_file::dtype::StDType;
 use relora::tensor_file::safetensors::{
     header_bytes, pt_metadata, PlannedTensor, SafetensorsWriter,

@@ -51,7 +51,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let prompt = tok.encode(&a.prompt)?;
     // Generation uses the model as a plain LLaMA would: current adapters merged in.
     let mut model = trainer.model;
-    relora::relora::cycle::fold_adapters(&mut model)?;
+    relora::model::adapters::fold_adapters(&mut model)?;
     let opts = SampleOptions {
         max_new_tokens: a.max_tokens,
         temperature: a.temperature,

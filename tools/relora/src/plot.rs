@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use relora::export::curves::{line_chart_png, ChartText, Curve};
+use relora::plots::curves::{line_chart_png, ChartText, Curve};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `relora plot`.

@@ -8,9 +8,9 @@
 //! f64), so values below about 1e-8 of the largest are at the level of rounding and mean zero.
 
 use super::linalg::symmetric_eigenvalues;
-use super::png::{tick_label, Canvas, CHAR_H, CHAR_W, PALETTE};
-use super::source::{is_projection, CheckpointSource};
+use crate::checkpoint::source::{is_projection, CheckpointSource};
 use crate::error::{Error, Result, TensorContext};
+use crate::plots::png::{tick_label, Canvas, CHAR_H, CHAR_W, PALETTE};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::fmt::Write as _;

@@ -2,10 +2,10 @@
 //! (size and CRC-32, hashed through memory-mapped windows), every header checked against the
 //! model's shape, and then tensors produced one at a time: a stored tensor is mapped straight from
 //! its file, an adapted projection is rebuilt as `W_base + sum_k s_k B_k A_k` with the rounding of
-//! [`merge_delta`](super::merge_delta), the trainer's own merge, so the result is bit-identical to
+//! [`merge_delta`](crate::relora::merge_delta), the trainer's own merge, so the result is bit-identical to
 //! the trainer's weights.
 
-use crate::checkpoint::manifest::{Manifest, PhaseEntry};
+use super::manifest::{Manifest, PhaseEntry, MANIFEST_FILE};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::relora::merge::{merge_product, merge_steps};
@@ -20,8 +20,7 @@ use std::path::{Path, PathBuf};
 pub fn verify_file(dir: &Path, m: &Manifest, rel: &str) -> Result<PathBuf> {
     let info = m.file(dir, rel)?;
     let path = dir.join(rel);
-    let (f, len) =
-        crate::fs::read::open_regular(&path).map_err(crate::checkpoint::files::damaged)?;
+    let (f, len) = crate::fs::read::open_regular(&path).map_err(super::files::damaged)?;
     if len != info.bytes {
         return Err(Error::checkpoint(
             &path,
@@ -89,7 +88,7 @@ impl CheckpointSource {
         for (i, p) in m.phases.iter().enumerate() {
             if p.index != i + 1 {
                 return Err(Error::checkpoint(
-                    dir.join(crate::checkpoint::manifest::MANIFEST_FILE),
+                    dir.join(MANIFEST_FILE),
                     format!(
                         "the phase sequence has a gap: expected phase {}, found phase {} ({})",
                         i + 1,
@@ -367,7 +366,7 @@ impl CheckpointSource {
     /// A projection's weight after the first `upto` phases, plus the current adapter when
     /// `current`: the products `B_k A_k` are computed first, then the base is read straight from
     /// its mapped file and every scaled product added in one pass, element by element in the
-    /// trainer's order with the trainer's rounding, so the result is bit-identical to applying [`merge_delta`](super::merge_delta) once per phase.
+    /// trainer's order with the trainer's rounding, so the result is bit-identical to applying [`merge_delta`](crate::relora::merge_delta) once per phase.
     pub fn merged_projection(&self, module: &str, upto: usize, current: bool) -> Result<Tensor> {
         let mut steps = Vec::with_capacity(upto + 1);
         for p in self.phases.iter().take(upto) {
@@ -446,8 +445,8 @@ pub fn is_projection(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::load::tests::{saved_checkpoint, write_edited};
     use super::*;
-    use crate::checkpoint::load::tests::{saved_checkpoint, write_edited};
 
     #[test]
     fn a_model_bigger_than_the_stored_weights_is_refused_before_listing_its_tensors() {

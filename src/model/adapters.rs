@@ -1,10 +1,11 @@
-//! The ReLoRA cycle on a model: attach adapters to the target projections at the switch from
-//! full rank, and at each reset merge `W += s B A` (fp32, via [`super::merge::merge_delta`]) and
-//! re-initialise A (Kaiming-uniform) and B (zero).
+//! The ReLoRA cycle on a whole model: attach adapters to the target projections at the switch
+//! from full rank, and at each reset merge `W += s B A` (fp32, via
+//! [`crate::relora::merge_delta`]) and re-initialise A (Kaiming-uniform) and B (zero). The
+//! trainer decides when; this is what happens to every projection.
 
-use super::merge::{merge_delta, Phase, PhaseAdapter};
+use super::Llama;
 use crate::error::{Result, TensorContext};
-use crate::model::Llama;
+use crate::relora::merge::{merge_delta, Phase, PhaseAdapter};
 use crate::rng::Rng;
 
 /// The module's short name (`q_proj`) from its path (`model.layers.0.self_attn.q_proj`).

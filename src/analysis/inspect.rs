@@ -2,11 +2,11 @@
 //! manifest and the safetensors headers only (fast on any size), or with every checksum and
 //! shape verified on request.
 
-use super::import::{read_hf_config, HfWeights};
-use super::source::CheckpointSource;
 use crate::checkpoint::manifest::{Manifest, MANIFEST_FILE};
+use crate::checkpoint::source::CheckpointSource;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::import::{read_hf_config, HfWeights};
 use crate::tensor_file::safetensors::SafetensorsFile;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -154,7 +154,7 @@ pub fn inspect(path: &Path, verify: bool) -> Result<Inspection> {
             // every listed file, including those a merge does not read (the optimizer state).
             CheckpointSource::open(path)?;
             for rel in m.files.keys() {
-                super::source::verify_file(path, &m, rel)?;
+                crate::checkpoint::source::verify_file(path, &m, rel)?;
             }
         }
         let mut files = Vec::new();
