@@ -74,7 +74,7 @@ fn keep_freed_memory_pooled(ordinal: usize) -> Result<()> {
 }
 
 /// The canonical string for a device ("cpu" or "cuda:N").
-pub fn device_string(device: &Device) -> String {
+pub(crate) fn device_string(device: &Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cpu => "cpu".into(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),

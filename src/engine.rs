@@ -62,7 +62,7 @@ impl Engine {
     ];
 
     /// The switch named `key`, if it is one.
-    pub fn switch_mut(&mut self, key: &str) -> Option<&mut bool> {
+    pub(crate) fn switch_mut(&mut self, key: &str) -> Option<&mut bool> {
         match key {
             "fused_kernels" => Some(&mut self.fused_kernels),
             "layer_nodes" => Some(&mut self.layer_nodes),

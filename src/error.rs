@@ -141,7 +141,7 @@ fn occupied(found: &str, own: bool) -> String {
 }
 
 /// Adds context to candle results: `x.matmul(&w).ctx("q_proj forward")?`.
-pub trait TensorContext<T> {
+pub(crate) trait TensorContext<T> {
     /// Converts a candle error into [`Error::Tensor`] with the given context.
     fn ctx(self, context: &str) -> Result<T>;
     /// Like [`TensorContext::ctx`], with the context built lazily.

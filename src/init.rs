@@ -39,7 +39,7 @@ pub fn normal(
 
 /// Kaiming-uniform with a = sqrt(5), PyTorch's `nn.Linear` default and LoRA's A init:
 /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for a `[out, fan_in]` matrix.
-pub fn kaiming_uniform(
+pub(crate) fn kaiming_uniform(
     shape: &[usize],
     dtype: DType,
     device: &Device,

@@ -5,66 +5,56 @@
 //! every attention and MLP projection that are merged into the frozen weights and restarted every
 //! `reset_every` steps, with a partial optimizer reset and a jagged cosine learning rate.
 //!
-//! The pieces, one concept per module: [`config`], [`model`], [`relora`] (the adapter layer and the
-//! merge cycle), [`optim`] (AdamW with reachable state), [`schedule`], [`data`], [`trainer`],
-//! [`checkpoint`] and [`export`] (the merge math shared with the converter and the C API).
+//! ## The floors, from the ground up
+//!
+//! Each module imports only from floors below its own:
+//!
+//! 1. [`error`], [`rng`], [`engine`] (a trainer's engine choices);
+//! 2. [`ops`] (fused kernels with their own backward), [`fs`] (regular-file reads, outputs that
+//!    replace only relora's own), [`schedule`], [`train_state`] (counters, RNG streams, step
+//!    statistics, the gradient-reducer hook), [`init`], [`device`], [`profile`];
+//! 3. [`optim`] (AdamW with reachable state), [`data`], [`tensor_file`] (safetensors and
+//!    dtypes), [`distributed`], [`plots`];
+//! 4. [`config`], [`relora`] (the adaptable projection, the merge and its phases, the base
+//!    weights);
+//! 5. [`model`] (the LLaMA decoder and its adapter cycle);
+//! 6. [`trainer`], [`sample`];
+//! 7. [`checkpoint`] (save, load, run directories, the streaming source);
+//! 8. [`run`] (a training run as the command line drives it), [`export`] (Hugging Face and PEFT
+//!    directories);
+//! 9. [`import`] (Hugging Face into a checkpoint), [`ffi`] (the C ABI: nothing depends on it);
+//! 10. [`analysis`] (inspect, spectrum).
+//!
+//! The core (model, relora, optim, trainer, checkpoint) imports none of export, import,
+//! analysis or plots.
 
 #![warn(missing_docs)]
 
-// `cbindgen:ignore` keeps cbindgen to src/ffi/ when it parses the whole crate (as the
-// before-stop hook does); the test generates from src/ffi/mod.rs directly. Both give the
-// committed header.
-
-/// cbindgen:ignore
 pub mod analysis;
-/// cbindgen:ignore
 pub mod checkpoint;
-/// cbindgen:ignore
 pub mod config;
-/// cbindgen:ignore
 pub mod data;
-/// cbindgen:ignore
 pub mod device;
-/// cbindgen:ignore
 pub mod distributed;
-/// cbindgen:ignore
 pub mod engine;
-/// cbindgen:ignore
 pub mod error;
-/// cbindgen:ignore
 pub mod export;
 pub mod ffi;
-/// cbindgen:ignore
 pub mod fs;
-/// cbindgen:ignore
 pub mod import;
-/// cbindgen:ignore
 pub mod init;
-/// cbindgen:ignore
 pub mod model;
-/// cbindgen:ignore
 pub mod ops;
-/// cbindgen:ignore
 pub mod optim;
-/// cbindgen:ignore
 pub mod plots;
-/// cbindgen:ignore
 pub mod profile;
-/// cbindgen:ignore
 pub mod relora;
-/// cbindgen:ignore
 pub mod rng;
-/// cbindgen:ignore
 pub mod run;
-/// cbindgen:ignore
 pub mod sample;
-/// cbindgen:ignore
 pub mod schedule;
-/// cbindgen:ignore
 pub mod tensor_file;
-/// cbindgen:ignore
 pub mod train_state;
-/// cbindgen:ignore
 pub mod trainer;
 
 pub use config::{Mode, ModelConfig, TrainConfig};

@@ -44,7 +44,7 @@ pub fn set_profiling(on: bool) {
 }
 
 /// Whether profiling is on.
-pub fn profiling() -> bool {
+pub(crate) fn profiling() -> bool {
     ON.load(Ordering::Relaxed)
 }
 

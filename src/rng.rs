@@ -28,7 +28,7 @@ impl Rng {
 
     /// A generator for a named sub-stream of `seed`, so that e.g. data order and adapter init do
     /// not shift each other when one of them draws more numbers.
-    pub fn derived(seed: u64, stream: &str) -> Self {
+    pub(crate) fn derived(seed: u64, stream: &str) -> Self {
         // FNV-1a of the stream name, mixed into the seed.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in stream.bytes() {
@@ -39,7 +39,7 @@ impl Rng {
     }
 
     /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
         let t = self.s[1] << 17;
         self.s[2] ^= self.s[0];
@@ -52,7 +52,7 @@ impl Rng {
     }
 
     /// Uniform in `[0, 1)` with 53 bits of precision.
-    pub fn next_f64(&mut self) -> f64 {
+    pub(crate) fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 

@@ -224,11 +224,6 @@ impl TrainRun {
         &self.opts
     }
 
-    /// Whether held-out data was given.
-    pub fn has_eval(&self) -> bool {
-        !self.eval.is_empty()
-    }
-
     /// This rank's micro-batches of the next step; the batcher advances past the whole step.
     fn next_step_batches(&mut self) -> Vec<Batch> {
         let shard = self.shard();
@@ -393,7 +388,7 @@ impl TrainRun {
 }
 
 /// The run directory's log of steps.
-pub const METRICS_FILE: &str = "metrics.jsonl";
+pub(crate) const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Removes the run directory's `metrics.jsonl` before a fresh run, if it is relora's log: a
 /// regular file whose every complete line is a JSON object with a `step`. Anything else under

@@ -110,7 +110,7 @@ impl Schedule {
     ///
     /// This is pure arithmetic on the cycle; it does not look at `total_steps`, since a step at
     /// or beyond the end is never taken anyway.
-    pub fn is_reset_step(&self, step: u64) -> bool {
+    pub(crate) fn is_reset_step(&self, step: u64) -> bool {
         match &self.cycle {
             Some(c) if c.reset_every > 0 && step >= c.first_reset => {
                 (step - c.first_reset) % c.reset_every == 0
@@ -122,7 +122,7 @@ impl Schedule {
     /// The cosine envelope at `step`: `m + (1 - m) * (1 + cos(pi * (t - W) / (N - W))) / 2`
     /// with `t` clamped to `N`. It is 1.0 at `W`, `(1 + m) / 2` halfway and `m` from `N` on.
     /// Steps inside the initial warmup return 1.0, the peak the warmup climbs to.
-    pub fn envelope(&self, step: u64) -> f64 {
+    pub(crate) fn envelope(&self, step: u64) -> f64 {
         let w = self.warmup_steps;
         let n = self.total_steps;
         let m = self.min_lr_ratio;

@@ -72,7 +72,7 @@ impl Trainer {
 
     /// Assembles a trainer from restored parts (used by checkpoint loading), checking the
     /// options against the model.
-    pub fn from_parts(
+    pub(crate) fn from_parts(
         model: Llama,
         config: TrainConfig,
         counters: TrainerCounters,
@@ -134,7 +134,7 @@ impl Trainer {
     }
 
     /// Mutable optimizer access (restoring state, inspection tools).
-    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+    pub(crate) fn optimizer_mut(&mut self) -> &mut AdamW {
         &mut self.optimizer
     }
 
@@ -159,7 +159,7 @@ impl Trainer {
     }
 
     /// Restores the ReLoRA history (checkpoint loading): the base weights and completed phases.
-    pub fn restore_history(&mut self, base: Option<BaseWeights>, phases: Vec<Phase>) {
+    pub(crate) fn restore_history(&mut self, base: Option<BaseWeights>, phases: Vec<Phase>) {
         self.base = base;
         self.phases = phases;
     }
@@ -177,7 +177,7 @@ impl Trainer {
 
     /// Drops a half-built step (after `accumulate`, before `apply`): nothing is applied; a switch
     /// or merge already performed for this step stays done and is not repeated.
-    pub fn discard_pending(&mut self) {
+    pub(crate) fn discard_pending(&mut self) {
         self.pending = None;
     }
 
@@ -559,16 +559,6 @@ impl Trainer {
     #[doc(hidden)]
     pub fn inject_nonfinite_loss_at(&mut self, step: u64) {
         self.fault_nonfinite_at = Some(step);
-    }
-
-    /// Restores counters (checkpoint loading).
-    pub fn set_counters(&mut self, counters: TrainerCounters) {
-        self.counters = counters;
-    }
-
-    /// Restores the random streams (checkpoint loading).
-    pub fn set_rngs(&mut self, rngs: TrainerRngs) {
-        self.rngs = rngs;
     }
 }
 

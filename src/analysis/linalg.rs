@@ -74,7 +74,7 @@ fn count_below(diag: &[f64], off2: &[f64], x: f64, tiny: f64) -> usize {
 }
 
 /// Eigenvalues of the symmetric `n x n` row-major matrix `a` (consumed), ascending.
-pub fn symmetric_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
+pub(crate) fn symmetric_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
     assert_eq!(a.len(), n * n, "matrix must be n x n");
     if n == 0 {
         return Vec::new();

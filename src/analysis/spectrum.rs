@@ -17,9 +17,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// Singular values at or below this fraction of the largest count as zero in ranks.
-pub const RANK_TOLERANCE: f64 = 1e-2;
+pub(crate) const RANK_TOLERANCE: f64 = 1e-2;
 /// The paper's threshold for "small" singular values of an update.
-pub const SMALL_SIGMA: f64 = 0.1;
+pub(crate) const SMALL_SIGMA: f64 = 0.1;
 
 /// One projection's update spectrum.
 #[derive(Clone, Debug, Serialize)]
@@ -63,7 +63,7 @@ pub struct Spectrum {
 
 /// Singular values of a matrix `[m, n]`, descending, via the eigenvalues of its smaller Gram
 /// matrix in f64.
-pub fn singular_values(d: &Tensor) -> Result<Vec<f64>> {
+pub(crate) fn singular_values(d: &Tensor) -> Result<Vec<f64>> {
     let ctx = || "singular values".to_string();
     let d = d.to_dtype(DType::F64).with_ctx(ctx)?;
     let (m, n) = d.dims2().with_ctx(ctx)?;

@@ -9,7 +9,7 @@ use std::path::Path;
 pub use crate::fs::file_info::FileInfo;
 
 /// Writes `bytes` to `path`, flushes it to disk, and returns its size and checksum.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<FileInfo> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<FileInfo> {
     crate::fs::output::write_synced(path, bytes)?;
     Ok(FileInfo {
         bytes: bytes.len() as u64,
@@ -33,7 +33,7 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
 }
 
 /// Writes named tensors to `path` as safetensors, synced.
-pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<FileInfo> {
+pub(crate) fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<FileInfo> {
     write_synced(path, &safetensors_bytes(tensors)?)
 }
 
@@ -61,7 +61,7 @@ pub fn damaged(e: Error) -> Error {
 
 /// Reads a checkpoint file, checking its length and checksum against the manifest. Only a
 /// regular file is read, and no more than the manifest's length of it.
-pub fn read_verified(path: &Path, expect: &FileInfo) -> Result<Vec<u8>> {
+pub(crate) fn read_verified(path: &Path, expect: &FileInfo) -> Result<Vec<u8>> {
     let (file, len) = crate::fs::read::open_regular(path).map_err(damaged)?;
     if len != expect.bytes {
         return Err(Error::checkpoint(
@@ -97,7 +97,7 @@ pub fn read_verified(path: &Path, expect: &FileInfo) -> Result<Vec<u8>> {
 }
 
 /// Parses safetensors bytes into tensors on `device`; a malformed file is a checkpoint error.
-pub fn parse_tensors(
+pub(crate) fn parse_tensors(
     path: &Path,
     bytes: &[u8],
     device: &Device,

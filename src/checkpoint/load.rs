@@ -31,7 +31,7 @@ fn read_file(
 }
 
 /// Reads the completed phases listed in the manifest.
-pub fn read_phases(dir: &Path, m: &Manifest, device: &Device) -> Result<Vec<Phase>> {
+pub(crate) fn read_phases(dir: &Path, m: &Manifest, device: &Device) -> Result<Vec<Phase>> {
     let mut phases = Vec::with_capacity(m.phases.len());
     for (i, entry) in m.phases.iter().enumerate() {
         if entry.index != i + 1 {
@@ -101,7 +101,7 @@ fn module_order(module: &str) -> (usize, usize) {
 }
 
 /// Reads the base weights (projection weights at the switch to adapters), if present.
-pub fn read_base(
+pub(crate) fn read_base(
     dir: &Path,
     m: &Manifest,
     device: &Device,

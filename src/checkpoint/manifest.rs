@@ -14,12 +14,12 @@ pub const FORMAT: &str = "relora-checkpoint";
 /// checkpoints (no checksum of the manifest itself) are still read.
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest manifest layout this build reads.
-pub const OLDEST_READABLE_VERSION: u32 = 1;
+pub(crate) const OLDEST_READABLE_VERSION: u32 = 1;
 /// The manifest's file name inside a checkpoint directory.
-pub const MANIFEST_FILE: &str = "manifest.json";
+pub(crate) const MANIFEST_FILE: &str = "manifest.json";
 /// The CRC-32 of the manifest's bytes, as 8 hex digits. The manifest checks every other file; this
 /// checks the manifest, so that a flipped digit (a scale, a step, a checksum) is caught too.
-pub const MANIFEST_CHECKSUM_FILE: &str = "manifest.json.crc32";
+pub(crate) const MANIFEST_CHECKSUM_FILE: &str = "manifest.json.crc32";
 
 /// One completed ReLoRA phase as listed in the manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -217,7 +217,7 @@ impl Manifest {
     /// plus base) at `elem_bytes` per parameter of type `dtype` (named in the error). A coarse bound, half the need, so that absurd
     /// claims fail before anything is allocated for the model; the per-tensor checks that follow
     /// are exact and name the tensor (e.g. one stored in a narrower dtype).
-    pub fn check_weights_fit(
+    pub(crate) fn check_weights_fit(
         &self,
         dir: &Path,
         stored: u64,

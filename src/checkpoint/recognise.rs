@@ -19,7 +19,7 @@ pub const CHECKPOINT: OutputKind = OutputKind {
 };
 
 /// What a killed save or prune leaves of a checkpoint (`.step-N.tmp-PID` and the like).
-pub const UNFINISHED_CHECKPOINT: OutputKind = OutputKind {
+pub(crate) const UNFINISHED_CHECKPOINT: OutputKind = OutputKind {
     noun: "unfinished checkpoint",
     dir: true,
     recognise: Recognise::Custom(unfinished),
@@ -33,7 +33,9 @@ fn complete(dir: &Path) -> Result<Claim, String> {
     let path = dir.join(MANIFEST_FILE);
     let bytes =
         crate::fs::read::read_limited(&path, crate::fs::read::JSON_LIMIT).map_err(|e| match e {
-            crate::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            crate::error::Error::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 format!("no {MANIFEST_FILE}, so not a relora checkpoint")
             }
             e => format!("its {MANIFEST_FILE} cannot be read ({e})"),

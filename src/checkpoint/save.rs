@@ -38,7 +38,7 @@ pub fn save(trainer: &Trainer, dir: &Path, extra: &SaveExtra) -> Result<()> {
 /// A failure injected into a save after some of its files, for tests of atomicity.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug)]
-pub enum SaveFault {
+pub(crate) enum SaveFault {
     /// The next file's write fails with an I/O error.
     FailAfter(usize),
     /// The process kills itself with SIGKILL (as `kill -9` would) before the next file.
@@ -63,7 +63,7 @@ pub fn save_with_fault(
 
 /// [`save`] with an optional injected fault.
 #[doc(hidden)]
-pub fn save_with(
+pub(crate) fn save_with(
     trainer: &Trainer,
     dir: &Path,
     extra: &SaveExtra,

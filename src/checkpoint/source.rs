@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 /// Checks a file of the checkpoint against the manifest's size and CRC-32, hashing it through
 /// memory-mapped windows so memory stays small whatever its size and no copy is made.
-pub fn verify_file(dir: &Path, m: &Manifest, rel: &str) -> Result<PathBuf> {
+pub(crate) fn verify_file(dir: &Path, m: &Manifest, rel: &str) -> Result<PathBuf> {
     let info = m.file(dir, rel)?;
     let path = dir.join(rel);
     let (f, len) = crate::fs::read::open_regular(&path).map_err(super::files::damaged)?;
@@ -62,7 +62,7 @@ struct PhaseFile {
 }
 
 /// A validated checkpoint from which tensors are produced one at a time.
-pub struct CheckpointSource {
+pub(crate) struct CheckpointSource {
     dir: PathBuf,
     manifest: Manifest,
     params: SafetensorsFile,
@@ -83,7 +83,7 @@ impl CheckpointSource {
 
     /// Like [`CheckpointSource::open`]; `verify = false` skips the checksum pass (headers and
     /// shapes are still checked), for quick inspection.
-    pub fn open_with(dir: &Path, verify: bool) -> Result<Self> {
+    pub(crate) fn open_with(dir: &Path, verify: bool) -> Result<Self> {
         let m = Manifest::read(dir)?;
         for (i, p) in m.phases.iter().enumerate() {
             if p.index != i + 1 {
@@ -290,11 +290,6 @@ impl CheckpointSource {
         Ok(())
     }
 
-    /// The checkpoint directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
@@ -305,18 +300,13 @@ impl CheckpointSource {
         &self.manifest.model
     }
 
-    /// The stored parameter dtype.
-    pub fn dtype(&self) -> StDType {
-        self.dtype
-    }
-
     /// The model's tensors (names and shapes) in model order.
     pub fn expected(&self) -> &[(String, Vec<usize>)] {
         &self.expected
     }
 
     /// The projections that carry adapters (module paths), in model order; empty before the switch.
-    pub fn adapted_modules(&self) -> &[String] {
+    pub(crate) fn adapted_modules(&self) -> &[String] {
         &self.modules
     }
 
@@ -326,20 +316,12 @@ impl CheckpointSource {
     }
 
     /// Number of completed phases.
-    pub fn phase_count(&self) -> usize {
+    pub(crate) fn phase_count(&self) -> usize {
         self.phases.len()
     }
 
-    /// `(index, step)` of each completed phase.
-    pub fn phase_steps(&self) -> Vec<(usize, u64)> {
-        self.phases
-            .iter()
-            .map(|p| (p.entry.index, p.entry.step))
-            .collect()
-    }
-
     /// Whether `{module}.weight` is an adapted projection's weight.
-    pub fn is_adapted(&self, weight_name: &str) -> bool {
+    pub(crate) fn is_adapted(&self, weight_name: &str) -> bool {
         weight_name
             .strip_suffix(".weight")
             .is_some_and(|m| self.modules.iter().any(|x| x == m))
@@ -352,14 +334,14 @@ impl CheckpointSource {
     }
 
     /// The file of base weights (adapted projections as of the switch to adapters).
-    pub fn base_file(&self) -> Result<&SafetensorsFile> {
+    pub(crate) fn base_file(&self) -> Result<&SafetensorsFile> {
         self.base.as_ref().ok_or_else(|| {
             Error::checkpoint(&self.dir, "no base weights: adapters were never attached")
         })
     }
 
     /// An adapted projection's base weight (as of the switch to adapters).
-    pub fn base_weight(&self, module: &str) -> Result<Tensor> {
+    pub(crate) fn base_weight(&self, module: &str) -> Result<Tensor> {
         self.base_file()?.tensor(&format!("{module}.weight"))
     }
 
@@ -367,7 +349,12 @@ impl CheckpointSource {
     /// `current`: the products `B_k A_k` are computed first, then the base is read straight from
     /// its mapped file and every scaled product added in one pass, element by element in the
     /// trainer's order with the trainer's rounding, so the result is bit-identical to applying [`merge_delta`](crate::relora::merge_delta) once per phase.
-    pub fn merged_projection(&self, module: &str, upto: usize, current: bool) -> Result<Tensor> {
+    pub(crate) fn merged_projection(
+        &self,
+        module: &str,
+        upto: usize,
+        current: bool,
+    ) -> Result<Tensor> {
         let mut steps = Vec::with_capacity(upto + 1);
         for p in self.phases.iter().take(upto) {
             let a = p.file.tensor(&format!("{module}.lora_A"))?;
@@ -389,7 +376,7 @@ impl CheckpointSource {
     }
 
     /// The current (unmerged) adapter of `module`: `(A [r, in], B [out, r])`.
-    pub fn current_adapter(&self, module: &str) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn current_adapter(&self, module: &str) -> Result<(Tensor, Tensor)> {
         let f = self
             .adapters
             .as_ref()
@@ -401,7 +388,7 @@ impl CheckpointSource {
     }
 
     /// The file of current adapters (`{module}.lora_A` / `.lora_B`).
-    pub fn current_adapter_file(&self) -> Result<&SafetensorsFile> {
+    pub(crate) fn current_adapter_file(&self) -> Result<&SafetensorsFile> {
         self.adapters
             .as_ref()
             .ok_or_else(|| Error::checkpoint(&self.dir, "no adapters are attached"))
@@ -420,7 +407,7 @@ impl CheckpointSource {
 
     /// Checks a requested `--upto-phase` and turns it into (phases to apply, include the current
     /// adapter): `None` means everything, current adapter included; `Some(n)` the first n phases.
-    pub fn resolve_upto(&self, upto: Option<usize>) -> Result<(usize, bool)> {
+    pub(crate) fn resolve_upto(&self, upto: Option<usize>) -> Result<(usize, bool)> {
         match upto {
             None => Ok((self.phases.len(), self.has_adapters())),
             Some(n) if n <= self.phases.len() => Ok((n, false)),

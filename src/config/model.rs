@@ -201,7 +201,7 @@ impl ModelConfig {
     }
 
     /// Total parameter count (without adapters), or `None` when it overflows a `usize`.
-    pub fn checked_num_parameters(&self) -> Option<usize> {
+    pub(crate) fn checked_num_parameters(&self) -> Option<usize> {
         let h = self.hidden_size;
         let kvd = self.kv_heads().checked_mul(self.head_dim())?;
         let per_layer = h
@@ -221,7 +221,7 @@ impl ModelConfig {
     /// Bytes the weights take at `elem_bytes` per parameter (saturating). A model read from a
     /// checkpoint must fit in the files that store it; callers compare this with their sizes
     /// before allocating anything for the model.
-    pub fn weight_bytes(&self, elem_bytes: usize) -> u64 {
+    pub(crate) fn weight_bytes(&self, elem_bytes: usize) -> u64 {
         (self.num_parameters() as u64).saturating_mul(elem_bytes as u64)
     }
 

@@ -163,12 +163,12 @@ impl TrainConfig {
     }
 
     /// Whether adapters are ever attached in this mode.
-    pub fn uses_adapters(&self) -> bool {
+    pub(crate) fn uses_adapters(&self) -> bool {
         self.mode != Mode::Full
     }
 
     /// The parameter dtype.
-    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
+    pub(crate) fn candle_dtype(&self) -> Result<candle_core::DType> {
         match self.dtype.as_str() {
             "f32" => Ok(candle_core::DType::F32),
             "f64" => Ok(candle_core::DType::F64),
@@ -179,7 +179,7 @@ impl TrainConfig {
     }
 
     /// The matmul dtype under mixed precision (`None`: the parameter dtype).
-    pub fn candle_compute_dtype(&self) -> Result<Option<candle_core::DType>> {
+    pub(crate) fn candle_compute_dtype(&self) -> Result<Option<candle_core::DType>> {
         match self.compute_dtype.as_str() {
             "" => Ok(None),
             "f32" | "f64" if self.compute_dtype == self.dtype => Ok(None),
@@ -383,7 +383,7 @@ impl TrainConfig {
     /// Checks these options against the model they train, after each on its own: the sequence
     /// fits the rotary table, and the adapters' rank does not exceed the smaller dimension of
     /// any projection they attach to (a wider adapter only costs memory and time).
-    pub fn validate_for(&self, model: &ModelConfig) -> Result<()> {
+    pub(crate) fn validate_for(&self, model: &ModelConfig) -> Result<()> {
         model.validate()?;
         self.validate()?;
         if self.seq_len > model.max_position_embeddings {

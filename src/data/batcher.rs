@@ -108,19 +108,10 @@ impl Batcher {
         self.seq_len
     }
 
-    /// Number of completed passes over the data.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
     /// Number of windows in one epoch.
-    pub fn windows_per_epoch(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn windows_per_epoch(&self) -> usize {
         self.order.len()
-    }
-
-    /// Total number of tokens the batcher draws from.
-    pub fn num_tokens(&self) -> usize {
-        self.tokens.len()
     }
 
     /// The next batch. When the data holds fewer windows than `batch`, a batch spans epochs and
@@ -152,7 +143,7 @@ impl Batcher {
 
     /// Advances past the next batch without building it, exactly as [`Batcher::next_batch`]
     /// would (a data-parallel rank skipping the micro-batches of the other ranks).
-    pub fn skip_batch(&mut self) {
+    pub(crate) fn skip_batch(&mut self) {
         for _ in 0..self.batch {
             self.cursor += 1;
             if self.cursor == self.order.len() {
@@ -173,7 +164,7 @@ impl Batcher {
     /// Continues from a position saved by [`Batcher::state`]. The batcher must have been built
     /// over the same tokens and `seq_len`; a cursor beyond this data's window count is rejected
     /// because it proves the data differ.
-    pub fn restore(&mut self, state: BatcherState) -> Result<()> {
+    pub(crate) fn restore(&mut self, state: BatcherState) -> Result<()> {
         let windows = self.order.len();
         let cursor = usize::try_from(state.cursor)
             .ok()
@@ -314,7 +305,7 @@ mod tests {
         let mut batcher = Batcher::new(ramp(101), 5, 10, 9).unwrap();
         assert_eq!(batcher.windows_per_epoch(), 10);
         for epoch in 0..3u64 {
-            assert_eq!(batcher.epoch(), epoch);
+            assert_eq!(batcher.epoch, epoch);
             let mut seen = BTreeSet::new();
             for _ in 0..2 {
                 for s in row_starts(&batcher.next_batch()) {
@@ -324,7 +315,7 @@ mod tests {
             let expected: BTreeSet<usize> = (0..10).map(|w| w * 10).collect();
             assert_eq!(seen, expected);
         }
-        assert_eq!(batcher.epoch(), 3);
+        assert_eq!(batcher.epoch, 3);
     }
 
     #[test]
@@ -360,11 +351,11 @@ mod tests {
         let mut resumed = Batcher::new(data, 4, 10, 1).unwrap();
         resumed.restore(loaded).unwrap();
         assert_eq!(resumed.state(), saved);
-        let start_epoch = reference.epoch();
+        let start_epoch = reference.epoch;
         for _ in 0..12 {
             assert_eq!(resumed.next_batch(), reference.next_batch());
         }
-        assert!(reference.epoch() >= start_epoch + 2);
+        assert!(reference.epoch >= start_epoch + 2);
         assert_eq!(resumed.state(), reference.state());
     }
 
@@ -396,7 +387,7 @@ mod tests {
         let b = batcher.next_batch();
         assert_eq!(b.batch, 5);
         assert!(row_starts(&b).iter().all(|s| *s == 0 || *s == 10));
-        assert_eq!(batcher.epoch(), 2);
+        assert_eq!(batcher.epoch, 2);
     }
 
     #[test]

@@ -15,9 +15,9 @@ pub const BUILTIN_TRAIN_SEED: u64 = 0x7265_6c6f_7261_0001;
 /// Seed of the built-in evaluation text: same grammar, different sentences.
 pub const BUILTIN_EVAL_SEED: u64 = 0x7265_6c6f_7261_0002;
 /// Target size in bytes of [`builtin_train_text`].
-pub const BUILTIN_TRAIN_BYTES: usize = 400_000;
+pub(crate) const BUILTIN_TRAIN_BYTES: usize = 400_000;
 /// Target size in bytes of [`builtin_eval_text`].
-pub const BUILTIN_EVAL_BYTES: usize = 40_000;
+pub(crate) const BUILTIN_EVAL_BYTES: usize = 40_000;
 
 /// The built-in training text (about [`BUILTIN_TRAIN_BYTES`] bytes).
 pub fn builtin_train_text() -> String {

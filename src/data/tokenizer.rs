@@ -19,20 +19,20 @@ use tiktoken_rs::CoreBPE;
 use crate::error::{Error, Result};
 
 /// Id of the beginning-of-sequence marker in the byte tokenizer (one past the last byte value).
-pub const BYTE_BOS_ID: u32 = 256;
+pub(crate) const BYTE_BOS_ID: u32 = 256;
 /// Id of the end-of-sequence marker in the byte tokenizer.
-pub const BYTE_EOS_ID: u32 = 257;
+pub(crate) const BYTE_EOS_ID: u32 = 257;
 /// Vocabulary size of the byte tokenizer: 256 byte values plus BOS and EOS.
-pub const BYTE_VOCAB_SIZE: usize = 258;
+pub(crate) const BYTE_VOCAB_SIZE: usize = 258;
 /// Vocabulary size of the GPT-2 tokenizer (50000 merges + 256 bytes + `<|endoftext|>`).
-pub const GPT2_VOCAB_SIZE: usize = 50257;
+pub(crate) const GPT2_VOCAB_SIZE: usize = 50257;
 /// Id of `<|endoftext|>` in the GPT-2 tokenizer; GPT-2 uses it as both BOS and EOS.
-pub const GPT2_EOT_ID: u32 = 50256;
+pub(crate) const GPT2_EOT_ID: u32 = 50256;
 
 /// The spec string that selects the byte tokenizer.
-pub const BYTES_SPEC: &str = "bytes";
+pub(crate) const BYTES_SPEC: &str = "bytes";
 /// The spec string that selects the GPT-2 tokenizer.
-pub const GPT2_SPEC: &str = "gpt2";
+pub(crate) const GPT2_SPEC: &str = "gpt2";
 
 /// Special-token spellings tried, in order, when looking for BOS / EOS in a Hugging Face
 /// tokenizer, because `tokenizer.json` has no field that names them.

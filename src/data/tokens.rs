@@ -9,9 +9,9 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 
 /// Spec string of the built-in training corpus.
-pub const BUILTIN_TRAIN_SPEC: &str = "builtin";
+pub(crate) const BUILTIN_TRAIN_SPEC: &str = "builtin";
 /// Spec string of the built-in evaluation corpus.
-pub const BUILTIN_EVAL_SPEC: &str = "builtin-eval";
+pub(crate) const BUILTIN_EVAL_SPEC: &str = "builtin-eval";
 
 /// Text is tokenised in pieces of about this many bytes so that the tokenizer's intermediate
 /// structures (which can be many times the text size) stay bounded on large files.

@@ -26,7 +26,7 @@ pub struct ReduceStats {
 
 /// Groups consecutive parameters of `lens` elements into buckets of at most `cap` elements; a
 /// parameter larger than `cap` gets a bucket of its own. Returns the parameter index ranges.
-pub fn plan_buckets(lens: &[usize], cap: usize) -> Vec<Range<usize>> {
+pub(crate) fn plan_buckets(lens: &[usize], cap: usize) -> Vec<Range<usize>> {
     let cap = cap.max(1);
     let mut out = Vec::new();
     let mut start = 0;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Bytes of the id (NCCL's `ncclUniqueId`).
-pub const ID_BYTES: usize = 128;
+pub(crate) const ID_BYTES: usize = 128;
 
 /// Rank 0: writes `id` under a temporary name and renames it to `path`; an existing `path` is
 /// an error.

@@ -75,20 +75,12 @@ pub struct RankInfo {
 }
 
 impl RankInfo {
-    /// The info of a single-process run.
-    pub const SINGLE: RankInfo = RankInfo { rank: 0, world: 1 };
-
     /// The info of `comm`'s process.
     pub fn of(comm: &dyn Communicator) -> RankInfo {
         RankInfo {
             rank: comm.rank(),
             world: comm.world(),
         }
-    }
-
-    /// Whether this rank writes checkpoints, metrics and exports (rank 0).
-    pub fn is_writer(&self) -> bool {
-        self.rank == 0
     }
 }
 

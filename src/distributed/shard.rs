@@ -25,12 +25,12 @@ impl Shard {
     }
 
     /// Micro-batches all ranks together draw per step when each runs `grad_accum`.
-    pub fn global_micro_batches(&self, grad_accum: usize) -> usize {
+    pub(crate) fn global_micro_batches(&self, grad_accum: usize) -> usize {
         grad_accum * self.world
     }
 
     /// Whether the step's micro-batch number `index` (0-based, over all ranks) is this rank's.
-    pub fn owns(&self, index: usize) -> bool {
+    pub(crate) fn owns(&self, index: usize) -> bool {
         index % self.world == self.rank
     }
 }

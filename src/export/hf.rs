@@ -57,7 +57,7 @@ pub(crate) enum Payload<'a> {
 pub(crate) type Producer<'p, 'a> = dyn FnMut(&str) -> Result<Payload<'a>> + 'p;
 
 /// Name of the file holding shard `i` (0-based) of `n`.
-pub fn shard_name(i: usize, n: usize) -> String {
+pub(crate) fn shard_name(i: usize, n: usize) -> String {
     format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
 }
 
@@ -193,7 +193,7 @@ pub(crate) fn write_file(
 }
 
 /// The `config.json` of a Llama of shape `cfg` stored as `dtype`.
-pub fn config_json(
+pub(crate) fn config_json(
     cfg: &ModelConfig,
     dtype: ExportDType,
     bos: Option<u32>,
@@ -236,7 +236,7 @@ pub fn config_json(
 }
 
 /// The `generation_config.json` matching [`config_json`].
-pub fn generation_config_json(bos: Option<u32>, eos: Option<u32>) -> Value {
+pub(crate) fn generation_config_json(bos: Option<u32>, eos: Option<u32>) -> Value {
     let mut v = json!({"_from_model_config": true});
     if let Some(obj) = v.as_object_mut() {
         if let Some(b) = bos {
@@ -409,7 +409,7 @@ fn check_weights(weights: &HashMap<String, Tensor>, cfg: &ModelConfig) -> Result
 /// Writes a Hugging Face Llama directory (`model.safetensors` or shards + index, `config.json`,
 /// `generation_config.json`, and with a tokenizer `tokenizer.json`, `tokenizer_config.json`,
 /// `special_tokens_map.json`) atomically (temporary directory + rename). `weights` are plain Llama
-/// weights under Hugging Face names (e.g. [`crate::Trainer::merged_weights`]); `tokenizer` is a
+/// weights under Hugging Face names (e.g. [`crate::trainer::Trainer::merged_weights`]); `tokenizer` is a
 /// spec string ("bytes", "gpt2", or a tokenizer.json path). An `out` ending in `.safetensors`
 /// writes only that file.
 pub fn write_model_dir(

@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The marker file of an export directory.
-pub const EXPORT_MARKER: &str = "relora-export.json";
+pub(crate) const EXPORT_MARKER: &str = "relora-export.json";
 
 /// The `__metadata__` key of an exported safetensors file that names its writer.
-pub const WRITER_KEY: &str = "writer";
+pub(crate) const WRITER_KEY: &str = "writer";
 
 /// A Hugging Face model directory written by relora.
-pub const MODEL_DIR: OutputKind = OutputKind {
+pub(crate) const MODEL_DIR: OutputKind = OutputKind {
     noun: "model export",
     dir: true,
     recognise: Recognise::Marker {
@@ -27,7 +27,7 @@ pub const MODEL_DIR: OutputKind = OutputKind {
 };
 
 /// A PEFT adapter directory (with its base model) written by relora.
-pub const PEFT_DIR: OutputKind = OutputKind {
+pub(crate) const PEFT_DIR: OutputKind = OutputKind {
     noun: "PEFT export",
     dir: true,
     recognise: Recognise::Marker {
@@ -37,7 +37,7 @@ pub const PEFT_DIR: OutputKind = OutputKind {
 };
 
 /// A single `.safetensors` model file written by relora.
-pub const MODEL_FILE: OutputKind = OutputKind {
+pub(crate) const MODEL_FILE: OutputKind = OutputKind {
     noun: "model export",
     dir: false,
     recognise: Recognise::Custom(single_file),

@@ -179,7 +179,7 @@ fn byte_files(vocab_size: usize, max_len: usize) -> TokenizerFiles {
 
 /// GPT-2's map from bytes to printable characters: printable Latin-1 bytes stand for
 /// themselves, the others are moved to code points 256 and up, in byte order.
-pub fn gpt2_byte_alphabet() -> [char; 256] {
+pub(crate) fn gpt2_byte_alphabet() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut next = 256u32;
     for (b, slot) in out.iter_mut().enumerate() {

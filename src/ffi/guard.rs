@@ -52,8 +52,8 @@ impl Failure {
     }
 }
 
-impl From<crate::Error> for Failure {
-    fn from(e: crate::Error) -> Self {
+impl From<crate::error::Error> for Failure {
+    fn from(e: crate::error::Error) -> Self {
         Failure::new(status_of(&e), e.to_string())
     }
 }

@@ -168,7 +168,7 @@ impl Options {
             }
             "model_config" => {
                 self.model = ModelConfig::from_file(Path::new(v)).map_err(|e| match e {
-                    crate::Error::Io { .. } => Failure::from(e),
+                    crate::error::Error::Io { .. } => Failure::from(e),
                     other => bad_value(key, v, other),
                 })?;
                 self.model_config = v.to_string();

@@ -17,11 +17,11 @@
 //! plain `rmdir`: an entry relora did not write is never deleted, even one that appeared while
 //! the new output was being written.
 
-use super::ownership::{entries, judge_allowed, Occupant};
 pub use super::ownership::{
-    check_parent_writable, check_target, holds_own, is_inside, remove_claimed, remove_own,
-    Claim, OutputKind, Recognise,
+    check_parent_writable, check_target, holds_own, is_inside, remove_claimed, remove_own, Claim,
+    OutputKind, Recognise,
 };
+use super::ownership::{entries, judge_allowed, Occupant};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -43,14 +43,14 @@ fn free_sibling(parent: &Path, name: &str, tag: &str) -> PathBuf {
 }
 
 /// Flushes a directory's entries (new names, renames) to disk.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let f = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
     f.sync_all().map_err(|e| Error::io(dir, e))
 }
 
 /// An output being written: a file or directory at a fresh temporary path, renamed into place by
 /// [`Staged::commit`] and removed if dropped uncommitted.
-pub struct Staged {
+pub(crate) struct Staged {
     target: PathBuf,
     tmp: PathBuf,
     parent: PathBuf,
@@ -117,14 +117,9 @@ impl Staged {
         &self.tmp
     }
 
-    /// The final path.
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
     /// Writes the marker of a [`Recognise::Marker`] kind, syncs the temporary output, checks
     /// the target again and renames the output into place (see the module documentation).
-    pub fn commit(mut self) -> Result<()> {
+    pub(crate) fn commit(mut self) -> Result<()> {
         if self.kind.dir {
             if let Recognise::Marker { file, format } = self.kind.recognise {
                 self.write_marker(file, format)?;
@@ -258,7 +253,7 @@ pub fn write_file_output(
 }
 
 /// Writes `bytes` to a new file at `path` and flushes it to disk.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     f.write_all(bytes).map_err(|e| Error::io(path, e))?;

@@ -216,11 +216,7 @@ pub fn check_target(out: &Path, kind: &OutputKind, replace_own: bool) -> Result<
     judge_allowed(out, kind, replace_own).map(|_| ())
 }
 
-pub(crate) fn judge_allowed(
-    out: &Path,
-    kind: &OutputKind,
-    replace_own: bool,
-) -> Result<Occupant> {
+pub(crate) fn judge_allowed(out: &Path, kind: &OutputKind, replace_own: bool) -> Result<Occupant> {
     let occupant = judge(out, kind)?;
     if matches!(occupant, Occupant::Own(_)) && !replace_own {
         return Err(Error::OutputExists {

@@ -10,10 +10,10 @@ use std::path::Path;
 
 /// Limit for JSON documents: configs, manifests, shard indexes, tokenizer files (the largest
 /// public tokenizer.json files are tens of MB).
-pub const JSON_LIMIT: u64 = 256 << 20;
+pub(crate) const JSON_LIMIT: u64 = 256 << 20;
 
 /// The error kind of [`open_regular`]'s refusal, so callers can tell it from an OS error.
-pub const NOT_REGULAR: std::io::ErrorKind = std::io::ErrorKind::InvalidInput;
+pub(crate) const NOT_REGULAR: std::io::ErrorKind = std::io::ErrorKind::InvalidInput;
 
 /// What a file-system entry is, in words, for messages.
 pub fn describe(ft: &std::fs::FileType) -> &'static str {
@@ -48,7 +48,7 @@ pub fn describe(ft: &std::fs::FileType) -> &'static str {
 /// its length. Anything else is refused with an [`Error::Io`] of kind [`NOT_REGULAR`] that says
 /// what was found. The open itself never blocks: on Unix it is non-blocking, so a FIFO without
 /// a writer is refused rather than waited for.
-pub fn open_regular(path: &Path) -> Result<(File, u64)> {
+pub(crate) fn open_regular(path: &Path) -> Result<(File, u64)> {
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true);
     #[cfg(unix)]
@@ -72,7 +72,8 @@ pub fn open_regular(path: &Path) -> Result<(File, u64)> {
 }
 
 /// Whether `e` is [`open_regular`]'s refusal of something that is not a regular file.
-pub fn is_not_regular(e: &Error) -> bool {
+#[cfg(test)]
+pub(crate) fn is_not_regular(e: &Error) -> bool {
     matches!(e, Error::Io { source, .. } if source.kind() == NOT_REGULAR)
 }
 
@@ -87,14 +88,14 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
 }
 
 /// Reads the regular file `path` whole; its length bounds the read.
-pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_regular(path: &Path) -> Result<Vec<u8>> {
     let (file, len) = open_regular(path)?;
     read_at_most(file, path, len)
 }
 
 /// Reads up to `limit` bytes of an open file (from [`open_regular`]); a file that grew past it
 /// meanwhile is an error.
-pub fn read_at_most(file: File, path: &Path, limit: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_at_most(file: File, path: &Path, limit: u64) -> Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(usize::try_from(limit.min(1 << 26)).unwrap_or(0));
     file.take(limit.saturating_add(1))
         .read_to_end(&mut buf)
@@ -106,7 +107,7 @@ pub fn read_at_most(file: File, path: &Path, limit: u64) -> Result<Vec<u8>> {
 }
 
 /// Reads the first `n` bytes (fewer if the file is shorter) of an open file.
-pub fn read_prefix(file: File, path: &Path, n: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_prefix(file: File, path: &Path, n: u64) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
     file.take(n)
         .read_to_end(&mut buf)
@@ -124,7 +125,7 @@ fn too_long(path: &Path, limit: u64) -> Error {
 }
 
 /// [`read_limited`] for UTF-8 text.
-pub fn read_limited_text(path: &Path, limit: u64) -> Result<String> {
+pub(crate) fn read_limited_text(path: &Path, limit: u64) -> Result<String> {
     String::from_utf8(read_limited(path, limit)?).map_err(|_| {
         Error::io(
             path,

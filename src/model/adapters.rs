@@ -9,7 +9,7 @@ use crate::relora::merge::{merge_delta, Phase, PhaseAdapter};
 use crate::rng::Rng;
 
 /// The module's short name (`q_proj`) from its path (`model.layers.0.self_attn.q_proj`).
-pub fn short_name(module: &str) -> &str {
+pub(crate) fn short_name(module: &str) -> &str {
     module.rsplit('.').next().unwrap_or(module)
 }
 
@@ -34,7 +34,7 @@ pub fn attach_adapters(
 
 /// Merges every attached adapter into its frozen weight and re-initialises it. Returns the
 /// completed phase (copies of the adapters as merged), numbered `index`.
-pub fn merge_and_reinit(
+pub(crate) fn merge_and_reinit(
     model: &mut Llama,
     index: usize,
     step: u64,

@@ -32,7 +32,7 @@ pub struct Attention {
 
 /// Softmax over the last dimension. Subtracting the (detached) row maximum changes nothing
 /// mathematically and keeps `exp` finite; masked entries are -inf and become exactly 0.
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -40,7 +40,7 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// `[t, t]` additive mask: 0 on and below the diagonal, -inf above.
-pub fn causal_mask(t: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn causal_mask(t: usize, x: &Tensor) -> candle_core::Result<Tensor> {
     let mask: Vec<f32> = (0..t * t)
         .map(|i| {
             if i % t > i / t {

@@ -36,7 +36,7 @@ pub struct Llama {
 }
 
 /// Whether a parameter is a matrix that receives weight decay (2-D) or a vector that does not.
-pub fn is_decayed(name: &str, shape: &[usize]) -> bool {
+pub(crate) fn is_decayed(name: &str, shape: &[usize]) -> bool {
     let _ = name;
     shape.len() >= 2
 }
@@ -251,7 +251,7 @@ impl Llama {
     }
 
     /// Mutable access to every projection, in the order of [`Llama::projections`].
-    pub fn projections_mut(&mut self) -> Vec<&mut AdaptableLinear> {
+    pub(crate) fn projections_mut(&mut self) -> Vec<&mut AdaptableLinear> {
         self.layers
             .iter_mut()
             .flat_map(|l| {
@@ -357,7 +357,7 @@ impl Llama {
 }
 
 /// Copies `src` into `var` after checking the shape; converts dtype and device as needed.
-pub fn set_checked(name: &str, var: &Var, src: &Tensor) -> Result<()> {
+pub(crate) fn set_checked(name: &str, var: &Var, src: &Tensor) -> Result<()> {
     if src.dims() != var.dims() {
         return Err(Error::Shape {
             name: name.to_string(),

@@ -18,13 +18,13 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
 }
 
 /// Sum (not mean) of the per-token cross-entropy, for evaluation over many batches.
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     per_token(logits, targets)?.sum_all()
 }
 
 /// Per-token cross-entropy `[n]` from candle's differentiable ops, for any device and dtype:
 /// `logsumexp(logits) - logits[target]`, with the (detached) row maximum subtracted first.
-pub fn cross_entropy_composed_rows(
+pub(crate) fn cross_entropy_composed_rows(
     logits: &Tensor,
     targets: &Tensor,
 ) -> candle_core::Result<Tensor> {

@@ -54,7 +54,7 @@ impl Rope {
     }
 
     /// [`Self::apply`] from candle's differentiable ops, for any device and dtype.
-    pub fn apply_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn apply_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (_, _, t, d) = x.dims4()?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;

@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout};
 
 /// Arithmetic the fused kernels need, for f32 and f64.
-pub trait Float:
+pub(crate) trait Float:
     Copy
     + Send
     + Sync
@@ -108,13 +108,13 @@ pub fn contiguous<'a, T: Float>(
 }
 
 /// Rows handed to each rayon task: enough work per task to amortise scheduling.
-pub fn rows_per_task(row_len: usize) -> usize {
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
 }
 
 /// Elements handed to each rayon task: [`rows_per_task`] whole rows, and never zero, so an empty
 /// row width (nothing to compute) does not make a zero chunk size.
-pub fn task_len(row_len: usize) -> usize {
+pub(crate) fn task_len(row_len: usize) -> usize {
     (row_len * rows_per_task(row_len)).max(1)
 }
 

@@ -85,7 +85,7 @@ impl ResetMode {
     /// How many of `n` entries this mode selects: `n` for `Zero`, `round(p * n)` otherwise.
     /// `p` is clamped to `[0, 1]` and NaN counts as 0, so an unvalidated mode cannot ask for
     /// more entries than exist.
-    pub fn selected_count(&self, n: usize) -> usize {
+    pub(crate) fn selected_count(&self, n: usize) -> usize {
         let p = match *self {
             ResetMode::Zero => return n,
             ResetMode::Random(p) | ResetMode::Magnitude(p) => p,
@@ -139,7 +139,8 @@ impl fmt::Display for ResetMode {
 ///
 /// `rng` is drawn from only by `Random` with `0 < k < n`. A fraction outside `[0, 1]` is
 /// clamped (see [`ResetMode::selected_count`]); validate modes when reading configuration.
-pub fn prune_in_place(values: &mut [f32], mode: ResetMode, rng: &mut Rng) -> usize {
+#[cfg(test)]
+pub(crate) fn prune_in_place(values: &mut [f32], mode: ResetMode, rng: &mut Rng) -> usize {
     let n = values.len();
     let k = mode.selected_count(n);
     if k == 0 {
@@ -192,7 +193,7 @@ pub fn prune_in_place(values: &mut [f32], mode: ResetMode, rng: &mut Rng) -> usi
 /// belong to one parameter), only the positions they share are considered, so that the bug
 /// shows up as untouched state rather than a panic in the middle of a run. Counting and clamping
 /// are as in [`prune_in_place`].
-pub fn prune_pair(m: &mut [f32], v: &mut [f32], mode: ResetMode, rng: &mut Rng) -> usize {
+pub(crate) fn prune_pair(m: &mut [f32], v: &mut [f32], mode: ResetMode, rng: &mut Rng) -> usize {
     let shared = m.len().min(v.len());
     let (m, v) = (&mut m[..shared], &mut v[..shared]);
     let n = m.len();

@@ -6,10 +6,10 @@ use crate::fs::output::{Claim, OutputKind, Recognise};
 use std::path::Path;
 
 /// An RGB colour.
-pub type Rgb = [u8; 3];
+pub(crate) type Rgb = [u8; 3];
 
 /// A white canvas of `width x height` pixels.
-pub struct Canvas {
+pub(crate) struct Canvas {
     width: usize,
     height: usize,
     pixels: Vec<u8>,
@@ -71,7 +71,7 @@ fn glyph(c: char) -> [u8; 7] {
 }
 
 /// Distinguishable colours for the series of one chart, in the order they are used.
-pub const PALETTE: [Rgb; 8] = [
+pub(crate) const PALETTE: [Rgb; 8] = [
     [31, 119, 180],
     [255, 127, 14],
     [44, 160, 44],
@@ -83,7 +83,7 @@ pub const PALETTE: [Rgb; 8] = [
 ];
 
 /// Formats an axis value compactly (at most 6 characters).
-pub fn tick_label(v: f64) -> String {
+pub(crate) fn tick_label(v: f64) -> String {
     if v == 0.0 {
         "0".into()
     } else if v.abs() < 1e4 && v.fract() == 0.0 {
@@ -98,11 +98,11 @@ pub fn tick_label(v: f64) -> String {
 }
 
 /// Pixel scale of text.
-pub const TEXT_SCALE: usize = 2;
+pub(crate) const TEXT_SCALE: usize = 2;
 /// Horizontal advance of one character at [`TEXT_SCALE`].
-pub const CHAR_W: usize = 6 * TEXT_SCALE;
+pub(crate) const CHAR_W: usize = 6 * TEXT_SCALE;
 /// Height of a line of text at [`TEXT_SCALE`].
-pub const CHAR_H: usize = 7 * TEXT_SCALE;
+pub(crate) const CHAR_H: usize = 7 * TEXT_SCALE;
 
 impl Canvas {
     /// A white canvas.
@@ -167,7 +167,7 @@ impl Canvas {
     }
 
     /// Encodes the canvas as PNG bytes.
-    pub fn png_bytes(&self) -> Vec<u8> {
+    pub(crate) fn png_bytes(&self) -> Vec<u8> {
         // Scanlines, each prefixed with filter type 0 (none).
         let stride = self.width * 3;
         let mut raw = Vec::with_capacity((stride + 1) * self.height);
@@ -202,7 +202,7 @@ impl Canvas {
 const SOFTWARE_TEXT: &[u8] = b"Software\0relora";
 
 /// A PNG chart written by relora (recognised by its [`SOFTWARE_TEXT`] chunk).
-pub const PNG_CHART: OutputKind = OutputKind {
+pub(crate) const PNG_CHART: OutputKind = OutputKind {
     noun: "chart",
     dir: false,
     recognise: Recognise::Custom(recognise_chart),

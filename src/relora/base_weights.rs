@@ -42,7 +42,7 @@ pub fn set_spill_dir(dir: Option<PathBuf>) {
 
 /// The directory base weights are written to: the one set with [`set_spill_dir`], else
 /// `$RELORA_SPILL_DIR`, else the system's temporary directory (`$TMPDIR` or `/tmp`).
-pub fn spill_dir() -> PathBuf {
+pub(crate) fn spill_dir() -> PathBuf {
     let set = SPILL_DIR.read().unwrap_or_else(|e| e.into_inner()).clone();
     set.or_else(|| std::env::var_os("RELORA_SPILL_DIR").map(PathBuf::from))
         .unwrap_or_else(std::env::temp_dir)
@@ -67,12 +67,14 @@ impl std::fmt::Debug for BaseWeights {
 impl BaseWeights {
     /// Writes `tensors` (any device; f32, f64, bf16 or f16) to a new unlinked file in
     /// [`spill_dir`], bit for bit.
-    pub fn spill<'a>(tensors: impl IntoIterator<Item = (String, &'a Tensor)>) -> Result<Self> {
+    pub(crate) fn spill<'a>(
+        tensors: impl IntoIterator<Item = (String, &'a Tensor)>,
+    ) -> Result<Self> {
         Self::spill_in(&spill_dir(), tensors)
     }
 
     /// [`BaseWeights::spill`] into the directory `dir`.
-    pub fn spill_in<'a>(
+    pub(crate) fn spill_in<'a>(
         dir: &Path,
         tensors: impl IntoIterator<Item = (String, &'a Tensor)>,
     ) -> Result<Self> {
@@ -134,7 +136,8 @@ impl BaseWeights {
     }
 
     /// Bytes of the file (header included).
-    pub fn file_bytes(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn file_bytes(&self) -> u64 {
         self.file.len()
     }
 
@@ -153,7 +156,7 @@ impl BaseWeights {
 
     /// Copies the file to `path` (created or truncated) a chunk at a time, syncs it, and returns
     /// its size and CRC-32 for a checkpoint manifest.
-    pub fn write_copy(&self, path: &Path) -> Result<FileInfo> {
+    pub(crate) fn write_copy(&self, path: &Path) -> Result<FileInfo> {
         let mut out = File::create(path).map_err(|e| Error::io(path, e))?;
         let src = self.file.file();
         let mut buf = vec![0u8; COPY_CHUNK.min(self.file.len() as usize)];

@@ -112,7 +112,7 @@ impl AdaptableLinear {
 
     /// The weight with the current adapter merged in (fp32, via [`super::merge::merge_delta`]),
     /// or `None` without an adapter. Nothing is changed.
-    pub fn merged_weight(&self) -> Result<Option<Tensor>> {
+    pub(crate) fn merged_weight(&self) -> Result<Option<Tensor>> {
         let Some(ad) = &self.adapter else {
             return Ok(None);
         };
@@ -127,7 +127,7 @@ impl AdaptableLinear {
     }
 
     /// Attaches a freshly initialised adapter of rank `r` (A Kaiming-uniform, B zero).
-    pub fn attach_adapter(&mut self, rank: usize, scale: f64, rng: &mut Rng) -> Result<()> {
+    pub(crate) fn attach_adapter(&mut self, rank: usize, scale: f64, rng: &mut Rng) -> Result<()> {
         let (dtype, dev) = (self.weight.dtype(), self.weight.device().clone());
         let a = init::kaiming_uniform(&[rank, self.in_dim()], dtype, &dev, rng)?;
         let b = init::zeros(&[self.out_dim(), rank], dtype, &dev)?;
@@ -141,7 +141,7 @@ impl AdaptableLinear {
 
     /// Re-initialises the attached adapter in place (A Kaiming-uniform, B zero); the `Var`s keep
     /// their identity so optimizer state stays addressable by name.
-    pub fn reinit_adapter(&mut self, rng: &mut Rng) -> Result<()> {
+    pub(crate) fn reinit_adapter(&mut self, rng: &mut Rng) -> Result<()> {
         let in_dim = self.in_dim();
         let Some(ad) = &self.adapter else {
             return Ok(());
@@ -187,6 +187,6 @@ fn apply_dropout(x: &Tensor, rng: &mut Rng, p: f64) -> candle_core::Result<Tenso
 }
 
 /// Re-borrows an optional dropout source so it can be passed to several projections in turn.
-pub fn reborrow<'a>(d: &'a mut Option<(&mut Rng, f64)>) -> Option<(&'a mut Rng, f64)> {
+pub(crate) fn reborrow<'a>(d: &'a mut Option<(&mut Rng, f64)>) -> Option<(&'a mut Rng, f64)> {
     d.as_mut().map(|(r, p)| (&mut **r, *p))
 }

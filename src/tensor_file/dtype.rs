@@ -44,7 +44,7 @@ impl StDType {
     }
 
     /// Parses a safetensors header dtype; `None` for types this crate does not handle.
-    pub fn from_name(name: &str) -> Option<StDType> {
+    pub(crate) fn from_name(name: &str) -> Option<StDType> {
         Some(match name {
             "F64" => StDType::F64,
             "F32" => StDType::F32,
@@ -69,7 +69,7 @@ impl StDType {
     }
 
     /// Whether values of this type can be converted to a float export type.
-    pub fn is_float(self) -> bool {
+    pub(crate) fn is_float(self) -> bool {
         matches!(
             self,
             StDType::F64 | StDType::F32 | StDType::BF16 | StDType::F16
@@ -77,7 +77,7 @@ impl StDType {
     }
 
     /// The matching candle dtype, for the types candle has.
-    pub fn to_candle(self) -> Option<candle_core::DType> {
+    pub(crate) fn to_candle(self) -> Option<candle_core::DType> {
         use candle_core::DType;
         Some(match self {
             StDType::F64 => DType::F64,
@@ -92,7 +92,7 @@ impl StDType {
     }
 
     /// The safetensors type of a candle dtype, for the float types an export handles.
-    pub fn from_candle(dtype: candle_core::DType) -> Option<StDType> {
+    pub(crate) fn from_candle(dtype: candle_core::DType) -> Option<StDType> {
         use candle_core::DType;
         Some(match dtype {
             DType::F64 => StDType::F64,
@@ -186,7 +186,12 @@ fn le8(b: &[u8]) -> [u8; 8] {
 
 /// Appends `src` (little-endian elements of type `from`) to `out` converted to `to`.
 /// `src` must hold whole elements. Integer types are only copied, never converted.
-pub fn convert_into(src: &[u8], from: StDType, to: StDType, out: &mut Vec<u8>) -> Result<()> {
+pub(crate) fn convert_into(
+    src: &[u8],
+    from: StDType,
+    to: StDType,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     if src.len() % from.size() != 0 {
         return Err(Error::Data(format!(
             "{} bytes is not a whole number of {from} elements",

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
 /// Bytes mapped at a time when a tensor is streamed in windows.
-pub const WINDOW_BYTES: usize = 64 << 20;
+pub(crate) const WINDOW_BYTES: usize = 64 << 20;
 
 /// One tensor's entry in a safetensors header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,13 +228,6 @@ impl SafetensorsFile {
         v
     }
 
-    /// Every entry in the order of the data.
-    pub fn tensors_in_file_order(&self) -> Vec<&TensorInfo> {
-        let mut v: Vec<&TensorInfo> = self.tensors.values().collect();
-        v.sort_by_key(|t| t.begin);
-        v
-    }
-
     /// Tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.tensors.keys().cloned().collect();
@@ -263,7 +256,7 @@ impl SafetensorsFile {
 
     /// Calls `f` on the data of tensor `name` in windows of at most [`WINDOW_BYTES`] (whole
     /// elements each), mapping one window at a time so memory stays bounded for any tensor size.
-    pub fn for_each_window(
+    pub(crate) fn for_each_window(
         &self,
         name: &str,
         mut f: impl FnMut(&[u8]) -> Result<()>,
@@ -299,7 +292,7 @@ impl SafetensorsFile {
     }
 
     /// Loads a tensor holding one float (a phase's scale) as f64.
-    pub fn scalar_f64(&self, name: &str) -> Result<f64> {
+    pub(crate) fn scalar_f64(&self, name: &str) -> Result<f64> {
         let t = self.info(name)?;
         if t.numel() != 1 {
             return Err(bad(
@@ -476,7 +469,8 @@ impl SafetensorsWriter {
     }
 
     /// The tensor whose bytes are expected next, if any.
-    pub fn next_tensor(&self) -> Option<&PlannedTensor> {
+    #[cfg(test)]
+    pub(crate) fn next_tensor(&self) -> Option<&PlannedTensor> {
         self.plan.get(self.index)
     }
 
@@ -517,7 +511,7 @@ impl SafetensorsWriter {
 
     /// Checks every tensor was written in full and flushes the buffer, without syncing, and
     /// hands back the file (a temporary file that is read back needs no trip to the disk).
-    pub fn into_file(mut self) -> Result<File> {
+    pub(crate) fn into_file(mut self) -> Result<File> {
         if let Some(t) = self.plan.get(self.index) {
             return Err(Error::Shape {
                 name: t.name.clone(),

@@ -6,7 +6,10 @@ use crate::error::{Error, Result, TensorContext};
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 /// Calls `f` with the little-endian bytes of `t`'s elements, a window at a time.
-pub fn tensor_windows(t: &Tensor, mut f: impl FnMut(&[u8], StDType) -> Result<()>) -> Result<()> {
+pub(crate) fn tensor_windows(
+    t: &Tensor,
+    mut f: impl FnMut(&[u8], StDType) -> Result<()>,
+) -> Result<()> {
     const ELEMS: usize = 1 << 20;
     let t = t
         .to_device(&Device::Cpu)
