@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "tiny.h"
 #include "relora.h"
 
 enum { SEQ = 16, LEN = SEQ + 1, HALF = 2, BATCH = 2 * HALF, STEPS = 7, VOCAB = 258 };
@@ -94,19 +95,8 @@ static void *run_rank(void *arg) {
 }
 
 static relora_trainer *make_trainer(void) {
-    relora_params *p = NULL;
+    relora_params *p = tiny_relora_params(VOCAB, SEQ, BATCH, 20, 2, 3, 4);
     relora_trainer *t = NULL;
-    CHECK_OK(relora_params_new(&p));
-    CHECK_OK(relora_params_set(p, "preset", "tiny"));
-    CHECK_OK(relora_params_set_int(p, "vocab_size", VOCAB));
-    CHECK_OK(relora_params_set_int(p, "seq_len", SEQ));
-    CHECK_OK(relora_params_set_int(p, "batch_size", BATCH));
-    CHECK_OK(relora_params_set_int(p, "steps", 20));
-    CHECK_OK(relora_params_set_int(p, "warmup_steps", 1));
-    CHECK_OK(relora_params_set_int(p, "warmup_full_steps", 2));
-    CHECK_OK(relora_params_set_int(p, "reset_every", 3));
-    CHECK_OK(relora_params_set_int(p, "restart_warmup_steps", 1));
-    CHECK_OK(relora_params_set_int(p, "lora_rank", 4));
     CHECK_OK(relora_params_set_float(p, "lr", 1e-3));
     /* Adam divides by sqrt(v) + eps: with the default eps a gradient that is pure float rounding
      * noise (a near-cancelling sum, computed in a different order by the two set-ups) becomes a

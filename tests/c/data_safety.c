@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "tiny.h"
 #include "relora.h"
 
 enum { VOCAB = 64, SEQ = 8, LEN = SEQ + 1, BATCH = 2 };
@@ -86,19 +87,7 @@ static int hidden_entries(const char *dir) {
 }
 
 static relora_params *tiny_params(void) {
-    relora_params *p = NULL;
-    CHECK_OK(relora_params_new(&p));
-    CHECK_OK(relora_params_set(p, "preset", "tiny"));
-    CHECK_OK(relora_params_set_int(p, "vocab_size", VOCAB));
-    CHECK_OK(relora_params_set_int(p, "seq_len", SEQ));
-    CHECK_OK(relora_params_set_int(p, "batch_size", BATCH));
-    CHECK_OK(relora_params_set_int(p, "steps", 20));
-    CHECK_OK(relora_params_set_int(p, "warmup_steps", 1));
-    CHECK_OK(relora_params_set_int(p, "warmup_full_steps", 1));
-    CHECK_OK(relora_params_set_int(p, "reset_every", 4));
-    CHECK_OK(relora_params_set_int(p, "restart_warmup_steps", 1));
-    CHECK_OK(relora_params_set_int(p, "lora_rank", 2));
-    return p;
+    return tiny_relora_params(VOCAB, SEQ, BATCH, 20, 1, 4, 2);
 }
 
 static void fill_tokens(int32_t *rows, size_t n, int salt) {

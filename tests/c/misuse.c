@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "tiny.h"
 #include "relora.h"
 
 enum { VOCAB = 64, SEQ = 8, LEN = SEQ + 1, BATCH = 2 };
@@ -19,19 +20,7 @@ enum { VOCAB = 64, SEQ = 8, LEN = SEQ + 1, BATCH = 2 };
 #define SENTINEL ((void *)0x5e)
 
 static relora_params *tiny_params(void) {
-    relora_params *p = NULL;
-    CHECK_OK(relora_params_new(&p));
-    CHECK_OK(relora_params_set(p, "preset", "tiny"));
-    CHECK_OK(relora_params_set_int(p, "vocab_size", VOCAB));
-    CHECK_OK(relora_params_set_int(p, "seq_len", SEQ));
-    CHECK_OK(relora_params_set_int(p, "batch_size", BATCH));
-    CHECK_OK(relora_params_set_int(p, "steps", 30));
-    CHECK_OK(relora_params_set_int(p, "warmup_steps", 1));
-    CHECK_OK(relora_params_set_int(p, "warmup_full_steps", 3));
-    CHECK_OK(relora_params_set_int(p, "reset_every", 4));
-    CHECK_OK(relora_params_set_int(p, "restart_warmup_steps", 1));
-    CHECK_OK(relora_params_set_int(p, "lora_rank", 2));
-    return p;
+    return tiny_relora_params(VOCAB, SEQ, BATCH, 30, 3, 4, 2);
 }
 
 static void fill_tokens(int32_t *rows, size_t n) {

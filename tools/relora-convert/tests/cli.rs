@@ -40,6 +40,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A synthetic checkpoint of the tiny preset with two completed phases at `ckpt`.
+fn synth_tiny(ckpt: &Path) {
+    ok(&[
+        "synth",
+        s(ckpt),
+        "--preset",
+        "tiny",
+        "--vocab",
+        "258",
+        "--rank",
+        "4",
+        "--phases",
+        "2",
+    ]);
+}
+
 #[test]
 fn every_subcommand_has_help() {
     let top = ok(&["--help"]);
@@ -59,18 +75,7 @@ fn subcommands_work_on_a_synthetic_checkpoint_and_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let ckpt = d.join("ckpt");
-    ok(&[
-        "synth",
-        s(&ckpt),
-        "--preset",
-        "tiny",
-        "--vocab",
-        "258",
-        "--rank",
-        "4",
-        "--phases",
-        "2",
-    ]);
+    synth_tiny(&ckpt);
 
     let info: serde_json::Value =
         serde_json::from_str(&ok(&["inspect", s(&ckpt), "--json", "--verify"])).unwrap();
@@ -179,16 +184,7 @@ fn force_replaces_only_relora_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let ckpt = d.join("ckpt");
-    ok(&[
-        "synth",
-        s(&ckpt),
-        "--preset",
-        "tiny",
-        "--vocab",
-        "258",
-        "--rank",
-        "4",
-    ]);
+    synth_tiny(&ckpt);
     let user = d.join("user");
     std::fs::create_dir_all(user.join("sub")).unwrap();
     std::fs::write(user.join("notes.txt"), b"mine").unwrap();

@@ -383,6 +383,24 @@ fn a_hung_rank_ends_the_job_after_the_timeout() {
     );
 }
 
+/// `relora train --resume RUN` on 2 ranks, with a one-minute collective timeout.
+fn resume_args(run: &Path) -> Vec<&str> {
+    vec![
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--eval-data",
+        "none",
+        "--threads",
+        "1",
+        "--quiet",
+        "--distributed",
+        "mpi",
+        "--dist-timeout",
+        "60",
+    ]
+}
+
 /// The arguments as string slices.
 fn as_str(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -502,21 +520,10 @@ fn a_kill_during_a_save_in_a_two_rank_run_resumes_every_rank_from_one_checkpoint
 
     // Both ranks resume: rank 0 tidies the leftover before any rank picks the newest
     // checkpoint, so both continue from step 8 and end where the uninterrupted run did.
-    let resume = [
-        "train",
-        "--resume",
-        killed.to_str().unwrap(),
-        "--eval-data",
-        "none",
-        "--threads",
-        "1",
-        "--quiet",
-        "--distributed",
-        "mpi",
-        "--dist-timeout",
-        "60",
-    ];
-    let out = check("resumed job", mpirun(2, &resume).output().unwrap());
+    let out = check(
+        "resumed job",
+        mpirun(2, &resume_args(&killed)).output().unwrap(),
+    );
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(
         text.contains("at step 8"),
@@ -547,21 +554,10 @@ fn a_kill_during_a_save_in_a_two_rank_run_resumes_every_rank_from_one_checkpoint
         parked.join("checkpoints/.step-00000012.old-4242"),
     )
     .unwrap();
-    let resume = [
-        "train",
-        "--resume",
-        parked.to_str().unwrap(),
-        "--eval-data",
-        "none",
-        "--threads",
-        "1",
-        "--quiet",
-        "--distributed",
-        "mpi",
-        "--dist-timeout",
-        "60",
-    ];
-    let out = check("resumed job", mpirun(2, &resume).output().unwrap());
+    let out = check(
+        "resumed job",
+        mpirun(2, &resume_args(&parked)).output().unwrap(),
+    );
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(
         text.contains("at step 12"),
