@@ -84,6 +84,12 @@ pub(crate) fn device_string(device: &Device) -> String {
 
 /// Lets CUDA f32 matmuls use TF32 tensor cores (about 10 mantissa bits per product, f32
 /// accumulation). No effect on the CPU or in builds without CUDA.
+///
+/// This one is process-wide, and stays out of the trainer's engine choices
+/// ([`crate::engine::Engine`]): it is candle's own global cuBLAS setting, which cannot be scoped
+/// to one trainer's calls while another trainer runs on another thread. Only `relora bench
+/// --tf32` sets it; for training, bf16 mixed precision (`compute_dtype`) is the per-trainer
+/// choice.
 pub fn set_tf32(enabled: bool) {
     candle_core::cuda::set_gemm_reduced_precision_f32(enabled);
 }

@@ -603,8 +603,8 @@ fn follow_the_cpu(cpu: &mut Trainer, gpu_t: &mut Trainer, steps: u64, seed: u64,
     let mut worst = 0f64;
     for s in 0..steps {
         let b = random_batch(4, 32, 258, seed + s);
-        let a = f64::from(cpu.step(std::slice::from_ref(&b)).unwrap().loss);
-        let g = f64::from(gpu_t.step(&[b]).unwrap().loss);
+        let a = cpu.step(std::slice::from_ref(&b)).unwrap().loss;
+        let g = gpu_t.step(&[b]).unwrap().loss;
         let rel = (a - g).abs() / a.abs();
         worst = worst.max(rel);
         assert!(
