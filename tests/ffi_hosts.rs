@@ -12,73 +12,15 @@
 //! The libraries are the ones cargo built from the same sources as this test (see [`libs`]). The
 //! training text is `../shared/data/austen-train.txt` when it exists, else the built-in corpus.
 
+mod toolchain;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
-
-/// The system libraries a Rust static library needs on Linux (`rustc --print
-/// native-static-libs`); the same list is in `scripts/install.sh`.
-const NATIVE_LIBS: &[&str] = &[
-    "-lgcc_s",
-    "-lutil",
-    "-lrt",
-    "-lpthread",
-    "-lm",
-    "-ldl",
-    "-lc",
-];
-
-const WARNINGS: &[&str] = &["-Wall", "-Wextra", "-Wpedantic", "-Werror", "-g"];
-
-const SANITIZERS: &[&str] = &[
-    "-fsanitize=address,undefined",
-    "-fno-omit-frame-pointer",
-    "-fno-sanitize-recover=undefined",
-];
+use toolchain::{cc, cxx, require, run, sanitizer_env, tempdir, NATIVE_LIBS, SANITIZERS, WARNINGS};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs a command, failing the test with its output when it cannot start or exits non-zero.
-fn run(cmd: &mut Command, what: &str) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run {:?}: {e}", cmd.get_program()));
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({}):\n--- command: {cmd:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
-}
-
-/// Fails the test unless `tool` runs, naming the package to install.
-fn require(tool: &str, package: &str) {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "this test needs `{tool}`, which was not found: install it (Debian: apt-get install -y \
-         {package})"
-    );
-}
-
-fn cc() -> String {
-    let cc = std::env::var("CC").unwrap_or_else(|_| "gcc".into());
-    require(&cc, "gcc");
-    cc
-}
-
-fn cxx() -> String {
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    require(&cxx, "g++");
-    cxx
 }
 
 /// The built libraries.
@@ -239,16 +181,8 @@ fn host_command(exe: &Path, link: Link) -> Command {
     if link == Link::Shared {
         cmd.env("LD_LIBRARY_PATH", &libs().dir);
     }
-    cmd.env(
-        "ASAN_OPTIONS",
-        "detect_leaks=1:abort_on_error=0:exitcode=86",
-    )
-    .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1");
+    sanitizer_env(&mut cmd);
     cmd
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("temporary directory")
 }
 
 /// Builds a host and runs it against each library form with the sanitizers; `args` gets the

@@ -17,7 +17,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Why a call failed: the status and the detail for the last-error message.
 #[derive(Debug)]
-pub(crate) struct Failure {
+pub struct Failure {
     /// The status returned to the caller.
     pub status: relora_status,
     /// The detail, without the function name (the boundary adds it).
@@ -59,7 +59,7 @@ impl From<crate::error::Error> for Failure {
 }
 
 /// Result type of entry-point bodies.
-pub(crate) type FfiResult<T> = Result<T, Failure>;
+pub type FfiResult<T> = Result<T, Failure>;
 
 /// The text of a panic payload.
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -152,6 +152,22 @@ pub(crate) unsafe fn slice<'a, T>(ptr: *const T, len: usize, arg: &str) -> FfiRe
     }
     // SAFETY: checked above; validity of the memory is the caller's contract.
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// Borrows `len` elements at `ptr` for writing, with the checks of [`slice`].
+///
+/// # Safety
+/// When the checks pass, `ptr` must be valid for writes of `len` elements for `'a`, and not
+/// aliased.
+pub(crate) unsafe fn slice_mut<'a, T>(
+    ptr: *mut T,
+    len: usize,
+    arg: &str,
+) -> FfiResult<&'a mut [T]> {
+    // SAFETY: the same checks as for reading; the caller's contract covers writing.
+    unsafe { slice(ptr as *const T, len, arg)? };
+    // SAFETY: checked above; validity and exclusivity are the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
 }
 
 /// Borrows a NUL-terminated UTF-8 string argument.

@@ -13,7 +13,8 @@
 //! - [`params`]: the options handle with its text and typed setters, over the options table
 //!   ([`options`]);
 //! - [`trainer`]: create, load, save, merge, export, read counters and options; [`train_step`]:
-//!   step (one call or split) and eval; [`handle`]: the handle behind them;
+//!   step (one call or split) and eval; [`handle`]: the handle behind them, around a
+//!   [`session`], the operations every face of the library shares (the cxx bridge too);
 //! - [`tensors`]: copying named parameters out and in as f32;
 //! - [`callbacks`]: logging, progress with abort, gradient reduction, each with `user_data`;
 //! - [`stats`]: the sized step-statistics struct; [`version`]: version numbers.
@@ -47,6 +48,8 @@ pub mod params;
 pub mod stats;
 
 pub mod callbacks;
+
+pub mod session;
 
 pub mod handle;
 

@@ -115,7 +115,7 @@ fn bad_value(key: &str, value: &str, why: impl std::fmt::Display) -> Failure {
 
 /// Everything a trainer is built from.
 #[derive(Clone, Debug)]
-pub(crate) struct Options {
+pub struct Options {
     /// Training options.
     pub train: TrainConfig,
     /// The model's shape.

@@ -5,69 +5,10 @@
 //! `model.layers.0.self_attn.q_proj.weight`, ...), followed, while adapters are attached, by each
 //! adapted projection's `{module}.lora_A` (`[rank, in]`) and `{module}.lora_B` (`[out, rank]`).
 
-use super::guard::{boundary, cstr, out_ptr, slice, write_text, Failure, FfiResult};
+use super::guard::{boundary, cstr, out_ptr, slice, slice_mut, write_text, Failure};
 use super::handle::{enter, relora_trainer};
 use super::status::relora_status;
-use crate::error::TensorContext;
-use crate::model::llama::set_checked;
-use crate::trainer::Trainer;
-use candle_core::{DType, Tensor, Var};
 use std::os::raw::c_char;
-
-/// One named parameter.
-struct Entry {
-    name: String,
-    var: Var,
-    /// A projection weight frozen under an adapter.
-    frozen: bool,
-}
-
-/// Every parameter in a fixed order: the dense ones, then per projection its weight and, when it
-/// has one, its adapter.
-fn entries(t: &Trainer) -> Vec<Entry> {
-    let mut out: Vec<Entry> = t
-        .model
-        .dense_params()
-        .into_iter()
-        .map(|(name, var)| Entry {
-            name,
-            var,
-            frozen: false,
-        })
-        .collect();
-    for p in t.model.projections() {
-        out.push(Entry {
-            name: format!("{}.weight", p.name),
-            var: p.weight.clone(),
-            frozen: p.adapter.is_some(),
-        });
-        if let Some(ad) = &p.adapter {
-            for (suffix, var) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
-                out.push(Entry {
-                    name: format!("{}.{suffix}", p.name),
-                    var: var.clone(),
-                    frozen: false,
-                });
-            }
-        }
-    }
-    out
-}
-
-fn find(t: &Trainer, name: &str) -> FfiResult<Entry> {
-    entries(t)
-        .into_iter()
-        .find(|e| e.name == name)
-        .ok_or_else(|| {
-            Failure::new(
-                relora_status::UnknownTensor,
-                format!(
-                    "'{name}' is not a parameter of this model (list them with \
-                     relora_trainer_tensor_count / relora_trainer_tensor_name)"
-                ),
-            )
-        })
-}
 
 /// The number of named parameters right now (it grows when adapters are attached), into `*out`.
 ///
@@ -81,7 +22,7 @@ pub unsafe extern "C" fn relora_trainer_tensor_count(
     let func = "relora_trainer_tensor_count";
     boundary(func, || {
         let out = out_ptr(out, "out")?;
-        let n = enter(func, trainer, |s| Ok(entries(&s.trainer).len()))?;
+        let n = enter(func, trainer, |s| Ok(s.tensor_names().len()))?;
         // SAFETY: checked by `out_ptr`.
         unsafe { out.write(n) };
         Ok(())
@@ -105,9 +46,9 @@ pub unsafe extern "C" fn relora_trainer_tensor_name(
     let func = "relora_trainer_tensor_name";
     boundary(func, || {
         let name = enter(func, trainer, |s| {
-            let all = entries(&s.trainer);
+            let all = s.tensor_names();
             let n = all.len();
-            all.into_iter().nth(index).map(|e| e.name).ok_or_else(|| {
+            all.into_iter().nth(index).ok_or_else(|| {
                 Failure::invalid(format!("index {index} is out of range (count {n})"))
             })
         })?;
@@ -136,9 +77,7 @@ pub unsafe extern "C" fn relora_trainer_tensor_shape(
         // SAFETY: NUL-terminated string per the C contract.
         let name = unsafe { cstr(name, "name")? };
         let ndims = out_ptr(ndims, "ndims")?;
-        let shape = enter(func, trainer, |s| {
-            Ok(find(&s.trainer, name)?.var.dims().to_vec())
-        })?;
+        let shape = enter(func, trainer, |s| s.tensor_shape(name))?;
         if dims.is_null() {
             if max_dims != 0 {
                 return Err(Failure::null("dims"));
@@ -179,7 +118,7 @@ pub unsafe extern "C" fn relora_trainer_tensor_numel(
         let name = unsafe { cstr(name, "name")? };
         let out = out_ptr(out, "out")?;
         let n = enter(func, trainer, |s| {
-            Ok(find(&s.trainer, name)?.var.elem_count())
+            Ok(s.tensor_shape(name)?.iter().product::<usize>())
         })?;
         // SAFETY: checked by `out_ptr`.
         unsafe { out.write(n) };
@@ -205,24 +144,9 @@ pub unsafe extern "C" fn relora_trainer_tensor_get(
     boundary(func, || {
         // SAFETY: NUL-terminated string per the C contract.
         let name = unsafe { cstr(name, "name")? };
-        out_ptr(out, "out")?;
-        let values = enter(func, trainer, |s| {
-            let e = find(&s.trainer, name)?;
-            let n = e.var.elem_count();
-            if len != n {
-                return Err(Failure::invalid(format!(
-                    "{name} has {n} elements, len is {len}"
-                )));
-            }
-            Ok(e.var
-                .as_tensor()
-                .flatten_all()
-                .and_then(|t| t.to_dtype(DType::F32))
-                .and_then(|t| t.to_vec1::<f32>())
-                .with_ctx(|| format!("reading {name}"))?)
-        })?;
-        // SAFETY: `out` holds `len` == values.len() writable floats per the contract.
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out, values.len()) };
+        // SAFETY: `out` holds `len` writable floats per the contract.
+        let out = unsafe { slice_mut(out, len, "out")? };
+        enter(func, trainer, |s| s.tensor_get(name, out))?;
         Ok(())
     })
 }
@@ -249,35 +173,6 @@ pub unsafe extern "C" fn relora_trainer_tensor_set(
         let name = unsafe { cstr(name, "name")? };
         // SAFETY: `values` holds `len` floats per the contract.
         let src = unsafe { slice(values, len, "values")? };
-        enter(func, trainer, |s| {
-            if s.trainer.has_pending() {
-                return Err(Failure::state(
-                    "parameters cannot be replaced during a split step (after \
-                     relora_trainer_accumulate, before relora_trainer_apply)",
-                ));
-            }
-            let e = find(&s.trainer, name)?;
-            if e.frozen {
-                return Err(Failure::state(format!(
-                    "{name} is frozen under an adapter; set its lora_A / lora_B instead"
-                )));
-            }
-            let n = e.var.elem_count();
-            if len != n {
-                return Err(Failure::invalid(format!(
-                    "{name} has {n} elements, len is {len}"
-                )));
-            }
-            if let Some(i) = src.iter().position(|v| !v.is_finite()) {
-                return Err(Failure::invalid(format!(
-                    "value {} at index {i} is not finite",
-                    src[i]
-                )));
-            }
-            let t = Tensor::from_slice(src, e.var.dims(), e.var.device())
-                .with_ctx(|| format!("staging {name}"))?;
-            set_checked(name, &e.var, &t)?;
-            Ok(())
-        })
+        enter(func, trainer, |s| s.tensor_set(name, src))
     })
 }

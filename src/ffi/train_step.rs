@@ -1,87 +1,33 @@
 //! Training through the C API: one step, or a split step (accumulate micro-batches, then apply
-//! with the host's gradient reducer), and evaluation.
+//! with the host's gradient reducer), and evaluation; the work is the [`super::session`]'s.
 //!
 //! Tokens arrive as `const int32_t *tokens` holding `batch` rows of `len` tokens, row-major.
 //! Each row carries its own shifted target: the inputs are `row[0 .. len-1]` and the targets
 //! `row[1 .. len]`, so a row of `len` tokens trains `len - 1` positions (`len` = seq_len + 1).
 
-use super::callbacks::{relora_progress_stage, HostReducer};
+use super::callbacks::HostReducer;
 use super::guard::{boundary, out_ptr, slice, write_out, Failure, FfiResult};
 use super::handle::{enter, relora_trainer};
+use super::session::{check_shape, FaceReducer};
 use super::stats::{check_stats_out, relora_step_stats, write_stats};
 use super::status::relora_status;
-use crate::data::batcher::Batch;
-use crate::trainer::GradientReducer;
 use std::os::raw::c_void;
 
-/// Reads `batch` rows of `len` tokens into one batch (inputs `row[..len-1]`, targets `row[1..]`),
-/// checking the lengths and every id against `vocab`.
+/// Borrows the caller's `batch` rows of `len` tokens, after the checks a C caller's pointer and
+/// lengths need (the ids and the count are checked by the session).
 ///
 /// # Safety
 /// `tokens` is NULL or valid for reads of `batch * len` values.
-unsafe fn read_rows(
-    tokens: *const i32,
-    batch: usize,
-    len: usize,
-    vocab: usize,
-) -> FfiResult<Vec<Vec<u32>>> {
+unsafe fn token_slice<'a>(tokens: *const i32, batch: usize, len: usize) -> FfiResult<&'a [i32]> {
     if tokens.is_null() {
         return Err(Failure::null("tokens"));
     }
-    if batch == 0 {
-        return Err(Failure::invalid(
-            "batch is 0; a call needs at least one row",
-        ));
-    }
-    if len < 2 {
-        return Err(Failure::invalid(format!(
-            "len is {len}; each row needs at least 2 tokens (inputs are row[0..len-1], targets \
-             row[1..len])"
-        )));
-    }
+    check_shape(batch, len)?;
     let total = batch
         .checked_mul(len)
         .ok_or_else(|| Failure::invalid(format!("batch {batch} x len {len} overflows")))?;
     // SAFETY: the caller provides batch * len readable values.
-    let all = unsafe { slice(tokens, total, "tokens")? };
-    let mut rows = Vec::with_capacity(batch);
-    for (r, row) in all.chunks_exact(len).enumerate() {
-        let mut ids = Vec::with_capacity(len);
-        for (c, &id) in row.iter().enumerate() {
-            if id < 0 || id as usize >= vocab {
-                return Err(Failure::new(
-                    relora_status::InvalidData,
-                    format!(
-                        "token id {id} at row {r}, column {c} is outside [0, vocab_size {vocab})"
-                    ),
-                ));
-            }
-            ids.push(id as u32);
-        }
-        rows.push(ids);
-    }
-    Ok(rows)
-}
-
-/// Rows into batches of at most `per_batch` rows each.
-fn batches(rows: &[Vec<u32>], per_batch: usize) -> Vec<Batch> {
-    rows.chunks(per_batch.max(1))
-        .map(|chunk| {
-            let seq = chunk[0].len() - 1;
-            let mut inputs = Vec::with_capacity(chunk.len() * seq);
-            let mut targets = Vec::with_capacity(chunk.len() * seq);
-            for row in chunk {
-                inputs.extend_from_slice(&row[..seq]);
-                targets.extend_from_slice(&row[1..]);
-            }
-            Batch {
-                inputs,
-                targets,
-                batch: chunk.len(),
-                seq_len: seq,
-            }
-        })
-        .collect()
+    unsafe { slice(tokens, total, "tokens") }
 }
 
 /// One optimizer step on `batch` rows of `len` tokens (`len` = seq_len + 1: inputs are
@@ -119,36 +65,9 @@ pub unsafe extern "C" fn relora_trainer_step(
         enter(func, trainer, |s| {
             // SAFETY: the caller's struct, checked before use.
             unsafe { check_stats_out(stats)? };
-            s.refuse_pending("relora_trainer_step")?;
             // SAFETY: the caller provides batch * len tokens.
-            let rows = unsafe { read_rows(tokens, batch, len, s.vocab())? };
-            let k = s.trainer.config.grad_accum;
-            if batch % k != 0 {
-                return Err(Failure::invalid(format!(
-                    "batch {batch} is not a multiple of grad_accum {k} (the rows are split into \
-                     grad_accum equal micro-batches)"
-                )));
-            }
-            let micro = batches(&rows, batch / k);
-            for (i, mb) in micro.iter().enumerate() {
-                let progress = s
-                    .trainer
-                    .accumulate(mb)
-                    .map_err(Failure::from)
-                    .and_then(|_| {
-                        s.callbacks.progress(
-                            relora_progress_stage::MicroBatch,
-                            i as u64 + 1,
-                            micro.len() as u64,
-                        )
-                    });
-                if let Err(f) = progress {
-                    s.discard_pending();
-                    return Err(f);
-                }
-            }
-            let st = s.trainer.apply(None)?;
-            let c = s.record(&st);
+            let tokens = unsafe { token_slice(tokens, batch, len)? };
+            let c = s.step(tokens, batch, len)?;
             // SAFETY: checked by `check_stats_out`.
             unsafe { write_stats(stats, &c) };
             Ok(())
@@ -179,8 +98,8 @@ pub unsafe extern "C" fn relora_trainer_accumulate(
                 out_ptr(loss, "loss")?;
             }
             // SAFETY: the caller provides batch * len tokens.
-            let rows = unsafe { read_rows(tokens, batch, len, s.vocab())? };
-            let value = s.trainer.accumulate(&batches(&rows, batch)[0])?;
+            let tokens = unsafe { token_slice(tokens, batch, len)? };
+            let value = s.accumulate(tokens, batch, len)?;
             // SAFETY: NULL or checked by `out_ptr`. The ABI's `float`; the step's statistics
             // carry the mean as computed.
             unsafe { write_out(loss, value as f32) };
@@ -215,31 +134,8 @@ pub unsafe extern "C" fn relora_trainer_apply(
         enter(func, trainer, |s| {
             // SAFETY: the caller's struct, checked before use.
             unsafe { check_stats_out(stats)? };
-            if !s.trainer.has_pending() {
-                return Err(Failure::state(
-                    "nothing to apply: call relora_trainer_accumulate first",
-                ));
-            }
             let mut reducer = HostReducer::new(reduce, user_data);
-            let result = s
-                .trainer
-                .apply(reducer.as_mut().map(|r| r as &mut dyn GradientReducer));
-            let st = match result {
-                Ok(st) => st,
-                Err(e) => {
-                    return Err(match reducer.and_then(|r| r.failed) {
-                        Some(name) => Failure::new(
-                            relora_status::CallbackFailed,
-                            format!(
-                                "the gradient reducer returned false for {name}; the step was \
-                                 abandoned and its gradients discarded"
-                            ),
-                        ),
-                        None => e.into(),
-                    })
-                }
-            };
-            let c = s.record(&st);
+            let c = s.apply(reducer.as_mut().map(|r| r as &mut dyn FaceReducer))?;
             // SAFETY: checked by `check_stats_out`.
             unsafe { write_stats(stats, &c) };
             Ok(())
@@ -267,44 +163,11 @@ pub unsafe extern "C" fn relora_trainer_eval(
         enter(func, trainer, |s| {
             let loss = out_ptr(loss, "loss")?;
             // SAFETY: the caller provides batch * len tokens.
-            let rows = unsafe { read_rows(tokens, batch, len, s.vocab())? };
-            let chunks = batches(&rows, s.trainer.config.batch_size);
-            let (mut sum, mut count) = (0.0f64, 0usize);
-            for (i, b) in chunks.iter().enumerate() {
-                let r = s.trainer.eval(std::slice::from_ref(b))?;
-                sum += r.loss * r.tokens as f64;
-                count += r.tokens;
-                s.callbacks.progress(
-                    relora_progress_stage::Eval,
-                    i as u64 + 1,
-                    chunks.len() as u64,
-                )?;
-            }
+            let tokens = unsafe { token_slice(tokens, batch, len)? };
+            let value = s.eval(tokens, batch, len)?;
             // SAFETY: checked by `out_ptr`.
-            unsafe { loss.write(sum / count as f64) };
+            unsafe { loss.write(value) };
             Ok(())
         })
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_carry_their_shifted_targets() {
-        let tokens = [1, 2, 3, 4, 5, 6];
-        let rows = unsafe { read_rows(tokens.as_ptr(), 2, 3, 10).unwrap() };
-        let b = batches(&rows, 2);
-        assert_eq!(b.len(), 1);
-        assert_eq!(b[0].inputs, [1, 2, 4, 5]);
-        assert_eq!(b[0].targets, [2, 3, 5, 6]);
-        assert_eq!((b[0].batch, b[0].seq_len), (2, 2));
-        let e = unsafe { read_rows(tokens.as_ptr(), 2, 3, 6).unwrap_err() };
-        assert_eq!(e.status, relora_status::InvalidData);
-        assert!(e.message.contains("row 1, column 2"), "{}", e.message);
-        let neg = [0, -1];
-        let e = unsafe { read_rows(neg.as_ptr(), 1, 2, 6).unwrap_err() };
-        assert_eq!(e.status, relora_status::InvalidData);
-    }
 }

@@ -6,18 +6,12 @@ use super::callbacks::{relora_log_fn, relora_log_level, relora_progress_fn};
 use super::guard::{
     boundary, check_live, cstr, opt_cstr, out_ptr, registry, write_text, Failure, HandleKind,
 };
-use super::handle::{enter, hand_out, relora_trainer, TrainerState};
-use super::options::Options;
+use super::handle::{enter, hand_out, relora_trainer};
 use super::params::{relora_params, with_params};
+use super::session::Session;
 use super::stats::{check_stats_out, relora_step_stats, write_stats};
 use super::status::relora_status;
-use crate::checkpoint::{self, SaveExtra};
-use crate::device::{device_string, parse_device};
-use crate::error::Error;
-use crate::export::{write_model_dir, ExportDType, HfExportOptions};
-use crate::trainer::Trainer;
 use std::os::raw::{c_char, c_void};
-use std::path::Path;
 
 /// Creates a trainer with a freshly initialised model from `params` (which the caller keeps and
 /// may free right after). The model and optimizer live on `params`' device ("cpu", or "cuda:N" in
@@ -37,10 +31,7 @@ pub unsafe extern "C" fn relora_trainer_new(
     boundary("relora_trainer_new", || {
         let out = out_ptr(out, "out")?;
         let options = with_params(params, |o| Ok(o.clone()))?;
-        options.validate()?;
-        let device = parse_device(&options.device)?;
-        let trainer = Trainer::new(&options.model, &options.train, &device)?;
-        hand_out(TrainerState::new(trainer, options, None), out);
+        hand_out(Session::create(options)?, out);
         Ok(())
     })
 }
@@ -69,23 +60,7 @@ pub unsafe extern "C" fn relora_trainer_load(
         let out = out_ptr(out, "out")?;
         // SAFETY: NUL-terminated strings (or NULL for the device) per the C contract.
         let (dir, device) = unsafe { (cstr(dir, "dir")?, opt_cstr(device, "device")?) };
-        let device = parse_device(device.unwrap_or("cpu"))?;
-        let (trainer, manifest) = checkpoint::load(Path::new(dir), &device)?;
-        let options = Options {
-            train: manifest.train.clone(),
-            model: manifest.model.clone(),
-            preset: String::new(),
-            model_config: String::new(),
-            device: device_string(&device),
-            tokenizer: manifest.tokenizer.clone().unwrap_or_default(),
-        };
-        // Checkpoints from before the exact text was kept hold the host's state as JSON in
-        // `data` (as does a command-line run's data cursor).
-        let host_state = manifest
-            .host_state
-            .clone()
-            .or_else(|| manifest.data.as_ref().map(|v| v.to_string()));
-        hand_out(TrainerState::new(trainer, options, host_state), out);
+        hand_out(Session::load(dir, device)?, out);
         Ok(())
     })
 }
@@ -140,23 +115,7 @@ pub unsafe extern "C" fn relora_trainer_save(
         enter(func, trainer, |s| {
             // SAFETY: NUL-terminated strings (host_state may be NULL) per the C contract.
             let (dir, host) = unsafe { (cstr(dir, "dir")?, opt_cstr(host_state, "host_state")?) };
-            s.refuse_pending("saving")?;
-            // Checked to be JSON, then kept as the exact text: a host's cursor comes back byte
-            // for byte (key order, spacing, integers beyond 64 bits).
-            if let Some(text) = host {
-                serde_json::from_str::<serde::de::IgnoredAny>(text)
-                    .map_err(|e| Failure::invalid(format!("host_state is not valid JSON: {e}")))?;
-            }
-            let tokenizer = Some(s.options.tokenizer.clone()).filter(|t| !t.is_empty());
-            let extra = SaveExtra {
-                data: None,
-                tokenizer,
-                host_state: host.map(str::to_string),
-            };
-            checkpoint::save(&s.trainer, Path::new(dir), &extra)?;
-            s.callbacks.log(relora_log_level::Info, || {
-                format!("saved checkpoint {dir} at step {}", s.trainer.step_count())
-            });
+            s.save(dir, host)?;
             Ok(())
         })
     })
@@ -175,23 +134,7 @@ pub unsafe extern "C" fn relora_trainer_merge(trainer: *mut relora_trainer) -> r
     let func = "relora_trainer_merge";
     boundary(func, || {
         enter(func, trainer, |s| {
-            s.refuse_pending("merging")?;
-            if !s.trainer.has_adapters() {
-                return Err(Failure::state(
-                    "no adapters are attached (mode full, or still in the full-rank warm start)",
-                ));
-            }
-            let r = s.trainer.merge_and_reset()?;
-            s.callbacks.log(relora_log_level::Info, || {
-                format!(
-                    "step {}: merged phase {} on request; optimizer reset zeroed {} of {} adapter \
-                     state entries",
-                    s.trainer.step_count(),
-                    r.phase,
-                    r.zeroed,
-                    r.positions
-                )
-            });
+            s.merge()?;
             Ok(())
         })
     })
@@ -223,32 +166,7 @@ pub unsafe extern "C" fn relora_trainer_export(
         enter(func, trainer, |s| {
             // SAFETY: NUL-terminated strings (dtype may be NULL) per the C contract.
             let (out, dtype) = unsafe { (cstr(out_dir, "out_dir")?, opt_cstr(dtype, "dtype")?) };
-            let dtype: ExportDType = match dtype {
-                None => ExportDType::F32,
-                Some(d) => d
-                    .parse()
-                    .map_err(|e: Error| Failure::invalid(e.to_string()))?,
-            };
-            let opts = HfExportOptions {
-                dtype,
-                max_shard_bytes: (max_shard_bytes > 0).then_some(max_shard_bytes),
-                force: overwrite,
-            };
-            let weights = s.trainer.merged_weights()?;
-            let tokenizer = Some(s.options.tokenizer.as_str()).filter(|t| !t.is_empty());
-            write_model_dir(
-                &weights,
-                &s.trainer.model.config,
-                tokenizer,
-                Path::new(out),
-                &opts,
-            )?;
-            s.callbacks.log(relora_log_level::Info, || {
-                format!(
-                    "exported the merged model ({dtype}) to {out} at step {}",
-                    s.trainer.step_count()
-                )
-            });
+            s.export(out, dtype, max_shard_bytes, overwrite)?;
             Ok(())
         })
     })
@@ -327,9 +245,7 @@ pub unsafe extern "C" fn relora_trainer_last_stats(
             }
             // SAFETY: the caller's struct, checked before use.
             unsafe { check_stats_out(stats)? };
-            let c = s.last_stats.ok_or_else(|| {
-                Failure::state("no step has been applied since the trainer was created or loaded")
-            })?;
+            let c = s.last_stats()?;
             // SAFETY: checked by `check_stats_out`.
             unsafe { write_stats(stats, &c) };
             Ok(())
@@ -353,7 +269,7 @@ pub unsafe extern "C" fn relora_trainer_host_state(
     let func = "relora_trainer_host_state";
     boundary(func, || {
         enter(func, trainer, |s| {
-            let text = s.host_state.as_deref().unwrap_or_default();
+            let text = s.host_state();
             // SAFETY: buffer contract as documented.
             unsafe { write_text(text, buf, len, out_len) }
         })
@@ -436,7 +352,7 @@ fn getter<T>(
     func: &str,
     trainer: *const relora_trainer,
     out: *mut T,
-    get: impl FnOnce(&TrainerState) -> T,
+    get: impl FnOnce(&Session) -> T,
 ) -> relora_status {
     boundary(func, || {
         let out = out_ptr(out, "out")?;
