@@ -22,7 +22,8 @@
 //! 7. [`checkpoint`] (save, load, run directories, the streaming source);
 //! 8. [`run`] (a training run as the command line drives it), [`export`] (Hugging Face and PEFT
 //!    directories);
-//! 9. [`import`] (Hugging Face into a checkpoint), [`ffi`] (the C ABI: nothing depends on it);
+//! 9. [`import`] (Hugging Face into a checkpoint), [`ffi`] (the C ABI, and the trainer session
+//!    it shares with the cxx bridge in `bindings/cxx`: nothing in the crate depends on it);
 //! 10. [`analysis`] (inspect, spectrum).
 //!
 //! The core (model, relora, optim, trainer, checkpoint) imports none of export, import,

@@ -161,21 +161,6 @@ impl HostReducer {
     }
 }
 
-impl super::session::FaceReducer for HostReducer {
-    fn reducer(&mut self) -> &mut dyn GradientReducer {
-        self
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.failed.as_ref().map(|name| {
-            format!(
-                "the gradient reducer returned false for {name}; the step was abandoned and its \
-                 gradients discarded"
-            )
-        })
-    }
-}
-
 impl GradientReducer for HostReducer {
     fn reduce(&mut self, name: &str, grad: &mut [f32]) -> Result<()> {
         let index = self.index;

@@ -11,7 +11,24 @@ use super::handle::{enter, relora_trainer};
 use super::session::{check_shape, FaceReducer};
 use super::stats::{check_stats_out, relora_step_stats, write_stats};
 use super::status::relora_status;
+use crate::trainer::GradientReducer;
 use std::os::raw::c_void;
+
+/// The C reduce callback as a face's reducer: its failure names the parameter it refused.
+impl FaceReducer for HostReducer {
+    fn reducer(&mut self) -> &mut dyn GradientReducer {
+        self
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed.as_ref().map(|name| {
+            format!(
+                "the gradient reducer returned false for {name}; the step was abandoned and its \
+                 gradients discarded"
+            )
+        })
+    }
+}
 
 /// Borrows the caller's `batch` rows of `len` tokens, after the checks a C caller's pointer and
 /// lengths need (the ids and the count are checked by the session).
