@@ -97,7 +97,7 @@ pub(crate) fn read_verified(path: &Path, expect: &FileInfo) -> Result<Vec<u8>> {
 }
 
 /// Parses safetensors bytes into tensors on `device`; a malformed file is a checkpoint error.
-pub(crate) fn parse_tensors(
+pub fn parse_tensors(
     path: &Path,
     bytes: &[u8],
     device: &Device,

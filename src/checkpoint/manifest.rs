@@ -16,10 +16,10 @@ pub const FORMAT_VERSION: u32 = 2;
 /// The oldest manifest layout this build reads.
 pub(crate) const OLDEST_READABLE_VERSION: u32 = 1;
 /// The manifest's file name inside a checkpoint directory.
-pub(crate) const MANIFEST_FILE: &str = "manifest.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
 /// The CRC-32 of the manifest's bytes, as 8 hex digits. The manifest checks every other file; this
 /// checks the manifest, so that a flipped digit (a scale, a step, a checksum) is caught too.
-pub(crate) const MANIFEST_CHECKSUM_FILE: &str = "manifest.json.crc32";
+pub const MANIFEST_CHECKSUM_FILE: &str = "manifest.json.crc32";
 
 /// One completed ReLoRA phase as listed in the manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

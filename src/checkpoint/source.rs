@@ -62,7 +62,7 @@ struct PhaseFile {
 }
 
 /// A validated checkpoint from which tensors are produced one at a time.
-pub(crate) struct CheckpointSource {
+pub struct CheckpointSource {
     dir: PathBuf,
     manifest: Manifest,
     params: SafetensorsFile,
@@ -407,7 +407,7 @@ impl CheckpointSource {
 
     /// Checks a requested `--upto-phase` and turns it into (phases to apply, include the current
     /// adapter): `None` means everything, current adapter included; `Some(n)` the first n phases.
-    pub(crate) fn resolve_upto(&self, upto: Option<usize>) -> Result<(usize, bool)> {
+    pub fn resolve_upto(&self, upto: Option<usize>) -> Result<(usize, bool)> {
         match upto {
             None => Ok((self.phases.len(), self.has_adapters())),
             Some(n) if n <= self.phases.len() => Ok((n, false)),

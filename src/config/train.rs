@@ -168,7 +168,7 @@ impl TrainConfig {
     }
 
     /// The parameter dtype.
-    pub(crate) fn candle_dtype(&self) -> Result<candle_core::DType> {
+    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
         match self.dtype.as_str() {
             "f32" => Ok(candle_core::DType::F32),
             "f64" => Ok(candle_core::DType::F64),
@@ -179,7 +179,7 @@ impl TrainConfig {
     }
 
     /// The matmul dtype under mixed precision (`None`: the parameter dtype).
-    pub(crate) fn candle_compute_dtype(&self) -> Result<Option<candle_core::DType>> {
+    pub fn candle_compute_dtype(&self) -> Result<Option<candle_core::DType>> {
         match self.compute_dtype.as_str() {
             "" => Ok(None),
             "f32" | "f64" if self.compute_dtype == self.dtype => Ok(None),

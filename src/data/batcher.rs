@@ -164,7 +164,7 @@ impl Batcher {
     /// Continues from a position saved by [`Batcher::state`]. The batcher must have been built
     /// over the same tokens and `seq_len`; a cursor beyond this data's window count is rejected
     /// because it proves the data differ.
-    pub(crate) fn restore(&mut self, state: BatcherState) -> Result<()> {
+    pub fn restore(&mut self, state: BatcherState) -> Result<()> {
         let windows = self.order.len();
         let cursor = usize::try_from(state.cursor)
             .ok()

@@ -75,7 +75,7 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// Runs the body of entry point `func` inside the panic boundary and turns its outcome into a
 /// status: success clears the last error, a failure records "func: detail", a panic becomes
 /// `RELORA_STATUS_PANIC`.
-pub(crate) fn boundary(func: &str, body: impl FnOnce() -> FfiResult<()>) -> relora_status {
+pub fn boundary(func: &str, body: impl FnOnce() -> FfiResult<()>) -> relora_status {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => {
             clear_last_error();

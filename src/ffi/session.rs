@@ -103,7 +103,7 @@ pub(crate) fn check_shape(batch: usize, len: usize) -> FfiResult<()> {
 }
 
 /// Rows into batches of at most `per_batch` rows each.
-pub(crate) fn batches(rows: &[Vec<u32>], per_batch: usize) -> Vec<Batch> {
+pub fn batches(rows: &[Vec<u32>], per_batch: usize) -> Vec<Batch> {
     rows.chunks(per_batch.max(1))
         .map(|chunk| {
             let seq = chunk[0].len() - 1;

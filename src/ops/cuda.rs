@@ -46,7 +46,7 @@ macro_rules! launch {
 pub(crate) use launch;
 
 /// The f32 buffer of a contiguous input, from its first element.
-pub(crate) fn input<'a>(
+pub fn input<'a>(
     op: &str,
     s: &'a CudaStorage,
     l: &Layout,

@@ -31,7 +31,7 @@ pub(crate) struct Grouped {
 
 impl Grouped {
     /// The geometry for tensors of these element counts.
-    pub(crate) fn new(lens: impl IntoIterator<Item = usize>) -> Self {
+    pub fn new(lens: impl IntoIterator<Item = usize>) -> Self {
         let (mut tensors, mut longest) = (0, 0);
         for n in lens {
             tensors += 1;
@@ -72,7 +72,7 @@ impl Grouped {
 
     /// The CUDA launch configuration for the launch over `tensors`.
     #[cfg(feature = "cuda")]
-    pub(crate) fn config(
+    pub fn config(
         &self,
         tensors: &Range<usize>,
     ) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {

@@ -15,7 +15,7 @@ pub(crate) struct Precomputed {
 
 impl Precomputed {
     /// Holds `value`, which must be a fresh contiguous tensor.
-    pub(crate) fn new(op: &'static str, value: Tensor) -> Self {
+    pub fn new(op: &'static str, value: Tensor) -> Self {
         Precomputed {
             op,
             dims: value.dims().to_vec(),

@@ -279,7 +279,7 @@ pub(crate) struct GemmArgs {
 impl GemmArgs {
     /// The arguments for `a [m, k]` and `b [k, n]` laid out as `al` and `bl` (each row-major or
     /// transposed, from their start offsets).
-    pub(crate) fn new(
+    pub fn new(
         al: &Layout,
         bl: &Layout,
         (m, k, n): (usize, usize, usize),

@@ -228,6 +228,13 @@ impl SafetensorsFile {
         v
     }
 
+    /// Every entry in the order of the data.
+    pub fn tensors_in_file_order(&self) -> Vec<&TensorInfo> {
+        let mut v: Vec<&TensorInfo> = self.tensors.values().collect();
+        v.sort_by_key(|t| t.begin);
+        v
+    }
+
     /// Tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.tensors.keys().cloned().collect();
@@ -256,7 +263,7 @@ impl SafetensorsFile {
 
     /// Calls `f` on the data of tensor `name` in windows of at most [`WINDOW_BYTES`] (whole
     /// elements each), mapping one window at a time so memory stays bounded for any tensor size.
-    pub(crate) fn for_each_window(
+    pub fn for_each_window(
         &self,
         name: &str,
         mut f: impl FnMut(&[u8]) -> Result<()>,
@@ -292,7 +299,7 @@ impl SafetensorsFile {
     }
 
     /// Loads a tensor holding one float (a phase's scale) as f64.
-    pub(crate) fn scalar_f64(&self, name: &str) -> Result<f64> {
+    pub fn scalar_f64(&self, name: &str) -> Result<f64> {
         let t = self.info(name)?;
         if t.numel() != 1 {
             return Err(bad(
