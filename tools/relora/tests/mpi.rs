@@ -401,6 +401,22 @@ fn resume_args(run: &Path) -> Vec<&str> {
     ]
 }
 
+/// Resumes `run` on 2 ranks, checks that it continued from step `at` and left no hidden
+/// entries, and returns how far its final weights are from `reference`'s.
+fn resume_on_two_ranks(run: &Path, at: u64, reference: &Path) -> f32 {
+    let out = check(
+        "resumed job",
+        mpirun(2, &resume_args(run)).output().unwrap(),
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains(&format!("at step {at}")),
+        "did not resume at step {at}:\n{text}"
+    );
+    assert!(hidden_checkpoint_entries(run).is_empty());
+    max_weight_diff(&checkpoint_dir(reference, 20), &checkpoint_dir(run, 20))
+}
+
 /// The arguments as string slices.
 fn as_str(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -520,20 +536,7 @@ fn a_kill_during_a_save_in_a_two_rank_run_resumes_every_rank_from_one_checkpoint
 
     // Both ranks resume: rank 0 tidies the leftover before any rank picks the newest
     // checkpoint, so both continue from step 8 and end where the uninterrupted run did.
-    let out = check(
-        "resumed job",
-        mpirun(2, &resume_args(&killed)).output().unwrap(),
-    );
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        text.contains("at step 8"),
-        "did not resume at step 8:\n{text}"
-    );
-    assert!(hidden_checkpoint_entries(&killed).is_empty());
-    let diff = max_weight_diff(
-        &checkpoint_dir(&reference, 20),
-        &checkpoint_dir(&killed, 20),
-    );
+    let diff = resume_on_two_ranks(&killed, 8, &reference);
     eprintln!(
         "killed during a save and resumed vs uninterrupted: max |weight difference| = {diff:e}"
     );
@@ -554,19 +557,6 @@ fn a_kill_during_a_save_in_a_two_rank_run_resumes_every_rank_from_one_checkpoint
         parked.join("checkpoints/.step-00000012.old-4242"),
     )
     .unwrap();
-    let out = check(
-        "resumed job",
-        mpirun(2, &resume_args(&parked)).output().unwrap(),
-    );
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        text.contains("at step 12"),
-        "did not resume at step 12:\n{text}"
-    );
-    assert!(hidden_checkpoint_entries(&parked).is_empty());
-    let diff = max_weight_diff(
-        &checkpoint_dir(&reference, 20),
-        &checkpoint_dir(&parked, 20),
-    );
+    let diff = resume_on_two_ranks(&parked, 12, &reference);
     assert!(diff <= 1e-6, "resumed run differs by {diff}");
 }
