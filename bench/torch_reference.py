@@ -6,6 +6,8 @@ trainable) and AdamW, timed the same way, printing the same JSON fields as `relo
 Usage: torch_reference.py --preset small --mode full|lora|relora --seq-len 128 --batch-size 8
        [--rank 32] [--steps 10] [--warmup 2] [--threads N] [--device cpu|cuda] [--dtype f32|bf16]
        [--attn eager|sdpa]
+       torch_reference.py --matmuls PRODUCTS.json [--steps 10] [--threads N]
+         (times torch.mm on the products `relora bench --matmuls --json` wrote, same layouts)
 """
 import argparse
 import json
@@ -28,6 +30,35 @@ PRESETS = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def time_products(a):
+    """Each product of the file timed alone: the median of --steps products after two untimed
+    ones, the output allocated each time, operands stored as relora's trainer stores them."""
+    doc = json.load(open(a.matmuls))
+    g = torch.Generator().manual_seed(0)
+
+    def operand(rows, cols, transposed):
+        shape = (cols, rows) if transposed else (rows, cols)
+        t = torch.randn(shape, generator=g, dtype=torch.float32).to(a.device)
+        return t.t() if transposed else t
+
+    out = []
+    with torch.no_grad():
+        for prod in doc["products"]:
+            x = operand(prod["m"], prod["k"], prod["a_transposed"])
+            y = operand(prod["k"], prod["n"], prod["b_transposed"])
+            times = []
+            for rep in range(max(a.steps, 1) + 2):
+                t0 = time.perf_counter()
+                c = torch.mm(x, y)
+                if a.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if rep >= 2:
+                    times.append((time.perf_counter() - t0) * 1e3)
+                del c
+            out.append(dict(prod, ms=statistics.median(times)))
+    print(json.dumps({"engine": "torch " + torch.__version__, "products": out}))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="small")
@@ -43,9 +74,14 @@ def main():
     p.add_argument("--vocab", type=int, default=258)
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
                    help="transformers attention implementation (eager: the plain matmul-softmax path)")
+    p.add_argument("--matmuls", default=None,
+                   help="time torch.mm on the products of this `relora bench --matmuls --json` file")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.matmuls:
+        time_products(a)
+        return
     from transformers import LlamaConfig, LlamaForCausalLM
 
     h, i, nh, kv, layers = PRESETS[a.preset]

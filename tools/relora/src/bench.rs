@@ -1,7 +1,7 @@
 //! `relora bench`: tokens/s and peak memory of full-rank, LoRA and ReLoRA-phase training steps
 //! for one model size, each mode in its own child process so peak RSS is per mode.
 
-use crate::{flops, inputs, regions};
+use crate::{flops, inputs, matmuls, regions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use relora::config::{Mode, ModelConfig, TrainConfig};
@@ -85,6 +85,11 @@ pub struct BenchArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Instead of training steps, time each matmul of a step alone on its exact shape and
+    /// layout (`--steps` products each, the median kept), to compare the matmul library with
+    /// PyTorch's on the same products (`bench/compare.py --matmuls`).
+    #[arg(long)]
+    matmuls: bool,
     /// Internal: run one mode in this process and print its JSON.
     #[arg(long, hide = true)]
     single: Option<Mode>,
@@ -234,6 +239,40 @@ fn run_single(a: &BenchArgs, mode: Mode) -> Result<ModeResult> {
     })
 }
 
+/// `relora bench --matmuls`: the step's products timed one by one.
+fn run_matmuls(a: &BenchArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let mut model = ModelConfig::preset(&a.preset)?;
+    model.vocab_size = inputs::tokenizer(&a.tokenizer)?.vocab_size();
+    let mut products = matmuls::step_products(&model, a.seq_len * a.batch_size, a.rank);
+    matmuls::time_products(&mut products, &device, a.steps.max(1))?;
+    println!(
+        "preset {} | {} rows (seq {} x batch {}) | rank {} | threads {} | {} | {}",
+        a.preset,
+        a.seq_len * a.batch_size,
+        a.seq_len,
+        a.batch_size,
+        a.rank,
+        a.threads
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "all".into()),
+        a.device,
+        cpu_model()
+    );
+    matmuls::print_table(&products);
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({
+            "tool": BENCH_TOOL, "preset": a.preset, "seq_len": a.seq_len,
+            "batch_size": a.batch_size, "rank": a.rank, "threads": a.threads,
+            "device": a.device, "cpu": cpu_model(), "products": products,
+        });
+        let text = serde_json::to_string_pretty(&doc)?;
+        relora::fs::output::write_file_output(path, &BENCH_JSON, true, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -252,6 +291,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let r = inputs::on_compute_pool(|| run_single(&a, mode))?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
+    }
+    if a.matmuls {
+        return inputs::on_compute_pool(|| run_matmuls(&a));
     }
     // The machine's matmul rate, measured in this run, for the utilisation column.
     relora::device::set_tf32(a.tf32);

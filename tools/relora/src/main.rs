@@ -5,6 +5,7 @@ mod eval;
 mod flops;
 mod generate;
 mod inputs;
+mod matmuls;
 mod plot;
 mod regions;
 mod report;
