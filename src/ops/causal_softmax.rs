@@ -25,19 +25,28 @@ fn forward<T: Float>(x: &[T], t: usize, scale: T) -> Vec<T> {
             for (r, (yr, xr)) in yc.chunks_mut(t).zip(xc.chunks(t)).enumerate() {
                 // Query position within its [t, t] block; keys 0..=i are visible.
                 let i = (first_row + r) % t;
-                let mut max = T::NEG_INF;
-                for &v in &xr[..=i] {
-                    let v = v * scale;
-                    if v > max {
-                        max = v;
+                let (xr, yv) = (&xr[..=i], &mut yr[..=i]);
+                // max_j(scale x_j), from the extreme of x on scale's side (rounding is
+                // monotonic, so the product of the extreme is the extreme of the products).
+                let pick = |up: bool| {
+                    move |m: T, v: T| {
+                        if (v > m) == up && v != m {
+                            v
+                        } else {
+                            m
+                        }
                     }
+                };
+                let max = if scale >= T::ZERO {
+                    lanes(xr, T::NEG_INF, pick(true)) * scale
+                } else {
+                    lanes(xr, -T::NEG_INF, pick(false)) * scale
+                };
+                for (y, &x) in yv.iter_mut().zip(xr) {
+                    *y = x * scale - max;
                 }
-                let mut sum = T::ZERO;
-                for (yv, &xv) in yr[..=i].iter_mut().zip(&xr[..=i]) {
-                    let e = (xv * scale - max).exp();
-                    *yv = e;
-                    sum += e;
-                }
+                T::exp_in_place(yv);
+                let sum = lanes(yv, T::ZERO, |s, v| s + v);
                 let inv = T::ONE / sum;
                 for yv in &mut yr[..=i] {
                     *yv = *yv * inv;
@@ -47,13 +56,38 @@ fn forward<T: Float>(x: &[T], t: usize, scale: T) -> Vec<T> {
     y
 }
 
+/// `f` folded over `xs` in 16 interleaved lanes, then the lanes in order: a form the compiler
+/// vectorises (a single running value it may not reorder), with the same order on every CPU.
+#[inline(always)]
+fn lanes<T: Float>(xs: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    const L: usize = 16;
+    let mut acc = [init; L];
+    let mut chunks = xs.chunks_exact(L);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = f(*a, v);
+    }
+    acc.into_iter().fold(init, f)
+}
+
 fn backward<T: Float>(y: &[T], dy: &[T], t: usize, scale: T) -> Vec<T> {
     let mut dx = vec![T::ZERO; y.len()];
     let step = task_len(t);
     dx.par_chunks_mut(step)
         .zip(y.par_chunks(step).zip(dy.par_chunks(step)))
-        .for_each(|(dxc, (yc, dyc))| {
-            for ((dxr, yr), dyr) in dxc.chunks_mut(t).zip(yc.chunks(t)).zip(dyc.chunks(t)) {
+        .enumerate()
+        .for_each(|(chunk, (dxc, (yc, dyc)))| {
+            let first_row = chunk * rows_per_task(t);
+            let rows = dxc.chunks_mut(t).zip(yc.chunks(t)).zip(dyc.chunks(t));
+            for (r, ((dxr, yr), dyr)) in rows.enumerate() {
+                // Masked keys have y = 0 and get a zero gradient whatever dy holds there (the
+                // attention's causal products leave dy's masked entries uncomputed).
+                let i = (first_row + r) % t;
+                let (dxr, yr, dyr) = (&mut dxr[..=i], &yr[..=i], &dyr[..=i]);
                 let mut dot = T::ZERO;
                 for (&a, &b) in yr.iter().zip(dyr) {
                     dot += a * b;
@@ -292,5 +326,39 @@ mod tests {
         );
         let bad = Tensor::zeros((2, 3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(causal_softmax(&bad, 1.0).is_err());
+    }
+
+    #[test]
+    fn f32_rows_longer_than_the_lanes_match_f64_with_large_scores_and_either_sign_of_scale() {
+        // Scores of a few hundred overflow e^x unless the row maximum is right.
+        let t = 70;
+        let x32 = (Tensor::randn(0f32, 1.0, (1, 2, t, t), &Device::Cpu).unwrap() * 150.0).unwrap();
+        // The f64 reference sees the same (f32-representable) scores, so only the arithmetic
+        // differs: f32 rounding of scores near 600 moves an exponent by ~4e-5 at most.
+        let x64 = x32.to_dtype(candle_core::DType::F64).unwrap();
+        for scale in [1.0, 0.125, -0.5] {
+            let want = causal_softmax(&x64, scale).unwrap();
+            let got = causal_softmax(&x32, scale)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap();
+            let d = max_diff(&got, &want);
+            assert!(
+                d.is_finite() && d < 1e-4,
+                "scale {scale}: differs from f64 by {d}"
+            );
+            // A wrong row maximum shows as rows that no longer sum to one (or as NaN).
+            let sums: Vec<f64> = got
+                .sum(3)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+                "scale {scale}: {sums:?}"
+            );
+        }
     }
 }

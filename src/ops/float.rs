@@ -28,6 +28,9 @@ pub(crate) trait Float:
     fn from_f64(v: f64) -> Self;
     /// e^x.
     fn exp(self) -> Self;
+    /// Replaces each element by its exponential; vectorised for f32
+    /// ([`super::vector_exp`]), element by element for f64.
+    fn exp_in_place(xs: &mut [Self]);
     /// Square root.
     fn sqrt(self) -> Self;
     /// Natural logarithm.
@@ -47,6 +50,9 @@ impl Float for f32 {
     }
     fn exp(self) -> Self {
         f32::exp(self)
+    }
+    fn exp_in_place(xs: &mut [Self]) {
+        super::vector_exp::exp_in_place(xs)
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
@@ -74,6 +80,11 @@ impl Float for f64 {
     }
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    fn exp_in_place(xs: &mut [Self]) {
+        for x in xs {
+            *x = x.exp();
+        }
     }
     fn sqrt(self) -> Self {
         f64::sqrt(self)

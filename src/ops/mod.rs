@@ -27,6 +27,7 @@ pub mod rms_norm;
 pub mod rotary;
 pub mod sum_squares;
 pub mod swiglu;
+mod vector_exp;
 pub mod widening_matmul;
 
 pub use adamw_group::grouped_updates;

@@ -18,8 +18,13 @@ fn forward<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
     y.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .for_each(|(yc, (gc, uc))| {
+            // e^-g in y's own memory first, in one vectorised pass.
+            for (y, &g) in yc.iter_mut().zip(gc) {
+                *y = -g;
+            }
+            T::exp_in_place(yc);
             for ((y, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
-                *y = g / (T::ONE + (-g).exp()) * u;
+                *y = g / (T::ONE + *y) * u;
             }
         });
     y
@@ -38,8 +43,13 @@ fn backward<T: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
                 .zip(dy.par_chunks(CHUNK)),
         )
         .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+            // e^-g in dg's memory first, in one vectorised pass.
+            for (dg, &g) in dgc.iter_mut().zip(gc) {
+                *dg = -g;
+            }
+            T::exp_in_place(dgc);
             for ((((dg, du), &g), &u), &d) in dgc.iter_mut().zip(duc).zip(gc).zip(uc).zip(dyc) {
-                let s = T::ONE / (T::ONE + (-g).exp());
+                let s = T::ONE / (T::ONE + *dg);
                 *du = d * g * s;
                 *dg = d * u * s * (T::ONE + g * (T::ONE - s));
             }

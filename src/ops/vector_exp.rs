@@ -1,0 +1,174 @@
+//! `e^x` over a slice of f32, in a form the compiler turns into vector code, for the fused CPU
+//! kernels that spend their time in it (SwiGLU's sigmoid, the causal softmax).
+//!
+//! The C library's `expf` is one call per element: in the 60m profile it was 2.5 % of a step,
+//! and it kept the loops around it scalar. Here the range reduction and polynomial are plain
+//! branch-free arithmetic on each element, compiled three times (AVX-512, AVX2, and the
+//! target's baseline) and picked at run time, so every x86-64 CPU runs its widest vectors and
+//! other targets run the same arithmetic. There are no fused multiply-adds, so all three give
+//! the same bits on every CPU.
+//!
+//! Accuracy: within 2 ulp of the exact `e^x` over the normal range (tested against f64 on a
+//! dense sweep). Results below `f32::MIN_POSITIVE` are flushed to zero instead of becoming
+//! subnormal; above `ln(f32::MAX)` they are infinite, and NaN stays NaN.
+
+/// Largest input whose exponential is finite in f32.
+const HI: f32 = 88.722_83;
+/// Smallest input whose exponential is a normal f32.
+const LO: f32 = -87.336_55;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split so that `n * LN2_HI` is exact for the `n` that occur.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// `e^x` for one element, branch-free so that loops over it vectorise.
+#[inline(always)]
+fn exp_lane(x: f32) -> f32 {
+    let c = x.clamp(LO, HI);
+    // n = round(x / ln 2); r = x - n ln 2 in [-ln2/2, ln2/2].
+    let n = (c * LOG2E + 0.5).floor();
+    let r = (c - n * LN2_HI) - n * LN2_LO;
+    // e^r - 1 - r ≈ r² P(r), minimax on that interval (relative error below 2^-24).
+    let p = 1.987_569_2e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let er = (p * (r * r) + r) + 1.0;
+    // 2^n from its exponent bits; n is within [-126, 128] after the clamp.
+    let two_n = f32::from_bits(((n as i32 + 127).clamp(1, 254) as u32) << 23);
+    let y = if n > 127.0 {
+        // Near HI, n rounds up to 128, whose power of two is not an f32: 2 * 2^127.
+        er * 2.0 * f32::from_bits(254 << 23)
+    } else {
+        er * two_n
+    };
+    if x.is_nan() {
+        x
+    } else if x > HI {
+        f32::INFINITY
+    } else if x < LO {
+        0.0
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+fn exp_in_place_body(xs: &mut [f32]) {
+    for x in xs {
+        *x = exp_lane(*x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_in_place_avx512(xs: &mut [f32]) {
+    exp_in_place_body(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn exp_in_place_avx2(xs: &mut [f32]) {
+    exp_in_place_body(xs)
+}
+
+/// Replaces each element `x` of `xs` by `e^x` (see the module documentation for accuracy).
+pub(crate) fn exp_in_place(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the function was compiled for.
+            return unsafe { exp_in_place_avx512(xs) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { exp_in_place_avx2(xs) };
+        }
+    }
+    exp_in_place_body(xs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulps(got: f32, want: f64) -> f64 {
+        let w = want as f32;
+        if got == w {
+            return 0.0;
+        }
+        // One ulp at the exact value's magnitude.
+        let ulp = f64::from(f32::from_bits(w.to_bits() + 1)) - f64::from(w);
+        ((f64::from(got) - want) / ulp).abs()
+    }
+
+    #[test]
+    fn within_two_ulp_of_f64_over_the_normal_range() {
+        let n = 2_000_001;
+        let mut xs: Vec<f32> = (0..n)
+            .map(|i| LO + (HI - LO) * i as f32 / (n - 1) as f32)
+            .collect();
+        // Small arguments, where e^x - 1 - x matters most.
+        xs.extend((0..20_001).map(|i| (i as f32 - 10_000.0) * 1e-5));
+        let want: Vec<f64> = xs.iter().map(|&x| f64::from(x).exp()).collect();
+        let mut got = xs.clone();
+        exp_in_place(&mut got);
+        let mut worst = (0.0, 0.0f32);
+        for ((&g, &w), &x) in got.iter().zip(&want).zip(&xs) {
+            let u = ulps(g, w);
+            if u > worst.0 {
+                worst = (u, x);
+            }
+        }
+        assert!(worst.0 <= 2.0, "{} ulp at x = {}", worst.0, worst.1);
+    }
+
+    #[test]
+    fn edges_overflow_flush_and_nan() {
+        let mut xs = vec![
+            0.0,
+            -0.0,
+            1.0,
+            HI,
+            HI + 0.01,
+            1e30,
+            f32::INFINITY,
+            LO,
+            LO - 0.01,
+            -1e30,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        exp_in_place(&mut xs);
+        assert_eq!(xs[0], 1.0);
+        assert_eq!(xs[1], 1.0);
+        assert!((xs[2] - std::f32::consts::E).abs() <= f32::EPSILON * 3.0);
+        assert!(xs[3].is_finite() && xs[3] > 3.4e38, "{}", xs[3]);
+        assert_eq!(&xs[4..7], &[f32::INFINITY; 3]);
+        assert!(xs[7] > 0.0 && xs[7] < 1.2e-38, "{}", xs[7]);
+        assert_eq!(&xs[8..11], &[0.0; 3]);
+        assert!(xs[11].is_nan());
+    }
+
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let xs: Vec<f32> = (0..100_003)
+            .map(|i| (i as f32 * 0.618_034).sin() * 90.0)
+            .collect();
+        let mut base = xs.clone();
+        exp_in_place_body(&mut base);
+        let mut picked = xs.clone();
+        exp_in_place(&mut picked);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&base), bits(&picked));
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let mut avx2 = xs.clone();
+            // SAFETY: checked just above.
+            unsafe { exp_in_place_avx2(&mut avx2) };
+            assert_eq!(bits(&base), bits(&avx2));
+        }
+    }
+}
