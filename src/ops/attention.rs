@@ -12,6 +12,7 @@
 //! the same products candle's backward would, so the result matches the composed ops to rounding.
 
 use super::causal_softmax::{causal_softmax, causal_softmax_backward};
+use super::head_matmul::{head_matmul, head_matmul_applies, Causal, Operand};
 use super::precomputed::Precomputed;
 use super::rotary::{rotary, rotary_inverse};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -117,12 +118,15 @@ impl AttentionSaved {
         // [b*t, heads*d] -> [b, heads, t, d] in the matmul dtype.
         let dout = cast(&dout.reshape((b, t, heads, d))?.transpose(1, 2)?, mm)?.contiguous()?;
         // out = p v
-        let dprobs = cast(&dout.matmul(&s.v.t()?)?, s.probs.dtype())?;
-        let dv = s.probs_mm.t()?.matmul(&dout)?;
+        let dprobs = cast(
+            &heads_product((&dout, false), (&s.v, true), Causal::LowerResult)?,
+            s.probs.dtype(),
+        )?;
+        let dv = heads_product((&s.probs_mm, true), (&dout, false), Causal::UpperLeft)?;
         // p = softmax(scale * q kᵀ)
         let dscores = cast(&causal_softmax_backward(&s.probs, &dprobs, self.scale)?, mm)?;
-        let dq = dscores.matmul(&s.k)?;
-        let dk = dscores.t()?.matmul(&s.q)?;
+        let dq = heads_product((&dscores, false), (&s.k, false), Causal::LowerLeft)?;
+        let dk = heads_product((&dscores, true), (&s.q, false), Causal::UpperLeft)?;
         // Back to the parameter dtype, summed over each key/value head's query group, unrotated,
         // and merged to [b*t, heads*d].
         let unshare = |x: Tensor| -> candle_core::Result<Tensor> {
@@ -144,6 +148,31 @@ impl AttentionSaved {
         let dv = merge(unshare(dv)?, kv_heads)?;
         Ok((dq, dk, dv))
     }
+}
+
+/// `op(a) op(b)` for each head of contiguous `[b, heads, r, c]` tensors, `op` transposing an
+/// operand marked `true`: on the CPU in f32/f64 the causal-aware per-head products (about half
+/// the arithmetic, heads as the parallel tasks), elsewhere candle's batched matmul, which
+/// computes the entries `causal` marks as unneeded too (they are zero or never read).
+fn heads_product(
+    (a, ta): (&Tensor, bool),
+    (b, tb): (&Tensor, bool),
+    causal: Causal,
+) -> candle_core::Result<Tensor> {
+    let op = |x: &Tensor, t: bool| if t { x.t() } else { Ok(x.clone()) };
+    if !head_matmul_applies(a) {
+        return op(a, ta)?.matmul(&op(b, tb)?);
+    }
+    let (n0, n1, _, _) = a.dims4()?;
+    let flat = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let (n0, n1, r, c) = x.dims4()?;
+        x.contiguous()?.reshape((n0 * n1, r, c))
+    };
+    let (fa, fb) = (flat(a)?, flat(b)?);
+    let operand = |tensor, transposed| Operand { tensor, transposed };
+    let c = head_matmul(operand(&fa, ta), operand(&fb, tb), causal)?;
+    let (_, m, p) = c.dims3()?;
+    c.reshape((n0, n1, m, p))
 }
 
 fn cast(x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
@@ -244,7 +273,7 @@ pub(crate) fn attention_forward(
     let vr = cast(&repeat_kv(split(v, kv_heads)?, heads)?, mm)?;
     let scale = 1.0 / (d as f64).sqrt();
     // [b, heads, t, d] x [b, heads, d, t] -> [b, heads, t, t]
-    let scores = qr.matmul(&kr.t()?)?;
+    let scores = heads_product((&qr, false), (&kr, true), Causal::LowerResult)?;
     let probs = if scores.dtype() == DType::BF16 && scores.device().is_cuda() {
         causal_softmax(&scores, scale)?
     } else {
@@ -253,10 +282,13 @@ pub(crate) fn attention_forward(
     drop(scores);
     let probs_mm = cast(&probs, mm)?;
     // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, heads*d]
-    let out = cast(&probs_mm.matmul(&vr)?, result)?
-        .transpose(1, 2)?
-        .reshape((b * t, heads * d))?
-        .contiguous()?;
+    let out = cast(
+        &heads_product((&probs_mm, false), (&vr, false), Causal::LowerLeft)?,
+        result,
+    )?
+    .transpose(1, 2)?
+    .reshape((b * t, heads * d))?
+    .contiguous()?;
     let saved = AttentionSaved {
         heads: h,
         scale,

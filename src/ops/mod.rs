@@ -20,6 +20,7 @@ mod float;
 pub mod frozen_matmul;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod grouped;
+mod head_matmul;
 pub mod lora_linear;
 pub mod mixed_linear;
 pub(crate) mod precomputed;
