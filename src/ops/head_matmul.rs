@@ -11,6 +11,7 @@
 use super::float::{contiguous, Float};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows of the result per task: a multiple of the gemm microkernels' tiles, and small enough
 /// that the causal triangle is cut finely (blocks of 64 rows of a 256-position sequence compute
@@ -122,58 +123,72 @@ fn typed<T: Float + candle_core::WithDType>(
         contiguous::<T>("head matmul", sa, la)?,
         contiguous::<T>("head matmul", sb, lb)?,
     );
-    let mut out = vec![T::ZERO; n * m * p];
-    if out.is_empty() {
-        return Tensor::from_vec(out, (n, m, p), &Device::Cpu);
-    }
-    // Each task: one block of result rows of one head.
-    out.par_chunks_mut(m * p)
-        .zip(xa.par_chunks(m * k).zip(xb.par_chunks(k * p)))
-        .for_each(|(c, (ha, hb))| {
-            c.par_chunks_mut(BLOCK * p)
-                .enumerate()
-                .for_each(|(blk, cb)| {
-                    let r0 = blk * BLOCK;
-                    let r1 = (r0 + BLOCK).min(m);
-                    // Columns of the result and the summed range this block needs.
-                    let (cols, ks) = match causal {
-                        Causal::LowerResult => (r1, 0..k),
-                        Causal::LowerLeft => (p, 0..r1),
-                        Causal::UpperLeft => (p, r0..k),
-                    };
-                    block_product(cb, p, (ha, va), (hb, vb), (r0..r1, cols, ks));
-                    if causal == Causal::LowerResult {
-                        // The block's columns reach its last row's diagonal: clear what lies
-                        // above the diagonal of its earlier rows.
-                        for (r, row) in cb.chunks_mut(p).enumerate() {
-                            row[r0 + r + 1..r1].fill(T::ZERO);
+    // Every element is written once below (computed or zeroed), so no zero-fill first.
+    let len = n * m * p;
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    if len > 0 {
+        // Each task: one block of result rows of one head.
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(m * p)
+            .zip(xa.par_chunks(m * k).zip(xb.par_chunks(k * p)))
+            .for_each(|(c, (ha, hb))| {
+                c.par_chunks_mut(BLOCK * p)
+                    .enumerate()
+                    .for_each(|(blk, cb)| {
+                        let r0 = blk * BLOCK;
+                        let r1 = (r0 + BLOCK).min(m);
+                        // Columns of the result and the summed range this block needs.
+                        let (cols, ks) = match causal {
+                            Causal::LowerResult => (r1, 0..k),
+                            Causal::LowerLeft => (p, 0..r1),
+                            Causal::UpperLeft => (p, r0..k),
+                        };
+                        block_product(cb, p, (ha, va), (hb, vb), (r0..r1, cols, ks));
+                        if causal == Causal::LowerResult {
+                            // The block's columns reach its last row's diagonal: clear what
+                            // lies above the diagonal of its earlier rows.
+                            for (r, row) in cb.chunks_mut(p).enumerate() {
+                                row[r0 + r + 1..r1].fill(MaybeUninit::new(T::ZERO));
+                            }
                         }
-                    }
-                });
-        });
+                    });
+            });
+    }
+    // SAFETY: the capacity is len, and the tasks above cover the first len elements (heads of
+    // m * p, zipped with exactly n heads of each operand, checked in the shapes above; blocks of
+    // whole rows), each writing its block in full (see `block_product`).
+    unsafe { out.set_len(len) };
     Tensor::from_vec(out, (n, m, p), &Device::Cpu)
 }
 
-/// `c[.., ..cols] = a[rows, ks] b[ks, ..cols]`, with `c` the block's rows (row stride `ldc`).
+/// `c[.., ..cols] = a[rows, ks] b[ks, ..cols]` and `c[.., cols..] = 0`, with `c` the block's
+/// rows (row stride `ldc`, every element written).
 fn block_product<T: Float>(
-    c: &mut [T],
+    c: &mut [MaybeUninit<T>],
     ldc: usize,
     (a, va): (&[T], View),
     (b, vb): (&[T], View),
     (rows, cols, ks): (std::ops::Range<usize>, usize, std::ops::Range<usize>),
 ) {
     let (m, k) = (rows.len(), ks.len());
-    // The buffer starts zeroed, which is the product over an empty range.
-    if m == 0 || cols == 0 || k == 0 {
+    // The product over an empty range is zero, and so is what lies right of `cols`.
+    let computed = if k == 0 { 0 } else { cols };
+    for row in c.chunks_mut(ldc) {
+        row[computed..].fill(MaybeUninit::new(T::ZERO));
+    }
+    if m == 0 || computed == 0 {
         return;
     }
     // Every index the gemm reads is inside its slice: rows < va.rows, ks < va.cols = vb.rows,
     // cols <= vb.cols, and the views describe the contiguous head matrices the slices hold.
-    debug_assert!(rows.end <= va.rows && ks.end <= va.cols && cols <= vb.cols);
-    debug_assert!(c.len() >= (m - 1) * ldc + cols);
+    assert!(rows.end <= va.rows && ks.end <= va.cols && cols <= vb.cols);
+    assert!(
+        c.len() == m * ldc && cols <= ldc,
+        "head matmul: block of the wrong size"
+    );
     let a0 = rows.start * va.rs + ks.start * va.cs;
     let b0 = ks.start * vb.rs;
-    // SAFETY: dst is `c`, m rows of stride ldc by `cols` columns, inside `c` (asserted above);
+    // SAFETY: dst is `c`, m rows of stride ldc by `cols` columns, inside `c`, and the ranges inside the views (asserted above);
     // lhs starts at a0 and reads (rows, ks) of a through its strides, rhs starts at b0 and reads
     // (ks, ..cols) of b, all inside the head's slices because the ranges lie within the views'
     // dimensions (checked against the tensors' dims in `typed`). dst aliases neither. With
@@ -183,7 +198,7 @@ fn block_product<T: Float>(
             m,
             cols,
             k,
-            c.as_mut_ptr(),
+            c.as_mut_ptr().cast::<T>(),
             1,
             ldc as isize,
             false,
