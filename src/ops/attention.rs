@@ -9,7 +9,8 @@
 //! the probabilities, and f32 and bf16 copies of the heads). As one node the forward runs the
 //! same kernels on tensors outside the graph and keeps only what the backward reads: the rotated
 //! heads in the matmul dtype and the probabilities. The backward is written out below; it runs
-//! the same products candle's backward would, so the result matches the composed ops to rounding.
+//! the products candle's backward would, so the result matches the composed ops to rounding. On
+//! the CPU the per-head products skip the blocks the causal mask zeroes (`ops/head_matmul.rs`).
 
 use super::causal_softmax::{causal_softmax, causal_softmax_backward};
 use super::head_matmul::{head_matmul, head_matmul_applies, Causal, Operand};

@@ -21,10 +21,13 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
-/// `e^x` for one element, branch-free so that loops over it vectorise.
+/// `e^x` for one element, branch-free so that loops over it vectorise: every step is lane-wise
+/// arithmetic or a select, with no conversion that needs a per-lane check.
 #[inline(always)]
 fn exp_lane(x: f32) -> f32 {
-    let c = x.clamp(LO, HI);
+    // max/min return the other operand for NaN, so c is always in [LO, HI] (NaN is restored
+    // at the end).
+    let c = x.max(LO).min(HI);
     // n = round(x / ln 2); r = x - n ln 2 in [-ln2/2, ln2/2].
     let n = (c * LOG2E + 0.5).floor();
     let r = (c - n * LN2_HI) - n * LN2_LO;
@@ -36,20 +39,17 @@ fn exp_lane(x: f32) -> f32 {
     let p = p * r + 0.166_666_65;
     let p = p * r + 0.5;
     let er = (p * (r * r) + r) + 1.0;
-    // 2^n from its exponent bits; n is within [-126, 128] after the clamp.
-    let two_n = f32::from_bits(((n as i32 + 127).clamp(1, 254) as u32) << 23);
-    let y = if n > 127.0 {
-        // Near HI, n rounds up to 128, whose power of two is not an f32: 2 * 2^127.
-        er * 2.0 * f32::from_bits(254 << 23)
-    } else {
-        er * two_n
-    };
+    // SAFETY: n is an integer in [-126, 128] (c is clamped above), so it fits an i32.
+    let ni: i32 = unsafe { n.to_int_unchecked() };
+    // 2^n as two normal powers of two (2^128 itself is not an f32): each half is within
+    // [-63, 64], and scaling by them is exact while the result is normal.
+    let h = ni >> 1;
+    let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    let y = er * pow2(h) * pow2(ni - h);
+    let y = if x > HI { f32::INFINITY } else { y };
+    let y = if x < LO { 0.0 } else { y };
     if x.is_nan() {
         x
-    } else if x > HI {
-        f32::INFINITY
-    } else if x < LO {
-        0.0
     } else {
         y
     }
