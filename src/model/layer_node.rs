@@ -148,10 +148,11 @@ impl Projection {
     fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ParamGrads) -> candle_core::Result<Tensor> {
         match self {
             Projection::Plain { weight } => {
-                let w = weight.detach();
-                // [n, out] x [out, in] and [out, n] x [n, in]
-                sink.push(weight, dy.t()?.matmul(x)?)?;
-                dy.matmul(&w)
+                // [n, out] x [out, in] and [out, n] x [n, in], side by side.
+                let (dx, dw) =
+                    crate::ops::linear_backward::linear_backward(x, &weight.detach(), dy)?;
+                sink.push(weight, dw)?;
+                Ok(dx)
             }
             Projection::Mixed {
                 weight,
