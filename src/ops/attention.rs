@@ -13,7 +13,9 @@
 //! the CPU the per-head products skip the blocks the causal mask zeroes (`ops/head_matmul.rs`).
 
 use super::causal_softmax::{causal_softmax, causal_softmax_backward};
-use super::head_matmul::{head_matmul, head_matmul_applies, Causal, Operand};
+use super::head_matmul::{
+    causal_probs, causal_score_grads, head_matmul, head_matmul_applies, Causal, Operand,
+};
 use super::precomputed::Precomputed;
 use super::rotary::{rotary, rotary_inverse};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -119,13 +121,18 @@ impl AttentionSaved {
         // [b*t, heads*d] -> [b, heads, t, d] in the matmul dtype.
         let dout = cast(&dout.reshape((b, t, heads, d))?.transpose(1, 2)?, mm)?.contiguous()?;
         // out = p v
-        let dprobs = cast(
-            &heads_product((&dout, false), (&s.v, true), Causal::LowerResult)?,
-            s.probs.dtype(),
-        )?;
         let dv = heads_product((&s.probs_mm, true), (&dout, false), Causal::UpperLeft)?;
         // p = softmax(scale * q kᵀ)
-        let dscores = cast(&causal_softmax_backward(&s.probs, &dprobs, self.scale)?, mm)?;
+        let dscores = if softmax_fuses(&dout, s.probs.dtype()) {
+            let flat = (flat_heads(&dout)?, flat_heads(&s.v)?, flat_heads(&s.probs)?);
+            causal_score_grads(&flat.0, &flat.1, &flat.2, self.scale)?.reshape((b, heads, t, t))?
+        } else {
+            let dprobs = cast(
+                &heads_product((&dout, false), (&s.v, true), Causal::LowerResult)?,
+                s.probs.dtype(),
+            )?;
+            cast(&causal_softmax_backward(&s.probs, &dprobs, self.scale)?, mm)?
+        };
         let dq = heads_product((&dscores, false), (&s.k, false), Causal::LowerLeft)?;
         let dk = heads_product((&dscores, true), (&s.q, false), Causal::UpperLeft)?;
         // Back to the parameter dtype, summed over each key/value head's query group, unrotated,
@@ -165,15 +172,24 @@ fn heads_product(
         return op(a, ta)?.matmul(&op(b, tb)?);
     }
     let (n0, n1, _, _) = a.dims4()?;
-    let flat = |x: &Tensor| -> candle_core::Result<Tensor> {
-        let (n0, n1, r, c) = x.dims4()?;
-        x.contiguous()?.reshape((n0 * n1, r, c))
-    };
-    let (fa, fb) = (flat(a)?, flat(b)?);
+    let (fa, fb) = (flat_heads(a)?, flat_heads(b)?);
     let operand = |tensor, transposed| Operand { tensor, transposed };
     let c = head_matmul(operand(&fa, ta), operand(&fb, tb), causal)?;
     let (_, m, p) = c.dims3()?;
     c.reshape((n0, n1, m, p))
+}
+
+/// `[b, heads, r, c] -> [b * heads, r, c]`, contiguous.
+fn flat_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (n0, n1, r, c) = x.dims4()?;
+    x.contiguous()?.reshape((n0 * n1, r, c))
+}
+
+/// Whether the probabilities and their gradients can come from the blockwise products with
+/// the softmax fused ([`causal_probs`], [`causal_score_grads`]): the CPU products apply and the
+/// softmax runs in the products' dtype.
+fn softmax_fuses(x: &Tensor, softmax: DType) -> bool {
+    head_matmul_applies(x) && x.dtype() == softmax
 }
 
 fn cast(x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
@@ -274,13 +290,16 @@ pub(crate) fn attention_forward(
     let vr = cast(&repeat_kv(split(v, kv_heads)?, heads)?, mm)?;
     let scale = 1.0 / (d as f64).sqrt();
     // [b, heads, t, d] x [b, heads, d, t] -> [b, heads, t, t]
-    let scores = heads_product((&qr, false), (&kr, true), Causal::LowerResult)?;
-    let probs = if scores.dtype() == DType::BF16 && scores.device().is_cuda() {
-        causal_softmax(&scores, scale)?
+    let probs = if softmax_fuses(&qr, param) {
+        causal_probs(&flat_heads(&qr)?, &flat_heads(&kr)?, scale)?.reshape((b, heads, t, t))?
     } else {
-        causal_softmax(&cast(&scores, param)?, scale)?
+        let scores = heads_product((&qr, false), (&kr, true), Causal::LowerResult)?;
+        if scores.dtype() == DType::BF16 && scores.device().is_cuda() {
+            causal_softmax(&scores, scale)?
+        } else {
+            causal_softmax(&cast(&scores, param)?, scale)?
+        }
     };
-    drop(scores);
     let probs_mm = cast(&probs, mm)?;
     // [b, heads, t, t] x [b, heads, t, d] -> [b, heads, t, d] -> [b*t, heads*d]
     let out = cast(

@@ -25,35 +25,53 @@ fn forward<T: Float>(x: &[T], t: usize, scale: T) -> Vec<T> {
             for (r, (yr, xr)) in yc.chunks_mut(t).zip(xc.chunks(t)).enumerate() {
                 // Query position within its [t, t] block; keys 0..=i are visible.
                 let i = (first_row + r) % t;
-                let (xr, yv) = (&xr[..=i], &mut yr[..=i]);
-                // max_j(scale x_j), from the extreme of x on scale's side (rounding is
-                // monotonic, so the product of the extreme is the extreme of the products).
-                let pick = |up: bool| {
-                    move |m: T, v: T| {
-                        if (v > m) == up && v != m {
-                            v
-                        } else {
-                            m
-                        }
-                    }
-                };
-                let max = if scale >= T::ZERO {
-                    lanes(xr, T::NEG_INF, pick(true)) * scale
-                } else {
-                    lanes(xr, -T::NEG_INF, pick(false)) * scale
-                };
-                for (y, &x) in yv.iter_mut().zip(xr) {
-                    *y = x * scale - max;
-                }
-                T::exp_in_place(yv);
-                let sum = lanes(yv, T::ZERO, |s, v| s + v);
-                let inv = T::ONE / sum;
-                for yv in &mut yr[..=i] {
-                    *yv = *yv * inv;
-                }
+                yr[..=i].copy_from_slice(&xr[..=i]);
+                softmax_row_in_place(&mut yr[..=i], scale);
             }
         });
     y
+}
+
+/// `x := softmax(scale * x)` over one row's visible scores (the caller leaves the masked
+/// entries alone): the row kernel of [`causal_softmax`], for the fused attention blocks too.
+pub(crate) fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
+    // max_j(scale x_j), from the extreme of x on scale's side (rounding is monotonic, so the
+    // product of the extreme is the extreme of the products).
+    let pick = |up: bool| {
+        move |m: T, v: T| {
+            if (v > m) == up && v != m {
+                v
+            } else {
+                m
+            }
+        }
+    };
+    let max = if scale >= T::ZERO {
+        lanes(x, T::NEG_INF, pick(true)) * scale
+    } else {
+        lanes(x, -T::NEG_INF, pick(false)) * scale
+    };
+    for v in x.iter_mut() {
+        *v = *v * scale - max;
+    }
+    T::exp_in_place(x);
+    let inv = T::ONE / lanes(x, T::ZERO, |s, v| s + v);
+    for v in x.iter_mut() {
+        *v = *v * inv;
+    }
+}
+
+/// `dy := scale * y * (dy - sum_j(y dy))` over one row's visible entries: the row kernel of
+/// [`causal_softmax_backward`], turning the gradient of the probabilities into that of the
+/// scores in place.
+pub(crate) fn softmax_backward_row_in_place<T: Float>(y: &[T], dy: &mut [T], scale: T) {
+    let mut dot = T::ZERO;
+    for (&a, &b) in y.iter().zip(dy.iter()) {
+        dot += a * b;
+    }
+    for (d, &a) in dy.iter_mut().zip(y) {
+        *d = scale * a * (*d - dot);
+    }
 }
 
 /// `f` folded over `xs` in 16 interleaved lanes, then the lanes in order: a form the compiler
@@ -87,14 +105,8 @@ fn backward<T: Float>(y: &[T], dy: &[T], t: usize, scale: T) -> Vec<T> {
                 // Masked keys have y = 0 and get a zero gradient whatever dy holds there (the
                 // attention's causal products leave dy's masked entries uncomputed).
                 let i = (first_row + r) % t;
-                let (dxr, yr, dyr) = (&mut dxr[..=i], &yr[..=i], &dyr[..=i]);
-                let mut dot = T::ZERO;
-                for (&a, &b) in yr.iter().zip(dyr) {
-                    dot += a * b;
-                }
-                for ((d, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
-                    *d = scale * a * (b - dot);
-                }
+                dxr[..=i].copy_from_slice(&dyr[..=i]);
+                softmax_backward_row_in_place(&yr[..=i], &mut dxr[..=i], scale);
             }
         });
     dx

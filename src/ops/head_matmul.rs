@@ -8,6 +8,7 @@
 //! each a single-threaded gemm, and a causal product multiplies only the blocks the mask keeps:
 //! a little over half the arithmetic of the full product.
 
+use super::causal_softmax::{softmax_backward_row_in_place, softmax_row_in_place};
 use super::float::{contiguous, Float};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
@@ -50,10 +51,95 @@ pub(crate) fn head_matmul_applies(x: &Tensor) -> bool {
 /// transposes an operand marked so. Entries `causal` leaves out are zero.
 pub(crate) fn head_matmul(a: Operand, b: Operand, causal: Causal) -> candle_core::Result<Tensor> {
     match a.tensor.dtype() {
-        DType::F32 => typed::<f32>(a, b, causal),
-        DType::F64 => typed::<f64>(a, b, causal),
+        DType::F32 => typed::<f32>(a, b, causal, Epilogue::None),
+        DType::F64 => typed::<f64>(a, b, causal, Epilogue::None),
         dt => candle_core::bail!("head matmul: unsupported dtype {dt:?}"),
     }
+}
+
+/// The attention probabilities `causal_softmax(scale q kᵀ)` per head, for contiguous
+/// `q`, `k [n, t, d]`: each block of score rows goes through the softmax while it is still in
+/// cache, so the scores are never written out and read back as a tensor of their own. The
+/// same values as [`super::causal_softmax::causal_softmax`] of [`head_matmul`]'s `q kᵀ`.
+pub(crate) fn causal_probs(q: &Tensor, k: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (a, b) = (
+        Operand {
+            tensor: q,
+            transposed: false,
+        },
+        Operand {
+            tensor: k,
+            transposed: true,
+        },
+    );
+    match q.dtype() {
+        DType::F32 => typed::<f32>(a, b, Causal::LowerResult, Epilogue::Softmax(scale as f32)),
+        DType::F64 => typed::<f64>(a, b, Causal::LowerResult, Epilogue::Softmax(scale)),
+        dt => candle_core::bail!("attention probabilities: unsupported dtype {dt:?}"),
+    }
+}
+
+/// The gradient of the attention scores from that of its result `dout [n, t, d]`, the values
+/// `v [n, t, d]` and the probabilities `probs [n, t, t]`: `dP = dout vᵀ` block by block, each
+/// block turned into `dS = scale P (dP - rowsum(P dP))` while still in cache (the softmax
+/// backward of [`super::causal_softmax`]), so `dP` never exists as a tensor.
+pub(crate) fn causal_score_grads(
+    dout: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (a, b) = (
+        Operand {
+            tensor: dout,
+            transposed: false,
+        },
+        Operand {
+            tensor: v,
+            transposed: true,
+        },
+    );
+    let (n, t, _) = dout.dims3()?;
+    if probs.dims() != [n, t, t] || probs.dtype() != dout.dtype() || !probs.is_contiguous() {
+        candle_core::bail!(
+            "attention score gradients: probabilities {:?} {:?} for {:?} {:?}",
+            probs.dims(),
+            probs.dtype(),
+            dout.dims(),
+            dout.dtype()
+        );
+    }
+    let (sp, lp) = probs.storage_and_layout();
+    let Storage::Cpu(sp) = &*sp else {
+        candle_core::bail!("attention score gradients: probabilities are not on the CPU");
+    };
+    let op = "attention score gradients";
+    match dout.dtype() {
+        DType::F32 => typed::<f32>(
+            a,
+            b,
+            Causal::LowerResult,
+            Epilogue::SoftmaxBackward(contiguous(op, sp, lp)?, scale as f32),
+        ),
+        DType::F64 => typed::<f64>(
+            a,
+            b,
+            Causal::LowerResult,
+            Epilogue::SoftmaxBackward(contiguous(op, sp, lp)?, scale),
+        ),
+        dt => candle_core::bail!("{op}: unsupported dtype {dt:?}"),
+    }
+}
+
+/// What a block of a `LowerResult` product goes through once computed, row by row over the
+/// visible entries `0..=i`.
+enum Epilogue<'a, T> {
+    /// Nothing: the product itself.
+    None,
+    /// The causal softmax with this scale.
+    Softmax(T),
+    /// The causal softmax's backward, given the probabilities `[n, t, t]` and the scale.
+    SoftmaxBackward(&'a [T], T),
 }
 
 /// A matrix inside a buffer: element `(i, j)` at `i * rs + j * cs`.
@@ -95,6 +181,7 @@ fn typed<T: Float + candle_core::WithDType>(
     a: Operand,
     b: Operand,
     causal: Causal,
+    epilogue: Epilogue<T>,
 ) -> candle_core::Result<Tensor> {
     let ((n, va), (nb, vb)) = (view(&a)?, view(&b)?);
     let (m, k, p) = (va.rows, va.cols, vb.cols);
@@ -114,6 +201,16 @@ fn typed<T: Float + candle_core::WithDType>(
     if !square {
         candle_core::bail!("head matmul: {causal:?} needs a square [t, t] matrix, got {m}x{k}x{p}");
     }
+    match epilogue {
+        Epilogue::None => {}
+        _ if causal != Causal::LowerResult => {
+            candle_core::bail!("head matmul: a softmax epilogue needs the lower result")
+        }
+        Epilogue::SoftmaxBackward(probs, _) if probs.len() != n * m * p => {
+            candle_core::bail!("head matmul: {} probabilities for {n}x{m}x{p}", probs.len())
+        }
+        _ => {}
+    }
     let (sa, la) = a.tensor.storage_and_layout();
     let (sb, lb) = b.tensor.storage_and_layout();
     let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sa, &*sb) else {
@@ -131,7 +228,8 @@ fn typed<T: Float + candle_core::WithDType>(
         out.spare_capacity_mut()[..len]
             .par_chunks_mut(m * p)
             .zip(xa.par_chunks(m * k).zip(xb.par_chunks(k * p)))
-            .for_each(|(c, (ha, hb))| {
+            .enumerate()
+            .for_each(|(head, (c, (ha, hb)))| {
                 c.par_chunks_mut(BLOCK * p)
                     .enumerate()
                     .for_each(|(blk, cb)| {
@@ -149,6 +247,28 @@ fn typed<T: Float + candle_core::WithDType>(
                             // lies above the diagonal of its earlier rows.
                             for (r, row) in cb.chunks_mut(p).enumerate() {
                                 row[r0 + r + 1..r1].fill(MaybeUninit::new(T::ZERO));
+                            }
+                        }
+                        // SAFETY: block_product and the fill above wrote every element of the
+                        // block, so it is initialised; MaybeUninit<T> has T's layout.
+                        let block = unsafe { &mut *(cb as *mut [MaybeUninit<T>] as *mut [T]) };
+                        let rows = block
+                            .chunks_mut(p)
+                            .enumerate()
+                            .map(|(r, row)| (r0 + r, row));
+                        match &epilogue {
+                            Epilogue::None => {}
+                            Epilogue::Softmax(scale) => {
+                                for (i, row) in rows {
+                                    softmax_row_in_place(&mut row[..=i], *scale);
+                                }
+                            }
+                            Epilogue::SoftmaxBackward(probs, scale) => {
+                                let head_probs = &probs[head * m * p..(head + 1) * m * p];
+                                for (i, row) in rows {
+                                    let y = &head_probs[i * p..i * p + i + 1];
+                                    softmax_backward_row_in_place(y, &mut row[..=i], *scale);
+                                }
                             }
                         }
                     });
@@ -300,6 +420,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused softmax blocks equal the unfused ops (the product, then the causal softmax
+    /// or its backward over whole tensors), across the block boundary and a ragged last block.
+    #[test]
+    fn softmax_blocks_equal_the_separate_ops() {
+        use crate::ops::causal_softmax::{causal_softmax, causal_softmax_backward};
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            for (n, t, d) in [(1, 1, 2), (2, 64, 8), (3, 150, 16)] {
+                let (q, k) = (randn(n, t, d, dtype), randn(n, t, d, dtype));
+                let scale = 1.0 / (d as f64).sqrt();
+                let scores = product(&q, false, &k, true, Causal::LowerResult);
+                let want = causal_softmax(&scores, scale).unwrap();
+                let got = causal_probs(&q, &k, scale).unwrap();
+                let diff = max_diff(&got.to_dtype(DType::F64).unwrap(), &want);
+                assert!(diff < tol, "{dtype:?} {n}x{t}x{d} probabilities: {diff}");
+                let (dout, v) = (randn(n, t, d, dtype), randn(n, t, d, dtype));
+                let dprobs = product(&dout, false, &v, true, Causal::LowerResult);
+                let want =
+                    causal_softmax_backward(&got.to_dtype(DType::F64).unwrap(), &dprobs, scale)
+                        .unwrap();
+                let got = causal_score_grads(&dout, &v, &got, scale).unwrap();
+                let diff = max_diff(&got.to_dtype(DType::F64).unwrap(), &want);
+                assert!(diff < tol, "{dtype:?} {n}x{t}x{d} score gradients: {diff}");
+            }
+        }
+        // Probabilities of the wrong shape or dtype are errors, not a read out of bounds.
+        let (q, p) = (randn(2, 5, 4, DType::F32), randn(2, 5, 4, DType::F32));
+        assert!(causal_score_grads(&q, &q, &p, 1.0).is_err());
+        let p64 = randn(2, 5, 5, DType::F64);
+        assert!(causal_score_grads(&q, &q, &p64, 1.0).is_err());
     }
 
     #[test]
