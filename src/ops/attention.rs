@@ -17,7 +17,7 @@ use super::head_matmul::{
     causal_probs, causal_score_grads, head_matmul, head_matmul_applies, Causal, Operand,
 };
 use super::precomputed::Precomputed;
-use super::rotary::{rotary, rotary_inverse};
+use super::rotary::{rotary, rotary_inverse, rotate_moving_heads, HeadMove};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// The head layout of one attention layer for a batch.
@@ -145,14 +145,16 @@ impl AttentionSaved {
             x.reshape((b, kv_heads, heads / kv_heads, t, d))?.sum(2)
         };
         let merge = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b * t, n * d));
-        let dq = merge(
-            rotary_inverse(&cast(&dq, self.param)?, &self.cos, &self.sin)?,
-            heads,
-        )?;
-        let dk = merge(
-            rotary_inverse(&unshare(dk)?, &self.cos, &self.sin)?,
-            kv_heads,
-        )?;
+        // Unrotated and merged in one pass where the CPU kernel applies.
+        let unrotate = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            let way = HeadMove::MergeInverse;
+            match rotate_moving_heads(&x, &self.cos, &self.sin, (b, t, n, d), way)? {
+                Some(merged) => Ok(merged),
+                None => merge(rotary_inverse(&x, &self.cos, &self.sin)?, n),
+            }
+        };
+        let dq = unrotate(cast(&dq, self.param)?, heads)?;
+        let dk = unrotate(unshare(dk)?, kv_heads)?;
         let dv = merge(unshare(dv)?, kv_heads)?;
         Ok((dq, dk, dv))
     }
@@ -282,11 +284,15 @@ pub(crate) fn attention_forward(
             .transpose(1, 2)?
             .contiguous()
     };
-    let qr = cast(&rotary(&split(q, heads)?, cos, sin)?, mm)?;
-    let kr = cast(
-        &repeat_kv(rotary(&split(k, kv_heads)?, cos, sin)?, heads)?,
-        mm,
-    )?;
+    // Rotated heads, in one pass where the CPU kernel applies.
+    let rotated = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+        match rotate_moving_heads(&x.detach(), cos, sin, (b, t, n, d), HeadMove::Split)? {
+            Some(r) => Ok(r),
+            None => rotary(&split(x, n)?, cos, sin),
+        }
+    };
+    let qr = cast(&rotated(q, heads)?, mm)?;
+    let kr = cast(&repeat_kv(rotated(k, kv_heads)?, heads)?, mm)?;
     let vr = cast(&repeat_kv(split(v, kv_heads)?, heads)?, mm)?;
     let scale = 1.0 / (d as f64).sqrt();
     // [b, heads, t, d] x [b, heads, d, t] -> [b, heads, t, t]

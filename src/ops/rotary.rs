@@ -10,7 +10,7 @@
 
 use super::float::{contiguous, rows_per_task, task_len, Float};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 struct Rotary {
@@ -176,12 +176,155 @@ pub(crate) fn rotary_inverse(
     })
 }
 
+/// Which way [`rotate_moving_heads`] moves the heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeadMove {
+    /// `[b * t, n * d]` (a projection's rows) to rotated `[b, n, t, d]` (the attention's heads).
+    Split,
+    /// `[b, n, t, d]` to `[b * t, n * d]`, rotated by the opposite angles (the backward).
+    MergeInverse,
+}
+
+/// The rotation and the move between a projection's row layout and the attention's head
+/// layout in one pass on the CPU (f32/f64), instead of a strided copy (single-threaded in
+/// candle) and a rotation pass: `x` holds `b` sequences of `t` positions, `n` heads of width
+/// `d`; `cos`, `sin [positions >= t, d]` in `x`'s dtype. `None` where it does not apply (other
+/// devices or dtypes), for the caller to compose the steps.
+pub(crate) fn rotate_moving_heads(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    (b, t, n, d): (usize, usize, usize, usize),
+    way: HeadMove,
+) -> candle_core::Result<Option<Tensor>> {
+    let cpu = |v: &Tensor| matches!(v.device(), candle_core::Device::Cpu) && v.dtype() == x.dtype();
+    if !(cpu(x) && cpu(cos) && cpu(sin)) || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Ok(None);
+    }
+    let want: &[usize] = match way {
+        HeadMove::Split => &[b * t, n * d],
+        HeadMove::MergeInverse => &[b, n, t, d],
+    };
+    let (positions, width) = cos.dims2()?;
+    if x.dims() != want || d % 2 != 0 || width != d || positions < t || sin.dims() != cos.dims() {
+        candle_core::bail!(
+            "rotary: {:?} with tables {:?} is not {b} x {t} positions of {n} heads of width {d}",
+            x.dims(),
+            cos.dims()
+        );
+    }
+    let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let out = match x.dtype() {
+        DType::F32 => moved::<f32>(&x, &cos, &sin, (b, t, n, d), way)?,
+        _ => moved::<f64>(&x, &cos, &sin, (b, t, n, d), way)?,
+    };
+    Ok(Some(out))
+}
+
+fn moved<T: Float + candle_core::WithDType>(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    (b, t, n, d): (usize, usize, usize, usize),
+    way: HeadMove,
+) -> candle_core::Result<Tensor> {
+    let (sx, lx) = x.storage_and_layout();
+    let (sc, lc) = cos.storage_and_layout();
+    let (ss, ls) = sin.storage_and_layout();
+    let (Storage::Cpu(sx), Storage::Cpu(sc), Storage::Cpu(ss)) = (&*sx, &*sc, &*ss) else {
+        candle_core::bail!("rotary: operands are not on the CPU");
+    };
+    let xs = contiguous::<T>("rotary", sx, lx)?;
+    let (cos, sin) = (
+        contiguous::<T>("rotary", sc, lc)?,
+        contiguous::<T>("rotary", ss, ls)?,
+    );
+    let h = d / 2;
+    let mut y = vec![T::ZERO; xs.len()];
+    y.par_chunks_mut(task_len(d))
+        .enumerate()
+        .for_each(|(chunk, yc)| {
+            for (r, yr) in yc.chunks_mut(d).enumerate() {
+                let row = chunk * rows_per_task(d) + r;
+                // The output row's (sequence, head, position), and where its input row is.
+                let (ti, src) = match way {
+                    HeadMove::Split => {
+                        let (bi, hi, ti) = (row / (n * t), row / t % n, row % t);
+                        (ti, ((bi * t + ti) * n + hi) * d)
+                    }
+                    HeadMove::MergeInverse => {
+                        let (bi, ti, hi) = (row / (t * n), row / n % t, row % n);
+                        (ti, ((bi * n + hi) * t + ti) * d)
+                    }
+                };
+                let xr = &xs[src..src + d];
+                let (c, s) = (&cos[ti * d..(ti + 1) * d], &sin[ti * d..(ti + 1) * d]);
+                for j in 0..h {
+                    if way == HeadMove::MergeInverse {
+                        yr[j] = xr[j] * c[j] + xr[j + h] * s[j + h];
+                        yr[j + h] = xr[j + h] * c[j + h] - xr[j] * s[j];
+                    } else {
+                        yr[j] = xr[j] * c[j] - xr[j + h] * s[j];
+                        yr[j + h] = xr[j + h] * c[j + h] + xr[j] * s[j + h];
+                    }
+                }
+            }
+        });
+    let shape: Vec<usize> = match way {
+        HeadMove::Split => vec![b, n, t, d],
+        HeadMove::MergeInverse => vec![b * t, n * d],
+    };
+    Tensor::from_vec(y, shape, &candle_core::Device::Cpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::rope::Rope;
     use crate::ops::float::max_abs_diff as max_diff;
     use candle_core::{DType, Device, Var};
+
+    /// One pass equals the strided copy and the rotation composed, both ways, in both dtypes,
+    /// with tables longer than the sequence; wrong shapes are errors.
+    #[test]
+    fn moving_heads_equals_the_copy_and_the_rotation() {
+        let (b, t, n, d) = (2, 5, 3, 8);
+        for dtype in [DType::F32, DType::F64] {
+            let rope = Rope::new(d, 9, 10_000.0, dtype, &Device::Cpu).unwrap();
+            let (cos, sin) = rope.tables();
+            let x = Tensor::randn(0f64, 1.0, (b * t, n * d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let heads = x
+                .reshape((b, t, n, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let got = rotate_moving_heads(&x, cos, sin, (b, t, n, d), HeadMove::Split)
+                .unwrap()
+                .unwrap();
+            assert_eq!(max_diff(&got, &rotary(&heads, cos, sin).unwrap()), 0.0);
+            let back = rotate_moving_heads(&got, cos, sin, (b, t, n, d), HeadMove::MergeInverse)
+                .unwrap()
+                .unwrap();
+            let want = rotary_inverse(&got, cos, sin)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b * t, n * d))
+                .unwrap();
+            assert_eq!(max_diff(&back, &want), 0.0);
+            // The rotation is orthogonal: the round trip gives the input back.
+            assert!(max_diff(&back, &x) < 1e-5);
+            let wrong = rotate_moving_heads(&x, cos, sin, (b, t, n + 1, d), HeadMove::Split);
+            assert!(wrong.is_err());
+            let long = rotate_moving_heads(&x, cos, sin, (b / 2, t * 2, n, d), HeadMove::Split);
+            assert!(long.is_err(), "10 positions do not fit tables of 9");
+        }
+    }
 
     #[test]
     fn values_and_gradients_equal_the_composed_ops() {
