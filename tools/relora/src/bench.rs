@@ -398,11 +398,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "of peak"
     );
     for r in &results {
+        // Against full rank only when full rank ran in this invocation.
         let ratio = full
-            .map(|f| r.tokens_per_s_amortised / f)
-            .unwrap_or(f64::NAN);
+            .map(|f| format!("{:.2}x", r.tokens_per_s_amortised / f))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<8} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>15.0} {:>7.2}x {:>11} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>6.1}%",
+            "{:<8} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>15.0} {:>8} {:>11} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>6.1}%",
             r.mode,
             r.median_step_ms,
             r.forward_ms,
