@@ -198,7 +198,7 @@ pub(crate) fn rotate_moving_heads(
     way: HeadMove,
 ) -> candle_core::Result<Option<Tensor>> {
     let cpu = |v: &Tensor| matches!(v.device(), candle_core::Device::Cpu) && v.dtype() == x.dtype();
-    if !(cpu(x) && cpu(cos) && cpu(sin)) || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    if !(cpu(x) && cpu(cos) && cpu(sin) && matches!(x.dtype(), DType::F32 | DType::F64)) {
         return Ok(None);
     }
     let want: &[usize] = match way {

@@ -26,7 +26,8 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 #[inline(always)]
 fn exp_lane(x: f32) -> f32 {
     // max/min return the other operand for NaN, so c is always in [LO, HI] (NaN is restored
-    // at the end).
+    // at the end); `clamp` would keep the NaN, which the exponent conversion below must not see.
+    #[allow(clippy::manual_clamp)]
     let c = x.max(LO).min(HI);
     // n = round(x / ln 2); r = x - n ln 2 in [-ln2/2, ln2/2].
     let n = (c * LOG2E + 0.5).floor();
