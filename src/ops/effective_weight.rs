@@ -205,12 +205,7 @@ fn cpu_effective_weight(
     if dst.len() != out * k || lhs.len() != out * r || rhs.len() != r * k {
         candle_core::bail!("effective weight: W, A and B do not fit");
     }
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = super::gemm_parallelism(candle_core::utils::get_num_threads());
     // SAFETY: dst [out, k], lhs [out, r] and rhs [r, k] are row-major buffers of exactly those
     // sizes (checked above), with column stride 1 and row strides k, r and k; dst does not alias
     // the operands. dst := 1 * dst + s * lhs rhs.

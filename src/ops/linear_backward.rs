@@ -117,11 +117,7 @@ fn product<T: Float>(
             && (k - 1) * b_rs + (p - 1) * b_cs < b.len(),
         "linear backward: operand views outside their buffers"
     );
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = super::gemm_parallelism(threads);
     // SAFETY: dst is `c`, m x p row-major (checked above); the views of a (m x k) and b (k x p)
     // stay inside their slices (checked above); dst aliases neither (a fresh buffer). With
     // read_dst false, dst := 1 * a b, every element written.

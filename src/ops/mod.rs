@@ -48,6 +48,15 @@ pub use widening_matmul::{widening_matmul, widening_matmul_add};
 
 use candle_core::{DType, Tensor};
 
+/// How a gemm call on the CPU spreads over `threads` threads of the current pool.
+pub(crate) fn gemm_parallelism(threads: usize) -> gemm::Parallelism {
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
 /// Whether the calling trainer uses the fused ops ([`crate::engine::Engine::fused_kernels`]):
 /// off, the model uses candle's composed operations everywhere.
 pub fn fused_kernels() -> bool {

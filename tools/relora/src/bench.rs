@@ -246,18 +246,14 @@ fn run_matmuls(a: &BenchArgs) -> Result<()> {
     model.vocab_size = inputs::tokenizer(&a.tokenizer)?.vocab_size();
     let mut products = matmuls::step_products(&model, a.seq_len * a.batch_size, a.rank);
     matmuls::time_products(&mut products, &device, a.steps.max(1))?;
-    println!(
-        "preset {} | {} rows (seq {} x batch {}) | rank {} | threads {} | {} | {}",
-        a.preset,
-        a.seq_len * a.batch_size,
-        a.seq_len,
-        a.batch_size,
-        a.rank,
-        a.threads
-            .map(|t| t.to_string())
-            .unwrap_or_else(|| "all".into()),
-        a.device,
-        cpu_model()
+    print_header(
+        a,
+        &format!(
+            "{} rows (seq {} x batch {})",
+            a.seq_len * a.batch_size,
+            a.seq_len,
+            a.batch_size
+        ),
     );
     matmuls::print_table(&products);
     if let Some(path) = &a.json {
@@ -271,6 +267,20 @@ fn run_matmuls(a: &BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The first line of a report: the configuration (`shape` describes the batch) and the machine.
+fn print_header(a: &BenchArgs, shape: &str) {
+    println!(
+        "preset {} | {shape} | rank {} | threads {} | {} | {}",
+        a.preset,
+        a.rank,
+        a.threads
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "all".into()),
+        a.device,
+        cpu_model()
+    );
 }
 
 fn cpu_model() -> String {
@@ -367,18 +377,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .iter()
         .find(|r| r.mode == "full")
         .map(|r| r.tokens_per_s);
-    println!(
-        "preset {} | seq {} x batch {} | rank {} | threads {} | {} | {}",
-        a.preset,
-        a.seq_len,
-        a.batch_size,
-        a.rank,
-        a.threads
-            .map(|t| t.to_string())
-            .unwrap_or_else(|| "all".into()),
-        a.device,
-        cpu_model()
-    );
+    print_header(&a, &format!("seq {} x batch {}", a.seq_len, a.batch_size));
     println!("gemm peak ({gemm_dtype:?}, measured now): {peak_gflops:.1} GFLOP/s");
     println!(
         "{:<8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>15} {:>8} {:>11} {:>8} {:>8} {:>9} {:>9} {:>7}",
