@@ -24,7 +24,6 @@ struct Rotary {
 
 /// `x` is `[rows, d]` where row `i` is at position `i % t`.
 fn rotate<T: Float>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: bool) -> Vec<T> {
-    let h = d / 2;
     let mut y = vec![T::ZERO; x.len()];
     let rows_per_task = rows_per_task(d);
     y.par_chunks_mut(task_len(d))
@@ -34,18 +33,26 @@ fn rotate<T: Float>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: 
             for (r, (yr, xr)) in yc.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
                 let p = (chunk * rows_per_task + r) % t;
                 let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-                for j in 0..h {
-                    if inverse {
-                        yr[j] = xr[j] * c[j] + xr[j + h] * s[j + h];
-                        yr[j + h] = xr[j + h] * c[j + h] - xr[j] * s[j];
-                    } else {
-                        yr[j] = xr[j] * c[j] - xr[j + h] * s[j];
-                        yr[j + h] = xr[j + h] * c[j + h] + xr[j] * s[j + h];
-                    }
-                }
+                rotate_row(yr, xr, (c, s), inverse);
             }
         });
     y
+}
+
+/// One row `x [d]` rotated into `y` in the half-split layout, by the angles of its position's
+/// table rows `cos`, `sin [d]`, or by the opposite angles (`inverse`, the backward).
+#[inline(always)]
+fn rotate_row<T: Float>(y: &mut [T], x: &[T], (c, s): (&[T], &[T]), inverse: bool) {
+    let h = x.len() / 2;
+    for j in 0..h {
+        if inverse {
+            y[j] = x[j] * c[j] + x[j + h] * s[j + h];
+            y[j + h] = x[j + h] * c[j + h] - x[j] * s[j];
+        } else {
+            y[j] = x[j] * c[j] - x[j + h] * s[j];
+            y[j + h] = x[j + h] * c[j + h] + x[j] * s[j + h];
+        }
+    }
 }
 
 impl Rotary {
@@ -239,7 +246,6 @@ fn moved<T: Float + candle_core::WithDType>(
         contiguous::<T>("rotary", sc, lc)?,
         contiguous::<T>("rotary", ss, ls)?,
     );
-    let h = d / 2;
     let mut y = vec![T::ZERO; xs.len()];
     y.par_chunks_mut(task_len(d))
         .enumerate()
@@ -259,15 +265,7 @@ fn moved<T: Float + candle_core::WithDType>(
                 };
                 let xr = &xs[src..src + d];
                 let (c, s) = (&cos[ti * d..(ti + 1) * d], &sin[ti * d..(ti + 1) * d]);
-                for j in 0..h {
-                    if way == HeadMove::MergeInverse {
-                        yr[j] = xr[j] * c[j] + xr[j + h] * s[j + h];
-                        yr[j + h] = xr[j + h] * c[j + h] - xr[j] * s[j];
-                    } else {
-                        yr[j] = xr[j] * c[j] - xr[j + h] * s[j];
-                        yr[j + h] = xr[j + h] * c[j + h] + xr[j] * s[j + h];
-                    }
-                }
+                rotate_row(yr, xr, (c, s), way == HeadMove::MergeInverse);
             }
         });
     let shape: Vec<usize> = match way {
