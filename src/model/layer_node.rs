@@ -15,6 +15,7 @@
 //! dropped out (dropout masks would have to be saved too); elsewhere the layer runs on the graph.
 
 use super::layer::Layer;
+use crate::ops::add_in_place::add_in_place;
 use crate::ops::attention::{attention_forward, fused_attention_applies, AttentionSaved};
 use crate::ops::lora_linear::{lora_linear_backward, lora_linear_step, StepWeight};
 use crate::ops::mixed_linear::{mixed_linear_backward, mixed_linear_cast};
@@ -137,10 +138,36 @@ impl Projection {
                     ))
                 }
                 _ => {
-                    let y = x.matmul(&weight.detach().t()?)?;
+                    let y = crate::ops::dense_product::linear(x, &weight.detach())?;
                     Ok((y, Projection::Plain { weight }))
                 }
             },
+        }
+    }
+
+    /// `dx_sum` plus the input's gradient from the output's `dy`, for projections that read one
+    /// input; the parameters' gradients go to `sink`. `dx_sum` is updated in place where the
+    /// op can (a plain projection on the CPU adds its product into it), so the caller must hold
+    /// it alone.
+    fn backward_add(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        sink: &ParamGrads,
+        dx_sum: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Projection::Plain { weight } => {
+                let (sum, dw) = crate::ops::linear_backward::linear_backward_add(
+                    x,
+                    &weight.detach(),
+                    dy,
+                    dx_sum,
+                )?;
+                sink.push(weight, dw)?;
+                Ok(sum)
+            }
+            _ => add_in_place(dx_sum, &self.backward(x, dy, sink)?),
         }
     }
 
@@ -283,11 +310,11 @@ impl CustomOp1 for LayerNode {
             swiglu_backward(&self.g, &self.u, &dact)
         })?;
         let dc = region("layer bwd gate up", dev, || {
-            self.gate.backward(&self.normed_mid, &dg, s)?
-                + self.up.backward(&self.normed_mid, &du, s)?
+            let dc = self.gate.backward(&self.normed_mid, &dg, s)?;
+            self.up.backward_add(&self.normed_mid, &du, s, dc)
         })?;
         let dmid = self.norm_backward(&self.mid, &self.post_norm, &dc)?;
-        let dmid = region("layer bwd residual", dev, || dy + dmid)?;
+        let dmid = region("layer bwd residual", dev, || add_in_place(dmid, dy))?;
         // mid = x + o(attention(q(a), k(a), v(a))), a = rmsnorm(x)
         let dattended = region("layer bwd o", dev, || {
             self.o.backward(&self.attended, &dmid, s)
@@ -296,11 +323,14 @@ impl CustomOp1 for LayerNode {
             self.attention.backward(&dattended)
         })?;
         let da = region("layer bwd q k v", dev, || {
-            (self.q.backward(&self.normed, &dq, s)? + self.k.backward(&self.normed, &dk, s)?)?
-                + self.v.backward(&self.normed, &dv, s)?
+            let da = self.q.backward(&self.normed, &dq, s)?;
+            let da = self.k.backward_add(&self.normed, &dk, s, da)?;
+            self.v.backward_add(&self.normed, &dv, s, da)
         })?;
         let dx = self.norm_backward(&self.x, &self.input_norm, &da)?;
-        Ok(Some(region("layer bwd residual", dev, || dmid + dx)?))
+        Ok(Some(region("layer bwd residual", dev, || {
+            add_in_place(dx, &dmid)
+        })?))
     }
 }
 
@@ -355,7 +385,7 @@ pub(crate) fn layer_node(
     let (o_out, o) = region("layer fwd o", dev, || {
         Projection::forward(&att.o_proj, &attended, att.compute)
     })?;
-    let mid = region("layer fwd residual", dev, || &xd + o_out)?;
+    let mid = region("layer fwd residual", dev, || add_in_place(o_out, &xd))?;
     let normed_mid = region("layer fwd norm", dev, || {
         to_compute(rms_norm_fused(&mid, &post_norm.detach(), eps)?, mlp.compute)
     })?;
@@ -371,7 +401,7 @@ pub(crate) fn layer_node(
     let (down_out, down) = region("layer fwd down", dev, || {
         Projection::forward(&mlp.down_proj, &act, mlp.compute)
     })?;
-    let y = region("layer fwd residual", dev, || &mid + down_out)?;
+    let y = region("layer fwd residual", dev, || add_in_place(down_out, &mid))?;
     let node = LayerNode {
         eps,
         x: xd,

@@ -9,9 +9,12 @@
 //! hand-off between threads inside either product. The results are written once, without the
 //! zero-fill candle's matmul does first.
 
+use super::dense_product::{as_uninit, product, Dst};
 use super::float::{contiguous, Float};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Storage, Tensor};
 use std::mem::MaybeUninit;
+use std::sync::Mutex;
 
 /// `(dx [n, in], dW [out, in])` of `y = x Wᵀ` for `x [n, in]`, `w [out, in]` and the gradient
 /// `dy [n, out]`. On the CPU in f32/f64 the pair described above; elsewhere candle's matmuls.
@@ -20,8 +23,7 @@ pub(crate) fn linear_backward(
     w: &Tensor,
     dy: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let cpu_float = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == x.dtype();
-    if !(cpu_float(x) && cpu_float(w) && cpu_float(dy)) {
+    if !cpu_float(x, w, dy) {
         return Ok((dy.matmul(w)?, dy.t()?.matmul(x)?));
     }
     match x.dtype() {
@@ -31,11 +33,68 @@ pub(crate) fn linear_backward(
     }
 }
 
-fn typed<T: Float + candle_core::WithDType>(
+/// [`linear_backward`] for the second and later terms of a sum of input gradients (q, k and v
+/// read one input; gate and up another): `dx_sum += dy W` where `dx_sum [n, in]` lies, and
+/// `dW` beside it. Returns `(dx_sum, dW)`; on the CPU the first is `dx_sum` itself, updated in
+/// place, so the caller must hold it alone (a gradient it has just been given). Elsewhere, or
+/// when `dx_sum` is not a contiguous tensor of `x`'s dtype apart from `x`, a new sum.
+pub(crate) fn linear_backward_add(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
+    dx_sum: Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    let in_place = cpu_float(x, w, dy)
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && dx_sum.dtype() == x.dtype()
+        && dx_sum.is_contiguous()
+        && matches!(dx_sum.device(), Device::Cpu)
+        && !shares_buffer(&dx_sum, x);
+    if !in_place {
+        let (dx, dw) = linear_backward(x, w, dy)?;
+        return Ok(((dx_sum + dx)?, dw));
+    }
+    let dims = check_dims(x, w, dy)?;
+    if dx_sum.dims() != x.dims() {
+        candle_core::bail!(
+            "linear backward: the input gradient's sum is {:?}, x is {:?}",
+            dx_sum.dims(),
+            x.dims()
+        );
+    }
+    let op = AddInputGrad {
+        x: x.contiguous()?,
+        dims,
+        dw: Mutex::new(None),
+    };
+    dx_sum.inplace_op3(&dy.contiguous()?, &w.contiguous()?, &op)?;
+    let dw = op
+        .dw
+        .into_inner()
+        .map_err(|_| candle_core::Error::Msg("linear backward: lock poisoned".into()))?
+        .ok_or_else(|| candle_core::Error::Msg("linear backward: dW was not computed".into()))?;
+    Ok((dx_sum, dw))
+}
+
+fn cpu_float(x: &Tensor, w: &Tensor, dy: &Tensor) -> bool {
+    let on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == x.dtype();
+    on_cpu(x) && on_cpu(w) && on_cpu(dy)
+}
+
+/// Whether `a` and `b` are views of one CPU buffer (an in-place write to `a` would then hold
+/// the lock `b`'s read needs).
+fn shares_buffer(a: &Tensor, b: &Tensor) -> bool {
+    let (sa, _) = a.storage_and_layout();
+    let (sb, _) = b.storage_and_layout();
+    let ptr = |s: &Storage| match s {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(v.as_ptr() as usize),
+        Storage::Cpu(CpuStorage::F64(v)) => Some(v.as_ptr() as usize),
+        _ => None,
+    };
+    ptr(&sa).is_some() && ptr(&sa) == ptr(&sb)
+}
+
+fn check_dims(x: &Tensor, w: &Tensor, dy: &Tensor) -> candle_core::Result<(usize, usize, usize)> {
     let ((n, inp), (out, w_in), (dy_n, dy_out)) = (x.dims2()?, w.dims2()?, dy.dims2()?);
     if w_in != inp || dy_n != n || dy_out != out {
         candle_core::bail!(
@@ -45,6 +104,61 @@ fn typed<T: Float + candle_core::WithDType>(
             dy.dims()
         );
     }
+    Ok((n, inp, out))
+}
+
+/// The two products side by side: `dx [n, in] (=|+=) dy w` into `dx`, and `dW [out, in] = dyᵀ x`,
+/// returned.
+fn pair<T: Float>(
+    (xs, ws, dys): (&[T], &[T], &[T]),
+    (n, inp, out): (usize, usize, usize),
+    dx: &mut [MaybeUninit<T>],
+    dx_mode: Dst,
+) -> Vec<T> {
+    let mut dw = Vec::<T>::with_capacity(out * inp);
+    let dw_buf = &mut dw.spare_capacity_mut()[..out * inp];
+    // The calling trainer's pool: half its threads for each product.
+    let threads = rayon::current_num_threads();
+    let (t_dx, t_dw) = (threads.div_ceil(2), (threads / 2).max(1));
+    let mut dx_task = move || {
+        // dx [n, in] = dy [n, out] w [out, in]
+        product(
+            dx,
+            (n, inp, out),
+            (dys, out, 1),
+            (ws, inp, 1),
+            t_dx,
+            dx_mode,
+        )
+    };
+    let mut dw_task = move || {
+        // dW [out, in] = dyᵀ [out, n] x [n, in]: dy read transposed, by its strides.
+        product(
+            dw_buf,
+            (out, inp, n),
+            (dys, 1, out),
+            (xs, inp, 1),
+            t_dw,
+            Dst::Write,
+        )
+    };
+    if threads >= 2 {
+        rayon::join(dx_task, dw_task);
+    } else {
+        dx_task();
+        dw_task();
+    }
+    // SAFETY: the capacity is the length, and `product` wrote every element.
+    unsafe { dw.set_len(out * inp) };
+    dw
+}
+
+fn typed<T: Float + candle_core::WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (n, inp, out) = check_dims(x, w, dy)?;
     let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
     let (sx, lx) = x.storage_and_layout();
     let (sw, lw) = w.storage_and_layout();
@@ -53,96 +167,93 @@ fn typed<T: Float + candle_core::WithDType>(
         candle_core::bail!("linear backward: operands are not on the CPU");
     };
     let op = "linear backward";
-    let (xs, ws, dys) = (
+    let operands = (
         contiguous::<T>(op, sx, lx)?,
         contiguous::<T>(op, sw, lw)?,
         contiguous::<T>(op, sdy, ldy)?,
     );
-    let (mut dx, mut dw) = (
-        Vec::<T>::with_capacity(n * inp),
-        Vec::<T>::with_capacity(out * inp),
-    );
-    let (dx_buf, dw_buf) = (
+    let mut dx = Vec::<T>::with_capacity(n * inp);
+    let dw = pair(
+        operands,
+        (n, inp, out),
         &mut dx.spare_capacity_mut()[..n * inp],
-        &mut dw.spare_capacity_mut()[..out * inp],
+        Dst::Write,
     );
-    // The calling trainer's pool: half its threads for each product.
-    let threads = rayon::current_num_threads();
-    let (t_dx, t_dw) = (threads.div_ceil(2), (threads / 2).max(1));
-    let mut dx_task = move || {
-        // dx [n, in] = dy [n, out] w [out, in]
-        product(dx_buf, (n, inp, out), (dys, out, 1), (ws, inp, 1), t_dx)
-    };
-    let mut dw_task = move || {
-        // dW [out, in] = dyᵀ [out, n] x [n, in]: dy read transposed, by its strides.
-        product(dw_buf, (out, inp, n), (dys, 1, out), (xs, inp, 1), t_dw)
-    };
-    if threads >= 2 {
-        rayon::join(dx_task, dw_task);
-    } else {
-        dx_task();
-        dw_task();
-    }
-    // SAFETY: each buffer's capacity is its length, and `product` wrote every element of it.
-    unsafe {
-        dx.set_len(n * inp);
-        dw.set_len(out * inp);
-    }
+    // SAFETY: the capacity is the length, and `pair` wrote every element.
+    unsafe { dx.set_len(n * inp) };
     Ok((
         Tensor::from_vec(dx, (n, inp), &Device::Cpu)?,
         Tensor::from_vec(dw, (out, inp), &Device::Cpu)?,
     ))
 }
 
-/// `c [m, p] = a [m, k] b [k, p]` (row-major `c`), with `a` and `b` given as (buffer, row
-/// stride, column stride), on `threads` threads of the current pool. Writes all of `c`.
-fn product<T: Float>(
-    c: &mut [MaybeUninit<T>],
-    (m, p, k): (usize, usize, usize),
-    (a, a_rs, a_cs): (&[T], usize, usize),
-    (b, b_rs, b_cs): (&[T], usize, usize),
-    threads: usize,
-) {
-    if c.is_empty() {
-        return;
+/// `dx_sum += dy W` in place (the op's destination, with `dy` and `W` its sources) and `dW`
+/// into `dw`, for [`linear_backward_add`].
+struct AddInputGrad {
+    /// The projection's input, contiguous and apart from the destination.
+    x: Tensor,
+    /// `(n, in, out)`.
+    dims: (usize, usize, usize),
+    dw: Mutex<Option<Tensor>>,
+}
+
+impl AddInputGrad {
+    fn typed<T: Float + candle_core::WithDType>(
+        &self,
+        sum: &mut [T],
+        dy: &[T],
+        w: &[T],
+    ) -> candle_core::Result<()> {
+        let (n, inp, out) = self.dims;
+        let (sx, lx) = self.x.storage_and_layout();
+        let Storage::Cpu(sx) = &*sx else {
+            candle_core::bail!("linear backward: x is not on the CPU");
+        };
+        let xs = contiguous::<T>("linear backward", sx, lx)?;
+        if sum.len() != n * inp || dy.len() != n * out || w.len() != out * inp {
+            candle_core::bail!("linear backward: operands changed size");
+        }
+        let dw = pair((xs, w, dy), (n, inp, out), as_uninit(sum), Dst::Add);
+        *self
+            .dw
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("linear backward: lock poisoned".into()))? =
+            Some(Tensor::from_vec(dw, (out, inp), &Device::Cpu)?);
+        Ok(())
     }
-    if k == 0 {
-        c.fill(MaybeUninit::new(T::ZERO));
-        return;
+}
+
+impl InplaceOp3 for AddInputGrad {
+    fn name(&self) -> &'static str {
+        "linear-backward-add"
     }
-    // The last element each operand's view reaches must be inside its buffer.
-    assert!(
-        c.len() == m * p
-            && (m - 1) * a_rs + (k - 1) * a_cs < a.len()
-            && (k - 1) * b_rs + (p - 1) * b_cs < b.len(),
-        "linear backward: operand views outside their buffers"
-    );
-    let parallelism = super::gemm_parallelism(threads);
-    // SAFETY: dst is `c`, m x p row-major (checked above); the views of a (m x k) and b (k x p)
-    // stay inside their slices (checked above); dst aliases neither (a fresh buffer). With
-    // read_dst false, dst := 1 * a b, every element written.
-    unsafe {
-        gemm::gemm(
-            m,
-            p,
-            k,
-            c.as_mut_ptr().cast::<T>(),
-            1,
-            p as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::ZERO,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+
+    fn cpu_fwd(
+        &self,
+        s: &mut CpuStorage,
+        l: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<()> {
+        let name = self.name();
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("{name}: the sum is not contiguous");
+        };
+        match s {
+            CpuStorage::F32(v) => self.typed::<f32>(
+                &mut v[start..end],
+                contiguous(name, dys, dyl)?,
+                contiguous(name, ws, wl)?,
+            ),
+            CpuStorage::F64(v) => self.typed::<f64>(
+                &mut v[start..end],
+                contiguous(name, dys, dyl)?,
+                contiguous(name, ws, wl)?,
+            ),
+            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
+        }
     }
 }
 

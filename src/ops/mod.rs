@@ -9,11 +9,13 @@
 
 pub mod adamw_group;
 pub mod adamw_update;
+pub(crate) mod add_in_place;
 pub mod attention;
 pub mod causal_softmax;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+pub(crate) mod dense_product;
 mod effective_weight;
 mod float;
 // Launched only by the CUDA kernels; compiled everywhere so its unit tests run on the CPU.
