@@ -36,7 +36,7 @@ pub(crate) fn add_in_place(sum: Tensor, t: &Tensor) -> candle_core::Result<Tenso
 }
 
 fn add<T: Float>(sum: &mut [T], t: &[T]) {
-    let body = |s: &mut [T], t: &[T]| s.iter_mut().zip(t).for_each(|(s, &t)| *s = *s + t);
+    let body = |s: &mut [T], t: &[T]| s.iter_mut().zip(t).for_each(|(s, &t)| *s += t);
     if sum.len() <= SERIAL_MAX {
         body(sum, t);
         return;
