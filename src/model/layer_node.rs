@@ -17,7 +17,9 @@
 use super::layer::Layer;
 use crate::ops::add_in_place::add_in_place;
 use crate::ops::attention::{attention_forward, fused_attention_applies, AttentionSaved};
-use crate::ops::lora_linear::{lora_linear_backward, lora_linear_step, StepWeight};
+use crate::ops::lora_linear::{
+    lora_linear_backward, lora_linear_backward_add, lora_linear_step, StepWeight,
+};
 use crate::ops::mixed_linear::{mixed_linear_backward, mixed_linear_cast};
 use crate::ops::precomputed::Precomputed;
 use crate::ops::rms_norm::rms_norm_backward;
@@ -167,7 +169,28 @@ impl Projection {
                 sink.push(weight, dw)?;
                 Ok(sum)
             }
-            _ => add_in_place(dx_sum, &self.backward(x, dy, sink)?),
+            Projection::Adapter {
+                weight,
+                step,
+                a,
+                b,
+                scale,
+                compute,
+            } => {
+                let (sum, da, db) = lora_linear_backward_add(
+                    x,
+                    (weight, step),
+                    (&a.detach(), &b.detach()),
+                    *scale,
+                    *compute,
+                    dy,
+                    dx_sum,
+                )?;
+                sink.push(a, da)?;
+                sink.push(b, db)?;
+                Ok(sum)
+            }
+            Projection::Mixed { .. } => add_in_place(dx_sum, &self.backward(x, dy, sink)?),
         }
     }
 

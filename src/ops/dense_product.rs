@@ -6,59 +6,188 @@
 //! uninitialised until then, or adds the product where the sum already lies (the gemm's
 //! `read_dst`), on as many threads of the calling trainer's pool as it is given.
 
-use super::float::{contiguous, Float};
-use candle_core::{DType, Device, Storage, Tensor};
+use super::float::Float;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Storage, Tensor};
 use std::mem::MaybeUninit;
 
-/// `x [n, in] Wᵀ` for `w [out, in]`, as `[n, out]`: on the CPU in f32/f64 written once by
-/// [`product`] on every thread of the calling pool; elsewhere candle's matmul.
+/// `x [n, in] Wᵀ` for `w [out, in]`, as `[n, out]` ([`matmul`] of `x` and `w`'s transpose).
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == x.dtype();
-    if !(cpu(x) && cpu(w)) {
-        return x.matmul(&w.t()?);
+    matmul(x, &w.t()?)
+}
+
+/// `a [m, k] b [k, n]` for 2-D `a` and `b`: on the CPU in f32/f64 written once by [`product`]
+/// on every thread of the calling pool, reading each operand by its strides; elsewhere
+/// candle's matmul.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == a.dtype();
+    if !(cpu(a) && cpu(b) && a.rank() == 2 && b.rank() == 2) {
+        return a.matmul(b);
     }
-    match x.dtype() {
-        DType::F32 => linear_typed::<f32>(x, w),
-        DType::F64 => linear_typed::<f64>(x, w),
-        _ => x.matmul(&w.t()?),
+    let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+    if k2 != k {
+        candle_core::bail!("matmul: {:?} and {:?} do not fit a b", a.dims(), b.dims());
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sa, &*sb) else {
+        candle_core::bail!("matmul: operands are not on the CPU");
+    };
+    let c = cpu_matmul((sa, la), (sb, lb), (m, k, n))?;
+    Ok(Tensor::from_storage(
+        Storage::Cpu(c),
+        (m, n),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// `sum + a b` for 2-D `a [m, k]`, `b [k, n]` and `sum [m, n]`: on the CPU in f32/f64, when
+/// `sum` is contiguous and in their dtype, the product is added where `sum` lies (which is
+/// returned, so the caller must hold it alone); otherwise a new tensor.
+pub(crate) fn matmul_add(sum: Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == sum.dtype();
+    let in_place = cpu(&sum)
+        && cpu(a)
+        && cpu(b)
+        && matches!(sum.dtype(), DType::F32 | DType::F64)
+        && sum.is_contiguous()
+        && a.rank() == 2
+        && b.rank() == 2;
+    if !in_place {
+        return sum + a.matmul(b)?;
+    }
+    let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+    if k2 != k || sum.dims() != [m, n] {
+        candle_core::bail!(
+            "matmul add: {:?} + {:?} x {:?} do not fit",
+            sum.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    sum.inplace_op3(a, b, &AddProduct { dims: (m, k, n) })?;
+    Ok(sum)
+}
+
+/// `c += a b` in place, for [`matmul_add`].
+struct AddProduct {
+    /// `(m, k, n)`.
+    dims: (usize, usize, usize),
+}
+
+impl AddProduct {
+    fn typed<T: Float>(
+        &self,
+        (c, cl): (&mut [T], &Layout),
+        (a, al): (&[T], &Layout),
+        (b, bl): (&[T], &Layout),
+    ) -> candle_core::Result<()> {
+        let (m, k, n) = self.dims;
+        let Some((start, end)) = cl.contiguous_offsets() else {
+            candle_core::bail!("matmul add: the sum is not contiguous");
+        };
+        let (a, b) = (view(a, al, (m, k))?, view(b, bl, (k, n))?);
+        product(
+            as_uninit(&mut c[start..end]),
+            (m, n, k),
+            a,
+            b,
+            rayon::current_num_threads(),
+            Dst::Add,
+        );
+        Ok(())
     }
 }
 
-fn linear_typed<T: Float + candle_core::WithDType>(
-    x: &Tensor,
-    w: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let ((n, inp), (out, w_in)) = (x.dims2()?, w.dims2()?);
-    if w_in != inp {
+impl InplaceOp3 for AddProduct {
+    fn name(&self) -> &'static str {
+        "matmul-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        c: &mut CpuStorage,
+        cl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        match (c, a, b) {
+            (CpuStorage::F32(c), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                self.typed((c, cl), (a, al), (b, bl))
+            }
+            (CpuStorage::F64(c), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                self.typed((c, cl), (a, al), (b, bl))
+            }
+            (c, _, _) => candle_core::bail!("matmul add: unsupported dtype {:?}", c.dtype()),
+        }
+    }
+}
+
+/// [`matmul`] on CPU storages: `a [m, k] b [k, n]` read through their 2-D layouts, as a
+/// row-major `[m, n]` storage. f32 and f64 through [`product`]; other dtypes through candle's
+/// matmul.
+pub(crate) fn cpu_matmul(
+    (a, al): (&CpuStorage, &Layout),
+    (b, bl): (&CpuStorage, &Layout),
+    (m, k, n): (usize, usize, usize),
+) -> candle_core::Result<CpuStorage> {
+    match (a, b) {
+        (CpuStorage::F32(av), CpuStorage::F32(bv)) => {
+            Ok(CpuStorage::F32(typed((av, al), (bv, bl), (m, k, n))?))
+        }
+        (CpuStorage::F64(av), CpuStorage::F64(bv)) => {
+            Ok(CpuStorage::F64(typed((av, al), (bv, bl), (m, k, n))?))
+        }
+        _ => a.matmul(b, (1, m, n, k), al, bl),
+    }
+}
+
+/// `(buffer from the view's first element, row stride, column stride)` of a 2-D layout that
+/// is `rows x cols`.
+fn view<'a, T>(
+    v: &'a [T],
+    l: &Layout,
+    (rows, cols): (usize, usize),
+) -> candle_core::Result<(&'a [T], usize, usize)> {
+    if l.dims() != [rows, cols] {
         candle_core::bail!(
-            "linear: x {:?} and w {:?} do not fit x wᵀ",
-            x.dims(),
-            w.dims()
+            "matmul: operand is {:?}, expected [{rows}, {cols}]",
+            l.dims()
         );
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (sx, lx) = x.storage_and_layout();
-    let (sw, lw) = w.storage_and_layout();
-    let (Storage::Cpu(sx), Storage::Cpu(sw)) = (&*sx, &*sw) else {
-        candle_core::bail!("linear: operands are not on the CPU");
+    let (rs, cs) = (l.stride()[0], l.stride()[1]);
+    let Some(v) = v.get(l.start_offset()..) else {
+        candle_core::bail!("matmul: operand starts outside its buffer");
     };
-    let (xs, ws) = (
-        contiguous::<T>("linear", sx, lx)?,
-        contiguous::<T>("linear", sw, lw)?,
-    );
-    let mut y = Vec::<T>::with_capacity(n * out);
-    // y [n, out] = x [n, in] wᵀ [in, out]: w read transposed, by its strides.
+    let reach = rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs;
+    if rows * cols > 0 && reach >= v.len() {
+        candle_core::bail!("matmul: operand view reaches outside its buffer");
+    }
+    Ok((v, rs, cs))
+}
+
+fn typed<T: Float>(
+    (a, al): (&[T], &Layout),
+    (b, bl): (&[T], &Layout),
+    (m, k, n): (usize, usize, usize),
+) -> candle_core::Result<Vec<T>> {
+    let a = view(a, al, (m, k))?;
+    let b = view(b, bl, (k, n))?;
+    let mut c = Vec::<T>::with_capacity(m * n);
     product(
-        &mut y.spare_capacity_mut()[..n * out],
-        (n, out, inp),
-        (xs, inp, 1),
-        (ws, 1, inp),
+        &mut c.spare_capacity_mut()[..m * n],
+        (m, n, k),
+        a,
+        b,
         rayon::current_num_threads(),
         Dst::Write,
     );
     // SAFETY: the capacity is the length, and `product` wrote every element.
-    unsafe { y.set_len(n * out) };
-    Tensor::from_vec(y, (n, out), &Device::Cpu)
+    unsafe { c.set_len(m * n) };
+    Ok(c)
 }
 
 /// What [`product`] does with `c`.
@@ -192,6 +321,45 @@ mod tests {
                 assert!(worst < 1e-3, "{dst:?} on {threads} threads: {worst}");
             }
         }
+    }
+
+    #[test]
+    fn matmul_reads_transposed_and_offset_views() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f64, 1.0, (9, 40), &dev).unwrap();
+        let b = Tensor::randn(0f64, 1.0, (21, 30), &dev).unwrap();
+        // [7, 30] from row 2 on, and [30, 12] read transposed from column 5 on.
+        let (av, bv) = (
+            a.narrow(0, 2, 7).unwrap().narrow(1, 10, 30).unwrap(),
+            b.narrow(0, 5, 12).unwrap().t().unwrap(),
+        );
+        let want = av
+            .contiguous()
+            .unwrap()
+            .matmul(&bv.contiguous().unwrap())
+            .unwrap();
+        let got = matmul(&av, &bv).unwrap();
+        assert!(super::super::float::max_abs_diff(&got, &want) < 1e-12);
+        assert!(matmul(&av, &av).is_err());
+    }
+
+    #[test]
+    fn matmul_add_adds_where_the_sum_lies() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f64, 1.0, (13, 300), &dev).unwrap();
+        let b = Tensor::randn(0f64, 1.0, (17, 300), &dev).unwrap();
+        let sum = Tensor::randn(0f64, 1.0, (13, 17), &dev).unwrap();
+        let want = (&sum + a.matmul(&b.t().unwrap()).unwrap()).unwrap();
+        let given = sum.copy().unwrap();
+        let got = matmul_add(given.clone(), &a, &b.t().unwrap()).unwrap();
+        assert!(super::super::float::max_abs_diff(&got, &want) < 1e-12);
+        // In place: the tensor given holds the sum.
+        assert!(super::super::float::max_abs_diff(&given, &want) < 1e-12);
+        // A transposed sum is not written in place, and the result is still the sum.
+        let st = sum.t().unwrap().contiguous().unwrap().t().unwrap();
+        let got = matmul_add(st, &a, &b.t().unwrap()).unwrap();
+        assert!(super::super::float::max_abs_diff(&got, &want) < 1e-12);
+        assert!(matmul_add(sum, &a, &b).is_err());
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl CustomOp3 for LoraLinear {
         }
         let wl = &w_layout.transpose(0, 1)?;
         // [n, in] x [in, out]
-        let base = x.matmul(w, (1, n, out, k), xl, wl)?;
+        let base = super::dense_product::cpu_matmul((x, xl), (w, wl), (n, k, out))?;
         if self.effective() {
             return Ok((base, Shape::from((n, out))));
         }
@@ -229,7 +229,7 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, da, db) = self.backward(x, a, b, grad_y)?;
+        let (dx, da, db) = self.backward(x, a, b, grad_y, None)?;
         Ok((Some(dx.to_dtype(x.dtype())?), Some(da), Some(db)))
     }
 }
@@ -250,12 +250,15 @@ impl LoraLinear {
 
     /// `(dx, da, db)` from the inputs and the output's gradient; `dx` in the output gradient's
     /// dtype, `da` and `db` in the adapter's.
+    /// `(dx, da, db)`; with `dx_sum`, `dx_sum + dx` in place of `dx` (added where `dx_sum`
+    /// lies when the op can, so the caller must hold it alone).
     fn backward(
         &self,
         x: &Tensor,
         a: &Tensor,
         b: &Tensor,
         grad_y: &Tensor,
+        dx_sum: Option<Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let s = self.scale;
         // Detached so the gradients computed here are plain tensors: results that referenced the
@@ -280,23 +283,34 @@ impl LoraLinear {
             if widening {
                 super::widening_matmul(l, r)
             } else {
-                l.matmul(r)
+                super::dense_product::matmul(l, r)
             }
         };
         // [n, in] x [in, r]: recomputed, it is rank-r cheap.
-        let low = xc.matmul(&ac.t()?)?;
+        let low = super::dense_product::matmul(xc, &ac.t()?)?;
         // [n, out] x [out, r]: the gradient of `low`, over s.
-        let grad_low = gy.matmul(bc)?;
+        let grad_low = super::dense_product::matmul(gy, bc)?;
         // [out, n] x [n, r]
         let grad_b = back(kept(&gy.t()?, &low)?, b)?.affine(s, 0.0)?;
         // [r, n] x [n, in]
         let grad_a = back(kept(&grad_low.t()?, xc)?, a)?.affine(s, 0.0)?;
         // [n, out] x [out, in] + [n, r] x [r, in]; in bf16 the second product is added where
         // the first lies. The effective weight carries the second term already.
-        let grad_x = kept(gy, w)?;
+        let sum_with = |dx: Tensor, sum: Option<Tensor>| match sum {
+            Some(sum) => super::add_in_place::add_in_place(sum, &dx),
+            None => Ok(dx),
+        };
         if self.effective() {
-            return Ok((back(grad_x, grad_y)?, grad_a, grad_b));
+            // Full precision: the product is added straight into the sum.
+            let grad_x = match dx_sum {
+                Some(sum) if !widening && w.dtype() == sum.dtype() => {
+                    super::dense_product::matmul_add(sum, gy, w)?
+                }
+                sum => sum_with(back(kept(gy, w)?, grad_y)?, sum)?,
+            };
+            return Ok((grad_x, grad_a, grad_b));
         }
+        let grad_x = kept(gy, w)?;
         // The scale is applied in the parameters' dtype, to the small rank-r tensors: on a bf16
         // tensor candle's `affine` rounds the multiplier itself to bf16, which would make the
         // gradient that of `s' = bf16(s)` (1/3 becomes 0.3340, +0.2 %) while the forward
@@ -308,7 +322,7 @@ impl LoraLinear {
         } else {
             (grad_x + grad_low.matmul(a_scaled)?)?
         };
-        Ok((back(grad_x, grad_y)?, grad_a, grad_b))
+        Ok((sum_with(back(grad_x, grad_y)?, dx_sum)?, grad_a, grad_b))
     }
 }
 
@@ -400,7 +414,22 @@ pub(crate) fn lora_linear_backward(
     compute: Option<DType>,
     dy: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    LoraLinear::new(weight, step.clone(), scale, compute)?.backward(x, a, b, dy)
+    LoraLinear::new(weight, step.clone(), scale, compute)?.backward(x, a, b, dy, None)
+}
+
+/// [`lora_linear_backward`] for the second and later terms of a sum of input gradients:
+/// `(dx_sum + dx, da, db)`, the first added where `dx_sum` lies when the op can (the caller
+/// must hold it alone).
+pub(crate) fn lora_linear_backward_add(
+    x: &Tensor,
+    (weight, step): (&Tensor, &StepWeight),
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    compute: Option<DType>,
+    dy: &Tensor,
+    dx_sum: Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    LoraLinear::new(weight, step.clone(), scale, compute)?.backward(x, a, b, dy, Some(dx_sum))
 }
 
 #[cfg(test)]
