@@ -7,6 +7,7 @@
 //! `ds = scale * y * (dy - sum_j(y dy))`.
 
 use super::float::{contiguous, rows_per_task, task_len, Float};
+use super::lanes::{dot, fold};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -47,15 +48,15 @@ pub(crate) fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
         }
     };
     let max = if scale >= T::ZERO {
-        lanes(x, T::NEG_INF, pick(true)) * scale
+        fold(x, T::NEG_INF, pick(true)) * scale
     } else {
-        lanes(x, -T::NEG_INF, pick(false)) * scale
+        fold(x, -T::NEG_INF, pick(false)) * scale
     };
     for v in x.iter_mut() {
         *v = *v * scale - max;
     }
     T::exp_in_place(x);
-    let inv = T::ONE / lanes(x, T::ZERO, |s, v| s + v);
+    let inv = T::ONE / fold(x, T::ZERO, |s, v| s + v);
     for v in x.iter_mut() {
         *v = *v * inv;
     }
@@ -65,31 +66,10 @@ pub(crate) fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
 /// [`causal_softmax_backward`], turning the gradient of the probabilities into that of the
 /// scores in place.
 pub(crate) fn softmax_backward_row_in_place<T: Float>(y: &[T], dy: &mut [T], scale: T) {
-    let mut dot = T::ZERO;
-    for (&a, &b) in y.iter().zip(dy.iter()) {
-        dot += a * b;
-    }
+    let dot = dot(y, dy);
     for (d, &a) in dy.iter_mut().zip(y) {
         *d = scale * a * (*d - dot);
     }
-}
-
-/// `f` folded over `xs` in 16 interleaved lanes, then the lanes in order: a form the compiler
-/// vectorises (a single running value it may not reorder), with the same order on every CPU.
-#[inline(always)]
-fn lanes<T: Float>(xs: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
-    const L: usize = 16;
-    let mut acc = [init; L];
-    let mut chunks = xs.chunks_exact(L);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a = f(*a, v);
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
-        *a = f(*a, v);
-    }
-    acc.into_iter().fold(init, f)
 }
 
 fn backward<T: Float>(y: &[T], dy: &[T], t: usize, scale: T) -> Vec<T> {

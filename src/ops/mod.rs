@@ -23,6 +23,7 @@ pub mod frozen_matmul;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod grouped;
 mod head_matmul;
+mod lanes;
 pub(crate) mod linear_backward;
 pub mod lora_linear;
 pub mod mixed_linear;

@@ -5,6 +5,7 @@
 //! backward computing `dx = r (g - x r^2 mean(g x))` with `g = dy w`, and `dw = sum_rows(dy x r)`.
 
 use super::float::{contiguous, task_len, Float};
+use super::lanes::{dot, dot3};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -14,38 +15,58 @@ struct RmsNorm {
 }
 
 fn inv_rms<T: Float>(row: &[T], eps: T) -> T {
-    let mut ss = T::ZERO;
-    for &v in row {
-        ss += v * v;
-    }
+    let ss = dot(row, row);
     T::ONE / (ss / T::from_f64(row.len() as f64) + eps).sqrt()
 }
 
 fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     let h = w.len();
+    if h == 0 {
+        return Vec::new();
+    }
+    assert!(
+        x.len() % h == 0,
+        "rms norm: x is not whole rows of the weight's width"
+    );
     let step = task_len(h);
-    let mut y = vec![T::ZERO; x.len()];
-    y.par_chunks_mut(step)
+    // Written once below, without a zero-fill first.
+    let mut y = Vec::with_capacity(x.len());
+    y.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(step)
         .zip(x.par_chunks(step))
         .for_each(|(yc, xc)| {
             for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
                 let r = inv_rms(xr, eps);
                 for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-                    *yv = xv * r * wv;
+                    yv.write(xv * r * wv);
                 }
             }
         });
+    // SAFETY: the chunks cover all x.len() elements, whole rows of h (x holds whole rows: the
+    // callers check its shape against the weight), and each was written above.
+    unsafe { y.set_len(x.len()) };
     y
 }
 
 /// `[n + 1, h]`: rows `0..n` are dx, row `n` is dw.
 fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: T) -> Vec<T> {
     let h = w.len();
+    if h == 0 {
+        // Zero-width rows: nothing to normalise, and an empty gradient.
+        return Vec::new();
+    }
+    // Every row of dx is written only where x and dy have it.
+    assert!(
+        dy.len() == x.len() && x.len() % h == 0,
+        "rms norm: x, dy and the weight do not fit"
+    );
     // (An empty width has no rows to speak of, and nothing to compute.)
     let n = x.len().checked_div(h).unwrap_or(0);
     let step = task_len(h);
-    let mut out = vec![T::ZERO; (n + 1) * h];
-    let (dx, _) = out.split_at_mut(n * h);
+    // dx is written once below, without a zero-fill first; dw's row is summed into zeros.
+    let mut out = Vec::with_capacity((n + 1) * h);
+    let (dx, dw_row) = out.spare_capacity_mut()[..(n + 1) * h].split_at_mut(n * h);
+    dw_row.fill(std::mem::MaybeUninit::new(T::ZERO));
     let partial_dw: Vec<Vec<T>> = dx
         .par_chunks_mut(step)
         .zip(x.par_chunks(step).zip(dy.par_chunks(step)))
@@ -53,10 +74,7 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: T) -> Vec<T> {
             let mut dw = vec![T::ZERO; h];
             for ((dxr, xr), dyr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(dyc.chunks(h)) {
                 let r = inv_rms(xr, eps);
-                let mut dot = T::ZERO;
-                for ((&xv, &dv), &wv) in xr.iter().zip(dyr).zip(w) {
-                    dot += dv * wv * xv;
-                }
+                let dot = dot3(dyr, w, xr);
                 let c = r * r * r * dot / T::from_f64(h as f64);
                 for (((d, &xv), &dv), (&wv, acc)) in dxr
                     .iter_mut()
@@ -64,13 +82,16 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: T) -> Vec<T> {
                     .zip(dyr)
                     .zip(w.iter().zip(dw.iter_mut()))
                 {
-                    *d = r * dv * wv - xv * c;
+                    d.write(r * dv * wv - xv * c);
                     *acc += dv * xv * r;
                 }
             }
             dw
         })
         .collect();
+    // SAFETY: rows 0..n are dx, every element written above (the chunks cover n whole rows
+    // of h); row n was filled with zeros.
+    unsafe { out.set_len((n + 1) * h) };
     let dw = &mut out[n * h..];
     for part in partial_dw {
         for (a, b) in dw.iter_mut().zip(part) {
@@ -190,6 +211,9 @@ impl CustomOp3 for RmsNormBwd {
         dl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, h) = dims(xl, wl)?;
+        if dl.shape() != xl.shape() {
+            candle_core::bail!("rms norm: gradient {:?} for x {:?}", dl.shape(), xl.shape());
+        }
         let out = match xs {
             CpuStorage::F32(_) => f32::storage(backward(
                 contiguous::<f32>(self.name(), xs, xl)?,

@@ -8,33 +8,53 @@ use super::float::{contiguous, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 const CHUNK: usize = 16_384;
 
 struct SwiGlu;
 
 fn forward<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
-    let mut y = vec![T::ZERO; g.len()];
-    y.par_chunks_mut(CHUNK)
+    let n = g.len();
+    assert_eq!(u.len(), n, "swiglu: gate and up differ in length");
+    // Written once, by the first pass of each chunk below: no zero-fill first.
+    let mut y = Vec::with_capacity(n);
+    y.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .for_each(|(yc, (gc, uc))| {
             // e^-g in y's own memory first, in one vectorised pass.
-            for (y, &g) in yc.iter_mut().zip(gc) {
-                *y = -g;
-            }
+            let yc = write_negated(yc, gc);
             T::exp_in_place(yc);
             for ((y, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
                 *y = g / (T::ONE + *y) * u;
             }
         });
+    // SAFETY: the chunks cover all n elements, each written by `write_negated`.
+    unsafe { y.set_len(n) };
     y
+}
+
+/// Writes `-g` into `out` (of `g`'s length) and returns it as initialised.
+fn write_negated<'a, T: Float>(out: &'a mut [MaybeUninit<T>], g: &[T]) -> &'a mut [T] {
+    assert_eq!(out.len(), g.len(), "swiglu: chunks differ in length");
+    for (o, &g) in out.iter_mut().zip(g) {
+        o.write(-g);
+    }
+    // SAFETY: every element was written just above (equal lengths, checked).
+    unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// `[2, ..]`: dg then du.
 fn backward<T: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     let n = g.len();
-    let mut out = vec![T::ZERO; 2 * n];
-    let (dg, du) = out.split_at_mut(n);
+    assert!(
+        u.len() == n && dy.len() == n,
+        "swiglu: gate, up and gradient differ in length"
+    );
+    // Written once below (dg by `write_negated` first, du in the second loop): no zero-fill.
+    let mut out = Vec::with_capacity(2 * n);
+    let (dg, du) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
         .zip(
@@ -44,16 +64,19 @@ fn backward<T: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
         )
         .for_each(|((dgc, duc), ((gc, uc), dyc))| {
             // e^-g in dg's memory first, in one vectorised pass.
-            for (dg, &g) in dgc.iter_mut().zip(gc) {
-                *dg = -g;
-            }
+            let dgc = write_negated(dgc, gc);
             T::exp_in_place(dgc);
+            assert_eq!(duc.len(), dgc.len(), "swiglu: chunks differ in length");
             for ((((dg, du), &g), &u), &d) in dgc.iter_mut().zip(duc).zip(gc).zip(uc).zip(dyc) {
                 let s = T::ONE / (T::ONE + *dg);
-                *du = d * g * s;
+                du.write(d * g * s);
                 *dg = d * u * s * (T::ONE + g * (T::ONE - s));
             }
         });
+    // SAFETY: dg's chunks cover its n elements, each written by `write_negated`; du's chunks
+    // are as long (checked) and each element was written in the second loop (dy's chunks are
+    // as long too: the lengths are equal, checked above).
+    unsafe { out.set_len(2 * n) };
     out
 }
 
