@@ -14,7 +14,7 @@
 
 use super::float::{contiguous, Float};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, InplaceOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -63,10 +63,9 @@ fn moments<T: Float>(g: &[T], m: &[T], v: &[T], c: &AdamWConstants) -> Vec<T> {
     let chunk =
         |mo: &mut [MaybeUninit<T>], vo: &mut [MaybeUninit<T>], g: &[T], m: &[T], v: &[T]| {
             for i in 0..g.len() {
-                // Each product plus the zero `affine` adds, as the composed ops round them.
-                let g = g[i] * scale + T::ZERO;
-                mo[i].write((m[i] * b1 + T::ZERO) + (g * b1c + T::ZERO));
-                vo[i].write((v[i] * b2 + T::ZERO) + ((g * g) * b2c + T::ZERO));
+                let (m, v) = new_moments(g[i], m[i], v[i], (scale, b1, b1c, b2, b2c));
+                mo[i].write(m);
+                vo[i].write(v);
             }
         };
     if n <= SERIAL_MAX {
@@ -85,6 +84,45 @@ fn moments<T: Float>(g: &[T], m: &[T], v: &[T], c: &AdamWConstants) -> Vec<T> {
     // (mo and vo are its two halves, chunked alongside g, m and v, which all have length n).
     unsafe { out.set_len(2 * n) };
     out
+}
+
+/// `(m', v')` of one element from its gradient and moments, each product plus the zero
+/// `affine` adds, as the composed ops round them. `k` is `(grad_scale, b1, 1 - b1, b2, 1 - b2)`
+/// in `T`.
+#[inline(always)]
+fn new_moments<T: Float>(g: T, m: T, v: T, (scale, b1, b1c, b2, b2c): (T, T, T, T, T)) -> (T, T) {
+    let g = g * scale + T::ZERO;
+    (
+        (m * b1 + T::ZERO) + (g * b1c + T::ZERO),
+        (v * b2 + T::ZERO) + ((g * g) * b2c + T::ZERO),
+    )
+}
+
+/// [`moments`] written over the old ones: `both` is `[2, n]`, m then v.
+fn moments_in_place<T: Float>(g: &[T], both: &mut [T], c: &AdamWConstants) {
+    let n = g.len();
+    assert_eq!(both.len(), 2 * n, "adamw: moments differ in length");
+    let k = (
+        T::from_f64(c.grad_scale),
+        T::from_f64(c.beta1),
+        T::from_f64(1.0 - c.beta1),
+        T::from_f64(c.beta2),
+        T::from_f64(1.0 - c.beta2),
+    );
+    let (m, v) = both.split_at_mut(n);
+    let chunk = |m: &mut [T], v: &mut [T], g: &[T]| {
+        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            (*m, *v) = new_moments(g, *m, *v, k);
+        }
+    };
+    if n <= SERIAL_MAX {
+        chunk(m, v, g);
+        return;
+    }
+    m.par_chunks_mut(CHUNK)
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|((m, v), g)| chunk(m, v, g));
 }
 
 fn apply<T: Float>(p: &mut [T], m: &[T], v: &[T], c: &AdamWConstants) {
@@ -194,6 +232,48 @@ impl CustomOp3 for Moments {
     }
 }
 
+struct MomentsInPlace(AdamWConstants);
+
+impl InplaceOp2 for MomentsInPlace {
+    fn name(&self) -> &'static str {
+        "adamw-moments-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        bs: &mut CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let name = self.name();
+        let Some((start, end)) = bl.contiguous_offsets() else {
+            candle_core::bail!("{name}: the moments are not contiguous");
+        };
+        if bl.shape().elem_count() != 2 * gl.shape().elem_count() {
+            candle_core::bail!(
+                "{name}: moments {:?} for a gradient {:?}",
+                bl.dims(),
+                gl.dims()
+            );
+        }
+        match bs {
+            CpuStorage::F32(b) => moments_in_place(
+                contiguous::<f32>(name, gs, gl)?,
+                &mut b[start..end],
+                &self.0,
+            ),
+            CpuStorage::F64(b) => moments_in_place(
+                contiguous::<f64>(name, gs, gl)?,
+                &mut b[start..end],
+                &self.0,
+            ),
+            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+}
+
 struct Apply(AdamWConstants);
 
 impl InplaceOp3 for Apply {
@@ -272,6 +352,34 @@ impl InplaceOp3 for Apply {
         );
         Ok(())
     }
+}
+
+/// [`adamw_update`] on the CPU with the moments written over the old ones: `both` is the
+/// contiguous `[2, ..]` buffer whose rows are `exp_avg` and `exp_avg_sq` (as
+/// [`adamw_update`] returns them), held by the caller alone. The same arithmetic, without the
+/// fresh buffer and its write-allocate traffic.
+pub fn adamw_update_in_place(
+    param: &Tensor,
+    grad: &Tensor,
+    both: &Tensor,
+    c: AdamWConstants,
+) -> candle_core::Result<()> {
+    if !param.is_contiguous() {
+        candle_core::bail!("adamw: the parameter is not contiguous");
+    }
+    let n = param.elem_count();
+    let grad = grad.contiguous()?.flatten_all()?;
+    if grad.elem_count() != n || both.dims() != [2, n] {
+        candle_core::bail!(
+            "adamw: parameter {:?}, gradient {:?} and moments {:?} do not fit",
+            param.dims(),
+            grad.dims(),
+            both.dims()
+        );
+    }
+    both.inplace_op2(&grad, &MomentsInPlace(c))?;
+    let param_flat = param.reshape(n)?;
+    param_flat.inplace_op3(&both.get(0)?, &both.get(1)?, &Apply(c))
 }
 
 /// Applies one AdamW update to `param` in place and returns the new `(exp_avg, exp_avg_sq)`

@@ -7,7 +7,7 @@
 
 use super::reset::{prune_pair, ResetMode};
 use crate::error::{Result, TensorContext};
-use crate::ops::adamw_update::{adamw_update, AdamWConstants};
+use crate::ops::adamw_update::{adamw_update, adamw_update_in_place, AdamWConstants};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,8 +50,10 @@ pub struct ResetReport {
 /// The optimizer: hyper-parameters and per-parameter state keyed by parameter name.
 ///
 /// On CUDA the update is one grouped kernel that writes the moments in place
-/// ([`crate::ops::adamw_group`]); elsewhere each step gives every parameter new moment tensors.
-/// Either way, to keep a snapshot of a state across a step, copy its tensors
+/// ([`crate::ops::adamw_group`]); on the CPU, from a parameter's first update on, its moments
+/// are the two rows of one buffer that each update writes in place
+/// ([`crate::ops::adamw_update::adamw_update_in_place`]); elsewhere each step gives every
+/// parameter new moment tensors. To keep a snapshot of a state across a step, copy its tensors
 /// (`Tensor::force_contiguous`): a clone shares their memory.
 pub struct AdamW {
     /// Hyper-parameters.
@@ -62,6 +64,9 @@ pub struct AdamW {
     /// ([`AdamW::set_state`]) or from the per-tensor update (views of one buffer) are copied
     /// before their first grouped update.
     exclusive: BTreeSet<String>,
+    /// CPU parameters whose moments are the rows of one contiguous `[2, n]` buffer this
+    /// optimizer made (kept here), which their updates write in place.
+    paired: BTreeMap<String, Tensor>,
 }
 
 /// The update from candle's element-wise ops, for devices and dtypes without the fused kernel:
@@ -100,6 +105,7 @@ impl AdamW {
             config,
             states: BTreeMap::new(),
             exclusive: BTreeSet::new(),
+            paired: BTreeMap::new(),
         }
     }
 
@@ -116,12 +122,14 @@ impl AdamW {
     /// Replaces (or inserts) the state of one parameter, e.g. when resuming.
     pub fn set_state(&mut self, name: &str, state: ParamState) {
         self.exclusive.remove(name);
+        self.paired.remove(name);
         self.states.insert(name.to_string(), state);
     }
 
     /// Drops a parameter's state (a weight that became frozen), freeing its memory.
     pub fn remove(&mut self, name: &str) {
         self.exclusive.remove(name);
+        self.paired.remove(name);
         self.states.remove(name);
     }
 
@@ -195,6 +203,33 @@ impl AdamW {
             let ctx = || format!("AdamW update of {name}");
             let st = self.states.get_mut(name).expect("created above");
             let p = var.as_tensor();
+            let in_place = matches!(p.device(), Device::Cpu)
+                && crate::ops::has_kernel(p)
+                && g.dtype() == p.dtype()
+                && st.exp_avg.dtype() == p.dtype()
+                && st.exp_avg_sq.dtype() == p.dtype()
+                && p.is_contiguous();
+            if in_place {
+                let both = match self.paired.get(name) {
+                    Some(both) => both.clone(),
+                    None => {
+                        // Once per parameter (and after a reset or a loaded state): the
+                        // moments copied into one buffer of this optimizer's own.
+                        let row = |t: &Tensor| t.flatten_all()?.unsqueeze(0);
+                        let both = row(&st.exp_avg)
+                            .and_then(|m| Tensor::cat(&[m, row(&st.exp_avg_sq)?], 0))
+                            .with_ctx(ctx)?;
+                        let shape = p.shape();
+                        st.exp_avg = both.get(0).and_then(|m| m.reshape(shape)).with_ctx(ctx)?;
+                        st.exp_avg_sq = both.get(1).and_then(|v| v.reshape(shape)).with_ctx(ctx)?;
+                        self.exclusive.remove(name);
+                        self.paired.insert(name.clone(), both.clone());
+                        both
+                    }
+                };
+                adamw_update_in_place(p, g, &both, k).with_ctx(ctx)?;
+                continue;
+            }
             let (m, v) =
                 if crate::ops::has_kernel(p) && g.dtype() == p.dtype() && p.is_contiguous() {
                     // The same arithmetic in two passes (bit-identical on the CPU).
@@ -329,6 +364,7 @@ impl AdamW {
                 .with_ctx(ctx)?;
             st.exp_avg = (&st.exp_avg * &keep).with_ctx(ctx)?;
             st.exp_avg_sq = (&st.exp_avg_sq * &keep).with_ctx(ctx)?;
+            self.paired.remove(name);
             // Two fresh products, each in memory of its own.
             self.exclusive.insert(name.clone());
             report.params += 1;
@@ -403,24 +439,32 @@ mod tests {
     }
 
     #[test]
-    fn fused_update_is_bit_identical_to_the_composed_ops() {
+    fn fused_and_in_place_updates_are_bit_identical_to_the_composed_ops() {
         let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
-            for (decay, grad_scale) in [(None, 1.0), (Some(1.0 - 3e-3 * 0.1), 0.37)] {
-                let p0 = Tensor::randn(0f64, 1.0, (33, 70), &dev)
+            for (decay, grad_scale, shape) in [
+                (None, 1.0, (33, 70)),
+                (Some(1.0 - 3e-3 * 0.1), 0.37, (33, 70)),
+                // Above the serial limit: the passes run in parallel chunks.
+                (Some(1.0 - 3e-3 * 0.1), 0.37, (300, 300)),
+            ] {
+                let p0 = Tensor::randn(0f64, 1.0, shape, &dev)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let (fused_p, composed_p) = (
+                let (fused_p, composed_p, in_place_p) = (
+                    Var::from_tensor(&p0.copy().unwrap()).unwrap(),
                     Var::from_tensor(&p0.copy().unwrap()).unwrap(),
                     Var::from_tensor(&p0.copy().unwrap()).unwrap(),
                 );
+                // The in-place form's buffer: m then v.
+                let both = Tensor::zeros((2, p0.elem_count()), dtype, &dev).unwrap();
                 // Zero moments sharing one storage, as a fresh state has them.
                 let z = p0.zeros_like().unwrap();
                 let (mut fm, mut fv) = (z.clone(), z.clone());
                 let (mut cm, mut cv) = (z.clone(), z);
                 for t in 1..=4 {
-                    let g = Tensor::randn(0f64, 0.3, (33, 70), &dev)
+                    let g = Tensor::randn(0f64, 0.3, shape, &dev)
                         .unwrap()
                         .to_dtype(dtype)
                         .unwrap();
@@ -435,6 +479,7 @@ mod tests {
                     };
                     (fm, fv) = adamw_update(fused_p.as_tensor(), &g, &fm, &fv, k).unwrap();
                     (cm, cv) = composed_update(&composed_p, &g, &cm, &cv, &k).unwrap();
+                    adamw_update_in_place(in_place_p.as_tensor(), &g, &both, k).unwrap();
                 }
                 let bits = |t: &Tensor| -> Vec<u64> {
                     let t = t.flatten_all().unwrap();
@@ -458,6 +503,18 @@ mod tests {
                 assert!(
                     bits(fused_p.as_tensor()) == bits(composed_p.as_tensor()),
                     "{dtype:?} {decay:?}: parameter"
+                );
+                assert!(
+                    bits(&both.get(0).unwrap()) == bits(&cm),
+                    "in place: exp_avg"
+                );
+                assert!(
+                    bits(&both.get(1).unwrap()) == bits(&cv),
+                    "in place: exp_avg_sq"
+                );
+                assert!(
+                    bits(in_place_p.as_tensor()) == bits(composed_p.as_tensor()),
+                    "in place: parameter"
                 );
                 assert!(
                     bits(fused_p.as_tensor()) != bits(&p0),
