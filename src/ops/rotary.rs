@@ -12,6 +12,7 @@ use super::float::{contiguous, rows_per_task, task_len, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 struct Rotary {
     /// `[positions >= t, d]`, in the input's dtype.
@@ -24,9 +25,16 @@ struct Rotary {
 
 /// `x` is `[rows, d]` where row `i` is at position `i % t`.
 fn rotate<T: Float>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: bool) -> Vec<T> {
-    let mut y = vec![T::ZERO; x.len()];
+    // Every row is written in full by `rotate_row` below: no zero-fill first.
+    let len = x.len();
+    assert!(
+        d % 2 == 0 && len % d.max(1) == 0,
+        "rotary: rows of odd or uneven width"
+    );
+    let mut y: Vec<T> = Vec::with_capacity(len);
     let rows_per_task = rows_per_task(d);
-    y.par_chunks_mut(task_len(d))
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut(task_len(d))
         .zip(x.par_chunks(task_len(d)))
         .enumerate()
         .for_each(|(chunk, (yc, xc))| {
@@ -36,21 +44,24 @@ fn rotate<T: Float>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: 
                 rotate_row(yr, xr, (c, s), inverse);
             }
         });
+    // SAFETY: y's chunks and rows pair one to one with x's (equal lengths, whole rows of even
+    // width d, asserted above), and `rotate_row` wrote every element of each row.
+    unsafe { y.set_len(len) };
     y
 }
 
 /// One row `x [d]` rotated into `y` in the half-split layout, by the angles of its position's
 /// table rows `cos`, `sin [d]`, or by the opposite angles (`inverse`, the backward).
 #[inline(always)]
-fn rotate_row<T: Float>(y: &mut [T], x: &[T], (c, s): (&[T], &[T]), inverse: bool) {
+fn rotate_row<T: Float>(y: &mut [MaybeUninit<T>], x: &[T], (c, s): (&[T], &[T]), inverse: bool) {
     let h = x.len() / 2;
     for j in 0..h {
         if inverse {
-            y[j] = x[j] * c[j] + x[j + h] * s[j + h];
-            y[j + h] = x[j + h] * c[j + h] - x[j] * s[j];
+            y[j].write(x[j] * c[j] + x[j + h] * s[j + h]);
+            y[j + h].write(x[j + h] * c[j + h] - x[j] * s[j]);
         } else {
-            y[j] = x[j] * c[j] - x[j + h] * s[j];
-            y[j + h] = x[j + h] * c[j + h] + x[j] * s[j + h];
+            y[j].write(x[j] * c[j] - x[j + h] * s[j]);
+            y[j + h].write(x[j + h] * c[j + h] + x[j] * s[j + h]);
         }
     }
 }
@@ -246,8 +257,11 @@ fn moved<T: Float + candle_core::WithDType>(
         contiguous::<T>("rotary", sc, lc)?,
         contiguous::<T>("rotary", ss, ls)?,
     );
-    let mut y = vec![T::ZERO; xs.len()];
-    y.par_chunks_mut(task_len(d))
+    // Every row is written in full by `rotate_row` below: no zero-fill first.
+    let len = xs.len();
+    let mut y: Vec<T> = Vec::with_capacity(len);
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut(task_len(d))
         .enumerate()
         .for_each(|(chunk, yc)| {
             for (r, yr) in yc.chunks_mut(d).enumerate() {
@@ -268,6 +282,9 @@ fn moved<T: Float + candle_core::WithDType>(
                 rotate_row(yr, xr, (c, s), way == HeadMove::MergeInverse);
             }
         });
+    // SAFETY: the chunks cover all len elements in rows of d (len = b t n d), each row written
+    // in full by `rotate_row` (pairs j and j + d/2 for every j < d/2; d is even, checked above).
+    unsafe { y.set_len(len) };
     let shape: Vec<usize> = match way {
         HeadMove::Split => vec![b, n, t, d],
         HeadMove::MergeInverse => vec![b * t, n * d],
