@@ -17,9 +17,8 @@
 use super::layer::Layer;
 use crate::ops::add_in_place::add_in_place;
 use crate::ops::attention::{attention_forward, fused_attention_applies, AttentionSaved};
-use crate::ops::lora_linear::{
-    lora_linear_backward, lora_linear_backward_add, lora_linear_step, StepWeight,
-};
+use crate::ops::linear_backward::{linear_backward, linear_backward_add};
+use crate::ops::lora_linear::{lora_linear_backward, lora_linear_step, StepWeight};
 use crate::ops::mixed_linear::{mixed_linear_backward, mixed_linear_cast};
 use crate::ops::precomputed::Precomputed;
 use crate::ops::rms_norm::rms_norm_backward;
@@ -147,60 +146,29 @@ impl Projection {
         }
     }
 
-    /// `dx_sum` plus the input's gradient from the output's `dy`, for projections that read one
-    /// input; the parameters' gradients go to `sink`. `dx_sum` is updated in place where the
-    /// op can (a plain projection on the CPU adds its product into it), so the caller must hold
-    /// it alone.
-    fn backward_add(
+    /// The input's gradient from the output's `dy`; the parameters' gradients go to `sink`.
+    /// With `dx_sum` (the input gradients of the projections before it that read the same
+    /// input), `dx_sum` plus that gradient, added where `dx_sum` lies when the op can (a plain
+    /// projection on the CPU adds its product into it), so the caller must hold it alone.
+    fn backward(
         &self,
         x: &Tensor,
         dy: &Tensor,
         sink: &ParamGrads,
-        dx_sum: Tensor,
+        dx_sum: Option<Tensor>,
     ) -> candle_core::Result<Tensor> {
-        match self {
-            Projection::Plain { weight } => {
-                let (sum, dw) = crate::ops::linear_backward::linear_backward_add(
-                    x,
-                    &weight.detach(),
-                    dy,
-                    dx_sum,
-                )?;
-                sink.push(weight, dw)?;
-                Ok(sum)
-            }
-            Projection::Adapter {
-                weight,
-                step,
-                a,
-                b,
-                scale,
-                compute,
-            } => {
-                let (sum, da, db) = lora_linear_backward_add(
-                    x,
-                    (weight, step),
-                    (&a.detach(), &b.detach()),
-                    *scale,
-                    *compute,
-                    dy,
-                    dx_sum,
-                )?;
-                sink.push(a, da)?;
-                sink.push(b, db)?;
-                Ok(sum)
-            }
-            Projection::Mixed { .. } => add_in_place(dx_sum, &self.backward(x, dy, sink)?),
-        }
-    }
-
-    /// The input's gradient from the output's `dy`; the parameters' gradients go to `sink`.
-    fn backward(&self, x: &Tensor, dy: &Tensor, sink: &ParamGrads) -> candle_core::Result<Tensor> {
+        let plus_sum = |dx: Tensor, sum: Option<Tensor>| match sum {
+            Some(sum) => add_in_place(sum, &dx),
+            None => Ok(dx),
+        };
         match self {
             Projection::Plain { weight } => {
                 // [n, out] x [out, in] and [out, n] x [n, in], side by side.
-                let (dx, dw) =
-                    crate::ops::linear_backward::linear_backward(x, &weight.detach(), dy)?;
+                let w = weight.detach();
+                let (dx, dw) = match dx_sum {
+                    Some(sum) => linear_backward_add(x, &w, dy, sum)?,
+                    None => linear_backward(x, &w, dy)?,
+                };
                 sink.push(weight, dw)?;
                 Ok(dx)
             }
@@ -212,7 +180,7 @@ impl Projection {
                 let (dx, dw) =
                     mixed_linear_backward(x, (weight, Some(weight_compute)), dy, *compute)?;
                 sink.push(weight, dw)?;
-                Ok(dx)
+                plus_sum(dx, dx_sum)
             }
             Projection::Adapter {
                 weight,
@@ -229,6 +197,7 @@ impl Projection {
                     *scale,
                     *compute,
                     dy,
+                    dx_sum,
                 )?;
                 sink.push(a, da)?;
                 sink.push(b, db)?;
@@ -327,28 +296,28 @@ impl CustomOp1 for LayerNode {
         let dev = dy.device();
         // y = mid + down(swiglu(gate(c), up(c))), c = rmsnorm(mid)
         let dact = region("layer bwd down", dev, || {
-            self.down.backward(&self.act, dy, s)
+            self.down.backward(&self.act, dy, s, None)
         })?;
         let (dg, du) = region("layer bwd swiglu", dev, || {
             swiglu_backward(&self.g, &self.u, &dact)
         })?;
         let dc = region("layer bwd gate up", dev, || {
-            let dc = self.gate.backward(&self.normed_mid, &dg, s)?;
-            self.up.backward_add(&self.normed_mid, &du, s, dc)
+            let dc = self.gate.backward(&self.normed_mid, &dg, s, None)?;
+            self.up.backward(&self.normed_mid, &du, s, Some(dc))
         })?;
         let dmid = self.norm_backward(&self.mid, &self.post_norm, &dc)?;
         let dmid = region("layer bwd residual", dev, || add_in_place(dmid, dy))?;
         // mid = x + o(attention(q(a), k(a), v(a))), a = rmsnorm(x)
         let dattended = region("layer bwd o", dev, || {
-            self.o.backward(&self.attended, &dmid, s)
+            self.o.backward(&self.attended, &dmid, s, None)
         })?;
         let (dq, dk, dv) = region("layer bwd attention", dev, || {
             self.attention.backward(&dattended)
         })?;
         let da = region("layer bwd q k v", dev, || {
-            let da = self.q.backward(&self.normed, &dq, s)?;
-            let da = self.k.backward_add(&self.normed, &dk, s, da)?;
-            self.v.backward_add(&self.normed, &dv, s, da)
+            let da = self.q.backward(&self.normed, &dq, s, None)?;
+            let da = self.k.backward(&self.normed, &dk, s, Some(da))?;
+            self.v.backward(&self.normed, &dv, s, Some(da))
         })?;
         let dx = self.norm_backward(&self.x, &self.input_norm, &da)?;
         Ok(Some(region("layer bwd residual", dev, || {

@@ -405,7 +405,9 @@ pub(crate) fn lora_linear_step(
 }
 
 /// The backward of [`lora_linear_step`] with the same arguments and the output's gradient `dy`:
-/// `(dx, da, db)`, for code that chains backward passes by hand.
+/// `(dx, da, db)`, for code that chains backward passes by hand. With `dx_sum` (the sum of the
+/// input gradients so far, for projections that read one input), `dx_sum + dx` in place of `dx`,
+/// added where `dx_sum` lies when the op can (the caller must hold it alone).
 pub(crate) fn lora_linear_backward(
     x: &Tensor,
     (weight, step): (&Tensor, &StepWeight),
@@ -413,23 +415,9 @@ pub(crate) fn lora_linear_backward(
     scale: f64,
     compute: Option<DType>,
     dy: &Tensor,
+    dx_sum: Option<Tensor>,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    LoraLinear::new(weight, step.clone(), scale, compute)?.backward(x, a, b, dy, None)
-}
-
-/// [`lora_linear_backward`] for the second and later terms of a sum of input gradients:
-/// `(dx_sum + dx, da, db)`, the first added where `dx_sum` lies when the op can (the caller
-/// must hold it alone).
-pub(crate) fn lora_linear_backward_add(
-    x: &Tensor,
-    (weight, step): (&Tensor, &StepWeight),
-    (a, b): (&Tensor, &Tensor),
-    scale: f64,
-    compute: Option<DType>,
-    dy: &Tensor,
-    dx_sum: Tensor,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    LoraLinear::new(weight, step.clone(), scale, compute)?.backward(x, a, b, dy, Some(dx_sum))
+    LoraLinear::new(weight, step.clone(), scale, compute)?.backward(x, a, b, dy, dx_sum)
 }
 
 #[cfg(test)]
@@ -512,6 +500,7 @@ mod tests {
                 s,
                 Some(DType::BF16),
                 &dy,
+                None,
             )
             .unwrap()
         };
@@ -531,9 +520,16 @@ mod tests {
         let kept = lora_linear_step(&bf(&x), (&w, &cast), (&a, &b), s, Some(DType::BF16)).unwrap();
         assert_eq!(kept.dtype(), DType::F32);
         assert_eq!(max_diff(&kept, &fused), 0.0);
-        let kept_back =
-            lora_linear_backward(&bf(&x), (&w, &cast), (&a, &b), s, Some(DType::BF16), &dy)
-                .unwrap();
+        let kept_back = lora_linear_backward(
+            &bf(&x),
+            (&w, &cast),
+            (&a, &b),
+            s,
+            Some(DType::BF16),
+            &dy,
+            None,
+        )
+        .unwrap();
         for (o, p) in [
             (&own.0, &kept_back.0),
             (&own.1, &kept_back.1),
@@ -584,6 +580,7 @@ mod tests {
             s,
             Some(DType::BF16),
             &dy,
+            None,
         )
         .unwrap();
         let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
@@ -618,7 +615,7 @@ mod tests {
             let frozen = StepWeight::Frozen;
             let run = |step: &StepWeight| {
                 let y = lora_linear_step(&x, (&w, step), (&a, &b), s, compute).unwrap();
-                let grads = lora_linear_backward(&x, (&w, step), (&a, &b), s, compute, &dy);
+                let grads = lora_linear_backward(&x, (&w, step), (&a, &b), s, compute, &dy, None);
                 (y, grads.unwrap())
             };
             let ((ye, (dxe, dae, dbe)), (yf, (dxf, daf, dbf))) = (run(&eff), run(&frozen));
