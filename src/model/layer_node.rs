@@ -15,7 +15,7 @@
 //! dropped out (dropout masks would have to be saved too); elsewhere the layer runs on the graph.
 
 use super::layer::Layer;
-use crate::ops::add_in_place::add_in_place;
+use crate::ops::add_in_place::{add_in_place, add_to_sum};
 use crate::ops::attention::{attention_forward, fused_attention_applies, AttentionSaved};
 use crate::ops::linear_backward::{linear_backward, linear_backward_add};
 use crate::ops::lora_linear::{lora_linear_backward, lora_linear_step, StepWeight};
@@ -157,10 +157,6 @@ impl Projection {
         sink: &ParamGrads,
         dx_sum: Option<Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let plus_sum = |dx: Tensor, sum: Option<Tensor>| match sum {
-            Some(sum) => add_in_place(sum, &dx),
-            None => Ok(dx),
-        };
         match self {
             Projection::Plain { weight } => {
                 // [n, out] x [out, in] and [out, n] x [n, in], side by side.
@@ -180,7 +176,7 @@ impl Projection {
                 let (dx, dw) =
                     mixed_linear_backward(x, (weight, Some(weight_compute)), dy, *compute)?;
                 sink.push(weight, dw)?;
-                plus_sum(dx, dx_sum)
+                add_to_sum(dx, dx_sum)
             }
             Projection::Adapter {
                 weight,

@@ -35,6 +35,15 @@ pub(crate) fn add_in_place(sum: Tensor, t: &Tensor) -> candle_core::Result<Tenso
     Ok(sum)
 }
 
+/// `t` added to the sum so far, if there is one ([`add_in_place`]); `t` itself otherwise: the
+/// input gradient of a projection that may share its input with those before it.
+pub(crate) fn add_to_sum(t: Tensor, sum: Option<Tensor>) -> candle_core::Result<Tensor> {
+    match sum {
+        Some(sum) => add_in_place(sum, &t),
+        None => Ok(t),
+    }
+}
+
 fn add<T: Float>(sum: &mut [T], t: &[T]) {
     let body = |s: &mut [T], t: &[T]| s.iter_mut().zip(t).for_each(|(s, &t)| *s += t);
     if sum.len() <= SERIAL_MAX {

@@ -28,6 +28,21 @@ pub(crate) fn fold<T: Copy>(xs: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
     acc.into_iter().fold(init, f)
 }
 
+/// `sum(f(x))` in f64 over `xs`: element `i` of the whole groups of [`L`] goes to running sum
+/// `i % L`, the tail after them to one more, then the sums in order and the tail.
+#[inline(always)]
+pub(crate) fn sum_map<T: Copy>(xs: &[T], f: impl Fn(T) -> f64) -> f64 {
+    let mut acc = [0f64; L];
+    let mut groups = xs.chunks_exact(L);
+    for g in &mut groups {
+        for (a, &x) in acc.iter_mut().zip(g) {
+            *a += f(x);
+        }
+    }
+    let tail: f64 = groups.remainder().iter().map(|&x| f(x)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// `sum_i a_i b_i` over the common length, in [`L`] lanes.
 #[inline(always)]
 pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {

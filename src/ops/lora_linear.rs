@@ -25,6 +25,7 @@
 //! A trainer's `effective_weights` choice ([`crate::engine::Engine`]) turns it off; the weight
 //! itself is built in [`super::effective_weight`].
 
+use super::add_in_place::add_to_sum;
 pub(crate) use super::effective_weight::StepWeight;
 use super::mixed_linear::in_compute;
 use candle_core::backend::BackendStorage;
@@ -296,17 +297,13 @@ impl LoraLinear {
         let grad_a = back(kept(&grad_low.t()?, xc)?, a)?.affine(s, 0.0)?;
         // [n, out] x [out, in] + [n, r] x [r, in]; in bf16 the second product is added where
         // the first lies. The effective weight carries the second term already.
-        let sum_with = |dx: Tensor, sum: Option<Tensor>| match sum {
-            Some(sum) => super::add_in_place::add_in_place(sum, &dx),
-            None => Ok(dx),
-        };
         if self.effective() {
             // Full precision: the product is added straight into the sum.
             let grad_x = match dx_sum {
                 Some(sum) if !widening && w.dtype() == sum.dtype() => {
                     super::dense_product::matmul_add(sum, gy, w)?
                 }
-                sum => sum_with(back(kept(gy, w)?, grad_y)?, sum)?,
+                sum => add_to_sum(back(kept(gy, w)?, grad_y)?, sum)?,
             };
             return Ok((grad_x, grad_a, grad_b));
         }
@@ -322,7 +319,7 @@ impl LoraLinear {
         } else {
             (grad_x + grad_low.matmul(a_scaled)?)?
         };
-        Ok((sum_with(back(grad_x, grad_y)?, dx_sum)?, grad_a, grad_b))
+        Ok((add_to_sum(back(grad_x, grad_y)?, dx_sum)?, grad_a, grad_b))
     }
 }
 

@@ -60,30 +60,11 @@ fn cpu_sum(s: &CpuStorage, l: &Layout) -> candle_core::Result<f64> {
     })
 }
 
-/// Independent running sums per chunk: one chain of dependent f64 additions made the norm
-/// latency-bound (27 ms of a 60m full-rank step on 2 cores); sixteen chains let the additions
-/// overlap and vectorise, and still fix the order of every addition.
-const LANES: usize = 16;
-
-/// `sum(f(x))` over one chunk: element `i` goes to running sum `i % LANES` (the tail after the
-/// last whole group to a seventeenth), then the sums are added in order.
-#[inline(always)]
-fn lanes_sum<T: Copy>(c: &[T], f: impl Fn(T) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let mut groups = c.chunks_exact(LANES);
-    for g in &mut groups {
-        for (a, &x) in acc.iter_mut().zip(g) {
-            *a += f(x);
-        }
-    }
-    let tail: f64 = groups.remainder().iter().map(|&x| f(x)).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// `sum(f(x))` over `v`: each [`CPU_CHUNK`] summed by [`lanes_sum`], in parallel, then the
-/// chunks' sums in order.
+/// `sum(f(x))` over `v`: each [`CPU_CHUNK`] summed in sixteen running sums
+/// ([`super::lanes::sum_map`]: one chain of dependent f64 additions made the norm latency-bound,
+/// 27 ms of a 60m full-rank step on 2 cores), in parallel, then the chunks' sums in order.
 fn chunked_sum<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f64 + Sync) -> f64 {
-    let sum = |c: &[T]| lanes_sum(c, &f);
+    let sum = |c: &[T]| super::lanes::sum_map(c, &f);
     if v.len() <= CPU_CHUNK {
         return sum(v);
     }
