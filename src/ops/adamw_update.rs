@@ -6,17 +6,24 @@
 //! gradient (gradient clipping's coefficient, so clipping needs no pass of its own) and computes
 //! the new moments `m' = b1 m + (1 - b1) g`, `v' = b2 v + (1 - b2) g^2` into a fresh `[2, ..]` buffer
 //! (the old moments are never written, so state tensors that share storage stay correct), and one
-//! in-place pass updates the parameter, `p = p d - k m' / (sqrt(v') c + eps)`.
+//! in-place pass updates the parameter, `p = p d - k m' / (sqrt(v') c + eps)`. On the CPU, once
+//! the optimizer holds a parameter's moments in a buffer of its own, the two passes become one
+//! ([`adamw_update_in_place`]): moments and parameter are written as each element is read, 28
+//! bytes of memory traffic per f32 parameter instead of 36, in the widest vectors the CPU has.
 //!
 //! The CPU kernel evaluates each expression exactly as the composed ops round it (`affine` is
 //! `x * mul + add` with both constants rounded to the element type), so its results are
 //! bit-identical to [`crate::optim::AdamW`]'s composed path, which a test checks.
 
-use super::float::{contiguous, Float};
+use super::float::{contiguous, contiguous_mut, Float};
+use super::widest::{widest, WideKernel};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp3, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Shape, Tensor,
+};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use std::sync::Mutex;
 
 const CHUNK: usize = 16_384;
 /// Below this many elements one thread does the pass: the adapters' and norms' tensors are small,
@@ -48,9 +55,7 @@ struct Moments(AdamWConstants);
 /// `[2, n]`: m' then v'.
 fn moments<T: Float>(g: &[T], m: &[T], v: &[T], c: &AdamWConstants) -> Vec<T> {
     let n = g.len();
-    let (b1, b1c) = (T::from_f64(c.beta1), T::from_f64(1.0 - c.beta1));
-    let (b2, b2c) = (T::from_f64(c.beta2), T::from_f64(1.0 - c.beta2));
-    let scale = T::from_f64(c.grad_scale);
+    let k = constants::<T>(c).0;
     // Written once, element by element, below: no zero-fill first (at full rank that fill was
     // a sixth of the optimizer's memory traffic).
     // The callers check the shapes agree; the unchecked writes below rely on it.
@@ -63,7 +68,7 @@ fn moments<T: Float>(g: &[T], m: &[T], v: &[T], c: &AdamWConstants) -> Vec<T> {
     let chunk =
         |mo: &mut [MaybeUninit<T>], vo: &mut [MaybeUninit<T>], g: &[T], m: &[T], v: &[T]| {
             for i in 0..g.len() {
-                let (m, v) = new_moments(g[i], m[i], v[i], (scale, b1, b1c, b2, b2c));
+                let (m, v) = new_moments(g[i], m[i], v[i], k);
                 mo[i].write(m);
                 vo[i].write(v);
             }
@@ -98,45 +103,97 @@ fn new_moments<T: Float>(g: T, m: T, v: T, (scale, b1, b1c, b2, b2c): (T, T, T, 
     )
 }
 
-/// [`moments`] written over the old ones: `both` is `[2, n]`, m then v.
-fn moments_in_place<T: Float>(g: &[T], both: &mut [T], c: &AdamWConstants) {
-    let n = g.len();
-    assert_eq!(both.len(), 2 * n, "adamw: moments differ in length");
-    let k = (
-        T::from_f64(c.grad_scale),
-        T::from_f64(c.beta1),
-        T::from_f64(1.0 - c.beta1),
-        T::from_f64(c.beta2),
-        T::from_f64(1.0 - c.beta2),
-    );
-    let (m, v) = both.split_at_mut(n);
-    let chunk = |m: &mut [T], v: &mut [T], g: &[T]| {
-        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-            (*m, *v) = new_moments(g, *m, *v, k);
-        }
+/// The parameter's new value from its new moments `m`, `v`: `k` is `(1 / sqrt(1 - b2^t), eps,
+/// step size, decay)` in `T`, each product plus the zero `affine` adds, as the composed ops
+/// round them.
+#[inline(always)]
+fn new_param<T: Float>(p: T, m: T, v: T, (inv, eps, k, d): (T, T, T, Option<T>)) -> T {
+    let update = (m / (v.sqrt() * inv + eps)) * k + T::ZERO;
+    let kept = match d {
+        Some(d) => p * d + T::ZERO,
+        None => p,
     };
+    kept - update
+}
+
+/// The constants of [`new_moments`] and [`new_param`] in `T`.
+type Constants<T> = ((T, T, T, T, T), (T, T, T, Option<T>));
+
+fn constants<T: Float>(c: &AdamWConstants) -> Constants<T> {
+    (
+        (
+            T::from_f64(c.grad_scale),
+            T::from_f64(c.beta1),
+            T::from_f64(1.0 - c.beta1),
+            T::from_f64(c.beta2),
+            T::from_f64(1.0 - c.beta2),
+        ),
+        (
+            T::from_f64(c.inv_sqrt_bc2),
+            T::from_f64(c.eps),
+            T::from_f64(c.step_size),
+            c.decay.map(T::from_f64),
+        ),
+    )
+}
+
+/// One chunk of the one-pass update: each element's moments written over the old ones and its
+/// parameter updated from them.
+#[inline(always)]
+fn update_chunk<T: Float>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], k: &Constants<T>) {
+    let n = p.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    for i in 0..n {
+        let (mi, vi) = new_moments(g[i], m[i], v[i], k.0);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = new_param(p[i], mi, vi, k.1);
+    }
+}
+
+/// [`update_chunk`] as a kernel for [`widest`].
+struct UpdateChunk<'a, T> {
+    p: &'a mut [T],
+    g: &'a [T],
+    m: &'a mut [T],
+    v: &'a mut [T],
+    k: &'a Constants<T>,
+}
+
+impl<T: Float> WideKernel for UpdateChunk<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        update_chunk(self.p, self.g, self.m, self.v, self.k)
+    }
+}
+
+/// The whole update in one pass: `both` is `[2, n]`, m then v, written over; `p` updated in place.
+/// Bit-identical to [`moments`] followed by [`apply`].
+fn update_in_place<T: Float>(p: &mut [T], g: &[T], both: &mut [T], c: &AdamWConstants) {
+    let n = p.len();
+    // The callers check the lengths agree; the loop's indexing relies on it.
+    assert!(
+        g.len() == n && both.len() == 2 * n,
+        "adamw: gradient or moments differ in length"
+    );
+    let k = constants::<T>(c);
+    let (m, v) = both.split_at_mut(n);
     if n <= SERIAL_MAX {
-        chunk(m, v, g);
+        widest(UpdateChunk { p, g, m, v, k: &k });
         return;
     }
-    m.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks_mut(CHUNK))
+    p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
-        .for_each(|((m, v), g)| chunk(m, v, g));
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| widest(UpdateChunk { p, g, m, v, k: &k }));
 }
 
 fn apply<T: Float>(p: &mut [T], m: &[T], v: &[T], c: &AdamWConstants) {
-    let (inv, eps) = (T::from_f64(c.inv_sqrt_bc2), T::from_f64(c.eps));
-    let k = T::from_f64(c.step_size);
-    let d = c.decay.map(T::from_f64);
+    let k = constants::<T>(c).1;
     let chunk = |p: &mut [T], m: &[T], v: &[T]| {
         for i in 0..p.len() {
-            let update = (m[i] / (v[i].sqrt() * inv + eps)) * k + T::ZERO;
-            let kept = match d {
-                Some(d) => p[i] * d + T::ZERO,
-                None => p[i],
-            };
-            p[i] = kept - update;
+            p[i] = new_param(p[i], m[i], v[i], k);
         }
     };
     if p.len() <= SERIAL_MAX {
@@ -232,44 +289,74 @@ impl CustomOp3 for Moments {
     }
 }
 
-struct MomentsInPlace(AdamWConstants);
+/// The one-pass update as an in-place op on the moments buffer: holding that buffer writable, it
+/// runs [`OnePassParam`] on the parameter, so parameter, gradient and both moments meet in one
+/// pass (candle's in-place ops write one tensor each).
+struct OnePass<'a> {
+    param: &'a Tensor,
+    grad: &'a Tensor,
+    c: AdamWConstants,
+}
 
-impl InplaceOp2 for MomentsInPlace {
+impl OnePass<'_> {
+    fn run<T: Float>(&self, bs: &mut CpuStorage, bl: &Layout) -> candle_core::Result<()> {
+        let both = contiguous_mut::<T>(self.name(), bs, bl)?;
+        let op = OnePassParam {
+            moments: Mutex::new(both),
+            c: self.c,
+        };
+        self.param.inplace_op2(self.grad, &op)
+    }
+}
+
+impl InplaceOp1 for OnePass<'_> {
     fn name(&self) -> &'static str {
-        "adamw-moments-in-place"
+        "adamw-one-pass"
+    }
+
+    fn cpu_fwd(&self, bs: &mut CpuStorage, bl: &Layout) -> candle_core::Result<()> {
+        match bs {
+            CpuStorage::F32(_) => self.run::<f32>(bs, bl),
+            CpuStorage::F64(_) => self.run::<f64>(bs, bl),
+            other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
+        }
+    }
+}
+
+/// [`OnePass`]'s inner op on the parameter, with the moments it holds.
+struct OnePassParam<'a, T> {
+    moments: Mutex<&'a mut [T]>,
+    c: AdamWConstants,
+}
+
+impl<T: Float> InplaceOp2 for OnePassParam<'_, T> {
+    fn name(&self) -> &'static str {
+        "adamw-one-pass"
     }
 
     fn cpu_fwd(
         &self,
-        bs: &mut CpuStorage,
-        bl: &Layout,
+        ps: &mut CpuStorage,
+        pl: &Layout,
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
         let name = self.name();
-        let Some((start, end)) = bl.contiguous_offsets() else {
-            candle_core::bail!("{name}: the moments are not contiguous");
+        same_shapes(name, &[pl, gl])?;
+        let p = contiguous_mut::<T>(name, ps, pl)?;
+        let g = contiguous::<T>(name, gs, gl)?;
+        // Never contended (one op holds it); poisoned only by a panic inside this op.
+        let Ok(mut both) = self.moments.lock() else {
+            candle_core::bail!("{name}: the moments' lock is poisoned");
         };
-        if bl.shape().elem_count() != 2 * gl.shape().elem_count() {
+        if both.len() != 2 * p.len() {
             candle_core::bail!(
-                "{name}: moments {:?} for a gradient {:?}",
-                bl.dims(),
-                gl.dims()
+                "{name}: {} moment values for {} parameters",
+                both.len(),
+                p.len()
             );
         }
-        match bs {
-            CpuStorage::F32(b) => moments_in_place(
-                contiguous::<f32>(name, gs, gl)?,
-                &mut b[start..end],
-                &self.0,
-            ),
-            CpuStorage::F64(b) => moments_in_place(
-                contiguous::<f64>(name, gs, gl)?,
-                &mut b[start..end],
-                &self.0,
-            ),
-            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
-        }
+        update_in_place(p, g, &mut both, &self.c);
         Ok(())
     }
 }
@@ -377,9 +464,20 @@ pub fn adamw_update_in_place(
             both.dims()
         );
     }
-    both.inplace_op2(&grad, &MomentsInPlace(c))?;
-    let param_flat = param.reshape(n)?;
-    param_flat.inplace_op3(&both.get(0)?, &both.get(1)?, &Apply(c))
+    if both.dtype() != param.dtype() || grad.dtype() != param.dtype() {
+        candle_core::bail!(
+            "adamw: parameter {:?}, gradient {:?} and moments {:?} differ in dtype",
+            param.dtype(),
+            grad.dtype(),
+            both.dtype()
+        );
+    }
+    let op = OnePass {
+        param: &param.reshape(n)?,
+        grad: &grad,
+        c,
+    };
+    both.inplace_op1(&op)
 }
 
 /// Applies one AdamW update to `param` in place and returns the new `(exp_avg, exp_avg_sq)`

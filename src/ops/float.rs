@@ -37,6 +37,8 @@ pub(crate) trait Float:
     fn ln(self) -> Self;
     /// The buffer of this type inside a CPU storage, if it holds this type.
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// The same buffer, writable.
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
     /// Wraps a vector as a CPU storage.
     fn storage(v: Vec<Self>) -> CpuStorage;
 }
@@ -61,6 +63,12 @@ impl Float for f32 {
         f32::ln(self)
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
         match s {
             CpuStorage::F32(v) => Some(v),
             _ => None,
@@ -98,6 +106,12 @@ impl Float for f64 {
             _ => None,
         }
     }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(v)
     }
@@ -116,6 +130,22 @@ pub fn contiguous<'a, T: Float>(
         candle_core::bail!("{op}: unsupported dtype {:?}", s.dtype());
     };
     Ok(&v[start..end])
+}
+
+/// The elements a contiguous layout covers, writable, or an error naming the op.
+pub fn contiguous_mut<'a, T: Float>(
+    op: &str,
+    s: &'a mut CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a mut [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: destination is not contiguous");
+    };
+    let dtype = s.dtype();
+    let Some(v) = T::slice_mut(s) else {
+        candle_core::bail!("{op}: unsupported dtype {dtype:?}");
+    };
+    Ok(&mut v[start..end])
 }
 
 /// Rows handed to each rayon task: enough work per task to amortise scheduling.

@@ -34,6 +34,7 @@ pub mod sum_squares;
 pub mod swiglu;
 mod vector_exp;
 pub mod widening_matmul;
+mod widest;
 
 pub use adamw_group::grouped_updates;
 pub use attention::{causal_attention, fused_attention_applies, Heads};

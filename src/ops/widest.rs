@@ -1,0 +1,84 @@
+//! Running an element-wise kernel in the widest vectors the CPU has.
+//!
+//! The library is built for the baseline x86-64 instruction set, so a loop the compiler
+//! vectorises uses 128-bit SSE registers: four f32 lanes. Memory-bound passes that also divide
+//! and take square roots (AdamW) or widen to f64 (the gradient norm) were bound by those narrow
+//! instructions. [`widest`] runs a kernel inlined into a function compiled for AVX-512F or AVX2,
+//! whichever the CPU reports at run time (checked once, then cached by the standard library).
+//!
+//! Every path gives the same bits: each operation (sum, product, division, square root,
+//! conversion) is correctly rounded at every vector width, Rust never contracts a multiply and
+//! an add into a fused multiply-add, and the kernels fix their order of operations themselves
+//! (for example in interleaved running sums, [`super::lanes`]).
+
+/// A kernel [`widest`] can run: `run` must be `#[inline(always)]`, and so must what it calls,
+/// so that the whole loop is compiled inside the wide function. (A closure would not do: the
+/// compiler keeps a closure's body as a function of its own, compiled for the baseline.)
+pub(crate) trait WideKernel {
+    /// What the kernel returns.
+    type Output;
+    /// Runs the kernel.
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `kernel` compiled for the widest vector instructions this CPU has.
+#[inline(always)]
+pub(crate) fn widest<K: WideKernel>(kernel: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the function was compiled for.
+            return unsafe { avx512(kernel) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, the only feature the function was compiled for.
+            return unsafe { avx2(kernel) };
+        }
+    }
+    kernel.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512<K: WideKernel>(kernel: K) -> K::Output {
+    kernel.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2<K: WideKernel>(kernel: K) -> K::Output {
+    kernel.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wide path and the baseline path give the same bits on a division, square root and
+    /// f64 sum that a vectoriser would widen.
+    #[test]
+    fn the_wide_path_gives_the_baseline_bits() {
+        struct Kernel<'a>(&'a [f32]);
+        impl WideKernel for Kernel<'_> {
+            type Output = (Vec<f32>, f64);
+            #[inline(always)]
+            fn run(self) -> Self::Output {
+                let ys: Vec<f32> = self
+                    .0
+                    .iter()
+                    .map(|&x| x / (x.sqrt() * 1.3 + 1e-8))
+                    .collect();
+                let s = super::super::lanes::sum_map(&ys, |y| f64::from(y) * f64::from(y));
+                (ys, s)
+            }
+        }
+        let xs: Vec<f32> = (0..1000)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0 + 3.5)
+            .collect();
+        let (wide, wide_sum) = widest(Kernel(&xs));
+        let (base, base_sum) = Kernel(&xs).run();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide), bits(&base));
+        assert_eq!(wide_sum.to_bits(), base_sum.to_bits());
+    }
+}
