@@ -8,6 +8,7 @@
 
 use super::float::{contiguous, rows_per_task, task_len, Float};
 use super::lanes::{dot, fold};
+use super::widest::{widest, WideKernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -35,7 +36,27 @@ fn forward<T: Float>(x: &[T], t: usize, scale: T) -> Vec<T> {
 
 /// `x := softmax(scale * x)` over one row's visible scores (the caller leaves the masked
 /// entries alone): the row kernel of [`causal_softmax`], for the fused attention blocks too.
+/// Run in the widest vectors the CPU has ([`widest`]).
 pub(crate) fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
+    widest(SoftmaxRow { x, scale })
+}
+
+/// [`softmax_row_in_place`]'s kernel.
+struct SoftmaxRow<'a, T> {
+    x: &'a mut [T],
+    scale: T,
+}
+
+impl<T: Float> WideKernel for SoftmaxRow<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        softmax_row(self.x, self.scale)
+    }
+}
+
+#[inline(always)]
+fn softmax_row<T: Float>(x: &mut [T], scale: T) {
     // max_j(scale x_j), from the extreme of x on scale's side (rounding is monotonic, so the
     // product of the extreme is the extreme of the products).
     let pick = |up: bool| {
@@ -65,10 +86,27 @@ pub(crate) fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
 /// `dy := scale * y * (dy - sum_j(y dy))` over one row's visible entries: the row kernel of
 /// [`causal_softmax_backward`], turning the gradient of the probabilities into that of the
 /// scores in place.
+/// Run in the widest vectors the CPU has ([`widest`]).
 pub(crate) fn softmax_backward_row_in_place<T: Float>(y: &[T], dy: &mut [T], scale: T) {
-    let dot = dot(y, dy);
-    for (d, &a) in dy.iter_mut().zip(y) {
-        *d = scale * a * (*d - dot);
+    widest(SoftmaxBackwardRow { y, dy, scale })
+}
+
+/// [`softmax_backward_row_in_place`]'s kernel.
+struct SoftmaxBackwardRow<'a, T> {
+    y: &'a [T],
+    dy: &'a mut [T],
+    scale: T,
+}
+
+impl<T: Float> WideKernel for SoftmaxBackwardRow<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let (y, dy, scale) = (self.y, self.dy, self.scale);
+        let dot = dot(y, dy);
+        for (d, &a) in dy.iter_mut().zip(y) {
+            *d = scale * a * (*d - dot);
+        }
     }
 }
 

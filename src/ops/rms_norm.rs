@@ -6,17 +6,82 @@
 
 use super::float::{contiguous, task_len, Float};
 use super::lanes::{dot, dot3};
+use super::widest::{widest, WideKernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 struct RmsNorm {
     eps: f64,
 }
 
+#[inline(always)]
 fn inv_rms<T: Float>(row: &[T], eps: T) -> T {
     let ss = dot(row, row);
     T::ONE / (ss / T::from_f64(row.len() as f64) + eps).sqrt()
+}
+
+/// One task's rows of the forward, `y = x r w` with `r = 1 / rms(x)`, as a kernel for
+/// [`widest`].
+struct ForwardRows<'a, T> {
+    y: &'a mut [MaybeUninit<T>],
+    x: &'a [T],
+    w: &'a [T],
+    eps: T,
+}
+
+impl<T: Float> WideKernel for ForwardRows<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let h = self.w.len();
+        for (yr, xr) in self.y.chunks_mut(h).zip(self.x.chunks(h)) {
+            let r = inv_rms(xr, self.eps);
+            for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(self.w) {
+                yv.write(xv * r * wv);
+            }
+        }
+    }
+}
+
+/// One task's rows of the backward: their `dx` written, and their share of `dw` returned, as a
+/// kernel for [`widest`].
+struct BackwardRows<'a, T> {
+    dx: &'a mut [MaybeUninit<T>],
+    x: &'a [T],
+    dy: &'a [T],
+    w: &'a [T],
+    eps: T,
+}
+
+impl<T: Float> WideKernel for BackwardRows<'_, T> {
+    type Output = Vec<T>;
+    #[inline(always)]
+    fn run(self) -> Vec<T> {
+        let (h, w) = (self.w.len(), self.w);
+        let mut dw = vec![T::ZERO; h];
+        let rows = self
+            .dx
+            .chunks_mut(h)
+            .zip(self.x.chunks(h))
+            .zip(self.dy.chunks(h));
+        for ((dxr, xr), dyr) in rows {
+            let r = inv_rms(xr, self.eps);
+            let dot = dot3(dyr, w, xr);
+            let c = r * r * r * dot / T::from_f64(h as f64);
+            for (((d, &xv), &dv), (&wv, acc)) in dxr
+                .iter_mut()
+                .zip(xr)
+                .zip(dyr)
+                .zip(w.iter().zip(dw.iter_mut()))
+            {
+                d.write(r * dv * wv - xv * c);
+                *acc += dv * xv * r;
+            }
+        }
+        dw
+    }
 }
 
 fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
@@ -34,14 +99,7 @@ fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     y.spare_capacity_mut()[..x.len()]
         .par_chunks_mut(step)
         .zip(x.par_chunks(step))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
-                let r = inv_rms(xr, eps);
-                for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-                    yv.write(xv * r * wv);
-                }
-            }
-        });
+        .for_each(|(y, x)| widest(ForwardRows { y, x, w, eps }));
     // SAFETY: the chunks cover all x.len() elements, whole rows of h (x holds whole rows: the
     // callers check its shape against the weight), and each was written above.
     unsafe { y.set_len(x.len()) };
@@ -66,28 +124,11 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: T) -> Vec<T> {
     // dx is written once below, without a zero-fill first; dw's row is summed into zeros.
     let mut out = Vec::with_capacity((n + 1) * h);
     let (dx, dw_row) = out.spare_capacity_mut()[..(n + 1) * h].split_at_mut(n * h);
-    dw_row.fill(std::mem::MaybeUninit::new(T::ZERO));
+    dw_row.fill(MaybeUninit::new(T::ZERO));
     let partial_dw: Vec<Vec<T>> = dx
         .par_chunks_mut(step)
         .zip(x.par_chunks(step).zip(dy.par_chunks(step)))
-        .map(|(dxc, (xc, dyc))| {
-            let mut dw = vec![T::ZERO; h];
-            for ((dxr, xr), dyr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(dyc.chunks(h)) {
-                let r = inv_rms(xr, eps);
-                let dot = dot3(dyr, w, xr);
-                let c = r * r * r * dot / T::from_f64(h as f64);
-                for (((d, &xv), &dv), (&wv, acc)) in dxr
-                    .iter_mut()
-                    .zip(xr)
-                    .zip(dyr)
-                    .zip(w.iter().zip(dw.iter_mut()))
-                {
-                    d.write(r * dv * wv - xv * c);
-                    *acc += dv * xv * r;
-                }
-            }
-            dw
-        })
+        .map(|(dx, (x, dy))| widest(BackwardRows { dx, x, dy, w, eps }))
         .collect();
     // SAFETY: rows 0..n are dx, every element written above (the chunks cover n whole rows
     // of h); row n was filled with zeros.

@@ -5,6 +5,7 @@
 //! `du = dy silu(g)` together.
 
 use super::float::{contiguous, Float};
+use super::widest::{widest, WideKernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -14,6 +15,52 @@ const CHUNK: usize = 16_384;
 
 struct SwiGlu;
 
+/// One chunk of the forward, `y = g / (1 + e^-g) u`, as a kernel for [`widest`].
+struct ForwardChunk<'a, T> {
+    y: &'a mut [MaybeUninit<T>],
+    g: &'a [T],
+    u: &'a [T],
+}
+
+impl<T: Float> WideKernel for ForwardChunk<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        // e^-g in y's own memory first, in one vectorised pass.
+        let y = write_negated(self.y, self.g);
+        T::exp_in_place(y);
+        for ((y, &g), &u) in y.iter_mut().zip(self.g).zip(self.u) {
+            *y = g / (T::ONE + *y) * u;
+        }
+    }
+}
+
+/// One chunk of the backward, `dg` and `du` from `dy`, as a kernel for [`widest`].
+struct BackwardChunk<'a, T> {
+    dg: &'a mut [MaybeUninit<T>],
+    du: &'a mut [MaybeUninit<T>],
+    g: &'a [T],
+    u: &'a [T],
+    dy: &'a [T],
+}
+
+impl<T: Float> WideKernel for BackwardChunk<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        // e^-g in dg's memory first, in one vectorised pass.
+        let dgc = write_negated(self.dg, self.g);
+        T::exp_in_place(dgc);
+        assert_eq!(self.du.len(), dgc.len(), "swiglu: chunks differ in length");
+        let inputs = self.g.iter().zip(self.u).zip(self.dy);
+        for ((dg, du), ((&g, &u), &d)) in dgc.iter_mut().zip(self.du).zip(inputs) {
+            let s = T::ONE / (T::ONE + *dg);
+            du.write(d * g * s);
+            *dg = d * u * s * (T::ONE + g * (T::ONE - s));
+        }
+    }
+}
+
 fn forward<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
     let n = g.len();
     assert_eq!(u.len(), n, "swiglu: gate and up differ in length");
@@ -22,20 +69,14 @@ fn forward<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
     y.spare_capacity_mut()[..n]
         .par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(yc, (gc, uc))| {
-            // e^-g in y's own memory first, in one vectorised pass.
-            let yc = write_negated(yc, gc);
-            T::exp_in_place(yc);
-            for ((y, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
-                *y = g / (T::ONE + *y) * u;
-            }
-        });
+        .for_each(|(y, (g, u))| widest(ForwardChunk { y, g, u }));
     // SAFETY: the chunks cover all n elements, each written by `write_negated`.
     unsafe { y.set_len(n) };
     y
 }
 
 /// Writes `-g` into `out` (of `g`'s length) and returns it as initialised.
+#[inline(always)]
 fn write_negated<'a, T: Float>(out: &'a mut [MaybeUninit<T>], g: &[T]) -> &'a mut [T] {
     assert_eq!(out.len(), g.len(), "swiglu: chunks differ in length");
     for (o, &g) in out.iter_mut().zip(g) {
@@ -62,17 +103,7 @@ fn backward<T: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
                 .zip(u.par_chunks(CHUNK))
                 .zip(dy.par_chunks(CHUNK)),
         )
-        .for_each(|((dgc, duc), ((gc, uc), dyc))| {
-            // e^-g in dg's memory first, in one vectorised pass.
-            let dgc = write_negated(dgc, gc);
-            T::exp_in_place(dgc);
-            assert_eq!(duc.len(), dgc.len(), "swiglu: chunks differ in length");
-            for ((((dg, du), &g), &u), &d) in dgc.iter_mut().zip(duc).zip(gc).zip(uc).zip(dyc) {
-                let s = T::ONE / (T::ONE + *dg);
-                du.write(d * g * s);
-                *dg = d * u * s * (T::ONE + g * (T::ONE - s));
-            }
-        });
+        .for_each(|((dg, du), ((g, u), dy))| widest(BackwardChunk { dg, du, g, u, dy }));
     // SAFETY: dg's chunks cover its n elements, each written by `write_negated`; du's chunks
     // are as long (checked) and each element was written in the second loop (dy's chunks are
     // as long too: the lengths are equal, checked above).
