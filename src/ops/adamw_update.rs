@@ -504,3 +504,50 @@ pub fn adamw_update(
     param_flat.inplace_op3(&m, &v, &Apply(c))?;
     Ok((m.reshape(&shape)?, v.reshape(shape)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn constants() -> AdamWConstants {
+        AdamWConstants {
+            beta1: 0.9,
+            beta2: 0.95,
+            inv_sqrt_bc2: 1.0,
+            eps: 1e-8,
+            step_size: 1e-3,
+            decay: Some(0.999),
+            grad_scale: 1.0,
+        }
+    }
+
+    /// Moments of the wrong length or dtype, and a gradient of another shape, are errors that
+    /// leave the parameter as it was, never a panic.
+    #[test]
+    fn mismatched_moments_and_gradients_are_errors() {
+        let dev = Device::Cpu;
+        let p = Var::from_tensor(&Tensor::ones((3, 4), DType::F32, &dev).unwrap()).unwrap();
+        let g = Tensor::ones((3, 4), DType::F32, &dev).unwrap();
+        let short = Tensor::zeros((2, 11), DType::F32, &dev).unwrap();
+        let f64_moments = Tensor::zeros((2, 12), DType::F64, &dev).unwrap();
+        let f64_grad = Tensor::ones((3, 4), DType::F64, &dev).unwrap();
+        let other_grad = Tensor::ones((4, 3), DType::F32, &dev).unwrap().t().unwrap();
+        let both = Tensor::zeros((2, 12), DType::F32, &dev).unwrap();
+        let k = constants();
+        assert!(adamw_update_in_place(p.as_tensor(), &g, &short, k).is_err());
+        assert!(adamw_update_in_place(p.as_tensor(), &g, &f64_moments, k).is_err());
+        assert!(adamw_update_in_place(p.as_tensor(), &f64_grad, &both, k).is_err());
+        let g13 = Tensor::ones(13, DType::F32, &dev).unwrap();
+        assert!(adamw_update_in_place(p.as_tensor(), &g13, &both, k).is_err());
+        let ones: Vec<f32> = p.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            ones.iter().all(|&v| v == 1.0),
+            "a refused update wrote the parameter"
+        );
+        // A transposed gradient of the same element count is read in row-major order.
+        adamw_update_in_place(p.as_tensor(), &other_grad, &both, k).unwrap();
+        let updated: Vec<f32> = p.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(updated.iter().all(|&v| v < 1.0));
+    }
+}
