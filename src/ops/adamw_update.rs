@@ -1,4 +1,4 @@
-//! One parameter's AdamW update in two passes instead of a dozen tensor ops.
+//! One parameter's AdamW update in one or two passes instead of a dozen tensor ops.
 //!
 //! Composed from candle ops the update is eleven element-wise ops and a copy, each a full pass
 //! over the parameter (and, on a GPU, a kernel launch with its allocation): at 350M parameters

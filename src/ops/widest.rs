@@ -54,31 +54,47 @@ unsafe fn avx2<K: WideKernel>(kernel: K) -> K::Output {
 mod tests {
     use super::*;
 
-    /// The wide path and the baseline path give the same bits on a division, square root and
-    /// f64 sum that a vectoriser would widen.
-    #[test]
-    fn the_wide_path_gives_the_baseline_bits() {
-        struct Kernel<'a>(&'a [f32]);
-        impl WideKernel for Kernel<'_> {
-            type Output = (Vec<f32>, f64);
-            #[inline(always)]
-            fn run(self) -> Self::Output {
-                let ys: Vec<f32> = self
-                    .0
-                    .iter()
-                    .map(|&x| x / (x.sqrt() * 1.3 + 1e-8))
-                    .collect();
-                let s = super::super::lanes::sum_map(&ys, |y| f64::from(y) * f64::from(y));
-                (ys, s)
-            }
+    struct Kernel<'a>(&'a [f32]);
+
+    impl WideKernel for Kernel<'_> {
+        type Output = (Vec<f32>, f64);
+        #[inline(always)]
+        fn run(self) -> Self::Output {
+            let ys: Vec<f32> = self
+                .0
+                .iter()
+                .map(|&x| x / (x.sqrt() * 1.3 + 1e-8))
+                .collect();
+            let s = super::super::lanes::sum_map(&ys, |y| f64::from(y) * f64::from(y));
+            (ys, s)
         }
+    }
+
+    /// Each path this CPU can run (AVX-512F, AVX2, the baseline) gives the same bits on a
+    /// division, square root and f64 sum that a vectoriser widens.
+    #[test]
+    fn every_path_gives_the_baseline_bits() {
         let xs: Vec<f32> = (0..1000)
             .map(|i| (i as f32 * 0.37).sin() * 3.0 + 3.5)
             .collect();
-        let (wide, wide_sum) = widest(Kernel(&xs));
-        let (base, base_sum) = Kernel(&xs).run();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&wide), bits(&base));
-        assert_eq!(wide_sum.to_bits(), base_sum.to_bits());
+        let bits = |(v, s): (Vec<f32>, f64)| {
+            (
+                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                s.to_bits(),
+            )
+        };
+        let base = bits(Kernel(&xs).run());
+        assert_eq!(bits(widest(Kernel(&xs))), base);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                assert_eq!(bits(unsafe { avx512(Kernel(&xs)) }), base, "AVX-512F");
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                assert_eq!(bits(unsafe { avx2(Kernel(&xs)) }), base, "AVX2");
+            }
+        }
     }
 }

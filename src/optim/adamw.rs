@@ -51,8 +51,8 @@ pub struct ResetReport {
 ///
 /// On CUDA the update is one grouped kernel that writes the moments in place
 /// ([`crate::ops::adamw_group`]); on the CPU, from a parameter's first update on, its moments
-/// are the two rows of one buffer that each update writes in place
-/// ([`crate::ops::adamw_update::adamw_update_in_place`]); elsewhere each step gives every
+/// are the two rows of one buffer that each update writes in place, in the same pass as the
+/// parameter ([`crate::ops::adamw_update::adamw_update_in_place`]); elsewhere each step gives every
 /// parameter new moment tensors. To keep a snapshot of a state across a step, copy its tensors
 /// (`Tensor::force_contiguous`): a clone shares their memory.
 pub struct AdamW {
