@@ -339,7 +339,7 @@ impl TrainRun {
             let done = step >= until;
             let eval = if self.opts.writer
                 && !stats.skipped
-                && ((self.opts.eval_every > 0 && step % self.opts.eval_every == 0) || done)
+                && ((self.opts.eval_every > 0 && step.is_multiple_of(self.opts.eval_every)) || done)
             {
                 self.evaluate()?
             } else {
@@ -362,13 +362,15 @@ impl TrainRun {
                     .write_all(json.as_bytes())
                     .map_err(|e| Error::io(&metrics_path, e))?;
             }
-            let saved =
-                if !stats.skipped && self.opts.save_every > 0 && step % self.opts.save_every == 0 {
-                    saved_at = Some(step);
-                    self.save_and_sync()?
-                } else {
-                    None
-                };
+            let saved = if !stats.skipped
+                && self.opts.save_every > 0
+                && step.is_multiple_of(self.opts.save_every)
+            {
+                saved_at = Some(step);
+                self.save_and_sync()?
+            } else {
+                None
+            };
             let report = StepReport {
                 stats: &stats,
                 tokens_per_s,

@@ -113,7 +113,7 @@ impl Schedule {
     pub(crate) fn is_reset_step(&self, step: u64) -> bool {
         match &self.cycle {
             Some(c) if c.reset_every > 0 && step >= c.first_reset => {
-                (step - c.first_reset) % c.reset_every == 0
+                (step - c.first_reset).is_multiple_of(c.reset_every)
             }
             _ => false,
         }

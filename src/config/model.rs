@@ -132,20 +132,22 @@ impl ModelConfig {
                 "hidden_size, intermediate_size and num_hidden_layers must be positive".into(),
             );
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return bad(format!(
                 "hidden_size {} must be a positive multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim()
             ));
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(format!(
                 "num_attention_heads {} must be a multiple of num_key_value_heads {kv}",
                 self.num_attention_heads
@@ -157,7 +159,7 @@ impl ModelConfig {
         if self
             .max_position_embeddings
             .checked_mul(self.head_dim())
-            .map_or(true, |n| n > MAX_ROPE_TABLE_ELEMENTS)
+            .is_none_or(|n| n > MAX_ROPE_TABLE_ELEMENTS)
         {
             return bad(format!(
                 "max_position_embeddings {} x head_dim {} exceeds the largest rotary table \
@@ -168,7 +170,7 @@ impl ModelConfig {
         }
         if self
             .checked_num_parameters()
-            .map_or(true, |n| n > MAX_PARAMETERS)
+            .is_none_or(|n| n > MAX_PARAMETERS)
         {
             return bad(format!(
                 "the shape (vocab_size {}, hidden_size {}, intermediate_size {}, \

@@ -165,7 +165,7 @@ fn decode_le(
     width: usize,
     from_le: impl Fn(&[u8]) -> u32,
 ) -> Result<Vec<u32>> {
-    if bytes.len() % width != 0 {
+    if !bytes.len().is_multiple_of(width) {
         return Err(Error::Data(format!(
             "{}: {} bytes is not a multiple of {width} (the size of one u{} token id); the file \
              looks truncated",

@@ -212,7 +212,7 @@ fn derive_merges(tokens: &[Vec<u8>], ranks: &HashMap<Vec<u8>, u32>) -> Result<Ve
                 let mut joined = parts[i].clone();
                 joined.extend_from_slice(&parts[i + 1]);
                 if let Some(&r) = ranks.get(&joined) {
-                    if (r as usize) < rank && best.map_or(true, |(br, _)| r < br) {
+                    if (r as usize) < rank && best.is_none_or(|(br, _)| r < br) {
                         best = Some((r, i));
                     }
                 }

@@ -117,7 +117,7 @@ pub(crate) fn out_ptr<T>(out: *mut T, arg: &str) -> FfiResult<*mut T> {
     if out.is_null() {
         return Err(Failure::null(arg));
     }
-    if (out as usize) % std::mem::align_of::<T>() != 0 {
+    if !(out as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Failure::invalid(format!(
             "argument '{arg}' is not aligned for its type"
         )));
@@ -137,7 +137,7 @@ pub(crate) unsafe fn slice<'a, T>(ptr: *const T, len: usize, arg: &str) -> FfiRe
     if len == 0 {
         return Err(Failure::invalid(format!("'{arg}' has length 0")));
     }
-    if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+    if !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Failure::invalid(format!(
             "argument '{arg}' is not aligned for its type"
         )));

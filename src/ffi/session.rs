@@ -256,7 +256,7 @@ impl Session {
         self.refuse_pending("relora_trainer_step")?;
         let rows = rows(tokens, batch, len, self.vocab())?;
         let k = self.trainer.config.grad_accum;
-        if batch % k != 0 {
+        if !batch.is_multiple_of(k) {
             return Err(Failure::invalid(format!(
                 "batch {batch} is not a multiple of grad_accum {k} (the rows are split into \
                  grad_accum equal micro-batches)"

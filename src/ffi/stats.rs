@@ -90,7 +90,7 @@ pub(crate) unsafe fn check_stats_out(out: *mut relora_step_stats) -> FfiResult<(
     if out.is_null() {
         return Ok(());
     }
-    if (out as usize) % std::mem::align_of::<relora_step_stats>() != 0 {
+    if !(out as usize).is_multiple_of(std::mem::align_of::<relora_step_stats>()) {
         return Err(Failure::invalid("argument 'stats' is misaligned"));
     }
     // SAFETY: non-NULL and aligned; the caller provides at least the size field.

@@ -144,7 +144,7 @@ impl HfWeights {
                 for n in f.names() {
                     if location
                         .get(&n)
-                        .map_or(true, |&i| files[i].path() != f.path())
+                        .is_none_or(|&i| files[i].path() != f.path())
                     {
                         return Err(hf_err(
                             f.path(),

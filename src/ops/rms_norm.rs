@@ -90,7 +90,7 @@ fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
         return Vec::new();
     }
     assert!(
-        x.len() % h == 0,
+        x.len().is_multiple_of(h),
         "rms norm: x is not whole rows of the weight's width"
     );
     let step = task_len(h);
@@ -115,7 +115,7 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: T) -> Vec<T> {
     }
     // Every row of dx is written only where x and dy have it.
     assert!(
-        dy.len() == x.len() && x.len() % h == 0,
+        dy.len() == x.len() && x.len().is_multiple_of(h),
         "rms norm: x, dy and the weight do not fit"
     );
     // (An empty width has no rows to speak of, and nothing to compute.)

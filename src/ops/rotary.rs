@@ -28,7 +28,7 @@ fn rotate<T: Float>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: 
     // Every row is written in full by `rotate_row` below: no zero-fill first.
     let len = x.len();
     assert!(
-        d % 2 == 0 && len % d.max(1) == 0,
+        d.is_multiple_of(2) && len.is_multiple_of(d.max(1)),
         "rotary: rows of odd or uneven width"
     );
     let mut y: Vec<T> = Vec::with_capacity(len);

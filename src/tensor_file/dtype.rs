@@ -187,7 +187,7 @@ fn le8(b: &[u8]) -> [u8; 8] {
 /// Appends `src` (little-endian elements of type `from`) to `out` converted to `to`.
 /// `src` must hold whole elements. Integer types are only copied, never converted.
 pub fn convert_into(src: &[u8], from: StDType, to: StDType, out: &mut Vec<u8>) -> Result<()> {
-    if src.len() % from.size() != 0 {
+    if !src.len().is_multiple_of(from.size()) {
         return Err(Error::Data(format!(
             "{} bytes is not a whole number of {from} elements",
             src.len()

@@ -413,7 +413,7 @@ pub fn header_bytes(plan: &[PlannedTensor], metadata: &BTreeMap<String, String>)
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(map)).unwrap_or_default();
     // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
