@@ -1,17 +1,18 @@
 //! The effective weight `W + s B A` of an adapted projection: what its products read in place of
 //! the frozen `W` when a call has enough rows (see [`super::lora_linear`]), and how it is built.
 //!
-//! On the CPU the build is one pass: a copy of `W` into which one multithreaded gemm adds
-//! `s B A` (`dst = dst + s B A`, the `gemm` crate's accumulating form); composed from candle ops it
-//! was a product, then an add over `[out, in]` on one thread, and at 60m that cost the forward
-//! more than the two rank-r products it saves. On CUDA in bf16 the product `B A` comes from
+//! On the CPU the build is one pass over `W` with the sums of `s B A` in registers
+//! ([`super::low_rank_sum`]; a copy of `W` and an accumulating gemm on CPUs without fused
+//! multiply-add vectors); composed from candle ops it was a product, then an add over
+//! `[out, in]` on one thread, and at 60m that cost the forward more than the two rank-r
+//! products it saves. On CUDA in bf16 the product `B A` comes from
 //! cuBLAS in f32 and one kernel scales it, adds it to `W` and rounds the sum to bf16
 //! (`add_scaled_to_bf16`), in place of the cast of `W` a mixed-precision step makes anyway.
 //! Anything else is composed. In mixed precision the scale multiplies the f32 product, as the
 //! adapter's own products apply it, never a bf16 rounding of `s A`.
 
 use super::float::contiguous;
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
 /// Whether the calling trainer uses the effective weight `W + s B A`
 /// ([`crate::engine::Engine::effective_weights`]): off, every adapted projection runs its three
@@ -178,9 +179,8 @@ fn f32_rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.detach().flatten_all()?.to_vec1::<f32>()
 }
 
-/// [`effective_weight`] on the CPU for f32 parameters: `W` copied, then `s B A` added into the
-/// copy by one accumulating gemm, then cast to `compute` in the same pass that builds the
-/// result. `None` for other devices and dtypes, which take the composed form.
+/// [`effective_weight`] on the CPU for f32 parameters, cast to `compute` in the same pass that
+/// builds the result. `None` for other devices and dtypes, which take the composed form.
 fn cpu_effective_weight(
     weight: &Tensor,
     a: &Tensor,
@@ -200,46 +200,91 @@ fn cpu_effective_weight(
         Some(dt) => f32_rows(&t.to_dtype(dt)?.to_dtype(DType::F32)?),
         None => f32_rows(t),
     };
-    let (lhs, rhs) = (operand(b)?, operand(a)?);
-    let mut dst = f32_rows(weight)?;
-    if dst.len() != out * k || lhs.len() != out * r || rhs.len() != r * k {
+    let build = BuildEffective {
+        b: operand(b)?,
+        a: operand(a)?,
+        shape: (out, k, r),
+        scale: scale as f32,
+        to_bf16: compute.is_some(),
+    };
+    if build.b.len() != out * r || build.a.len() != r * k {
         candle_core::bail!("effective weight: W, A and B do not fit");
     }
-    let parallelism = super::gemm_parallelism(candle_core::utils::get_num_threads());
-    // SAFETY: dst [out, k], lhs [out, r] and rhs [r, k] are row-major buffers of exactly those
-    // sizes (checked above), with column stride 1 and row strides k, r and k; dst does not alias
-    // the operands. dst := 1 * dst + s * lhs rhs.
-    unsafe {
-        gemm::gemm(
-            out,
-            k,
-            r,
-            dst.as_mut_ptr(),
-            1,
-            k as isize,
-            true,
-            lhs.as_ptr(),
-            1,
-            r as isize,
-            rhs.as_ptr(),
-            1,
-            k as isize,
-            1f32,
-            scale as f32,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    let w = match compute {
-        Some(_) => {
-            let cast: Vec<half::bf16> = dst.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            Tensor::from_vec(cast, (out, k), &Device::Cpu)?
-        }
-        None => Tensor::from_vec(dst, (out, k), &Device::Cpu)?,
-    };
+    let w = weight.detach().contiguous()?.apply_op1_no_bwd(&build)?;
     Ok(Some(w))
+}
+
+/// `W + s B A` from `W [out, in]` (the op's input) and the f32 rows of `B [out, r]` and
+/// `A [r, in]`: in one pass over `W` with the sums in registers where the CPU has fused
+/// multiply-add vectors ([`super::low_rank_sum`]), else a copy of `W` into which one
+/// multithreaded gemm adds `s B A` (`dst = dst + s B A`, the `gemm` crate's accumulating form).
+/// With `to_bf16` the result is rounded to bf16, as the mixed-precision products read it.
+struct BuildEffective {
+    b: Vec<f32>,
+    a: Vec<f32>,
+    shape: (usize, usize, usize),
+    scale: f32,
+    to_bf16: bool,
+}
+
+impl BuildEffective {
+    fn by_gemm(&self, w: &[f32]) -> Vec<f32> {
+        let (out, k, r) = self.shape;
+        let mut dst = w.to_vec();
+        if dst.is_empty() || r == 0 {
+            return dst;
+        }
+        let parallelism = super::gemm_parallelism(rayon::current_num_threads());
+        // SAFETY: dst [out, k], b [out, r] and a [r, k] are row-major buffers of exactly those
+        // sizes (checked by the caller and `cpu_fwd`), with column stride 1 and row strides k,
+        // r and k; dst does not alias them. dst := 1 * dst + s * b a.
+        unsafe {
+            gemm::gemm(
+                out,
+                k,
+                r,
+                dst.as_mut_ptr(),
+                1,
+                k as isize,
+                true,
+                self.b.as_ptr(),
+                1,
+                r as isize,
+                self.a.as_ptr(),
+                1,
+                k as isize,
+                1f32,
+                self.scale,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        dst
+    }
+}
+
+impl CustomOp1 for BuildEffective {
+    fn name(&self) -> &'static str {
+        "effective-weight"
+    }
+
+    fn cpu_fwd(&self, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out, k, _) = self.shape;
+        let w = contiguous::<f32>(self.name(), ws, wl)?;
+        if w.len() != out * k {
+            candle_core::bail!("effective weight: W {:?} is not [{out}, {k}]", wl.dims());
+        }
+        let dst = super::low_rank_sum::low_rank_sum(w, &self.b, &self.a, self.shape, self.scale)
+            .unwrap_or_else(|| self.by_gemm(w));
+        let storage = if self.to_bf16 {
+            CpuStorage::BF16(dst.iter().map(|&v| half::bf16::from_f32(v)).collect())
+        } else {
+            CpuStorage::F32(dst)
+        };
+        Ok((storage, Shape::from((out, k))))
+    }
 }
 
 #[cfg(test)]

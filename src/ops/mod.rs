@@ -26,6 +26,7 @@ mod head_matmul;
 mod lanes;
 pub(crate) mod linear_backward;
 pub mod lora_linear;
+mod low_rank_sum;
 pub mod mixed_linear;
 pub(crate) mod precomputed;
 pub mod rms_norm;

@@ -38,8 +38,50 @@ pub(crate) fn widest<K: WideKernel>(kernel: K) -> K::Output {
     kernel.run()
 }
 
+/// Whether [`widest_fma`] runs kernels on this CPU: it has AVX-512F, or AVX2 with FMA.
+pub(crate) fn fma_vectors() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            || (std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Runs `kernel` compiled for AVX-512F or AVX2 with FMA, for kernels built on fused
+/// multiply-adds (`f32::mul_add`), which elsewhere would be a slow library call; `None` on a CPU
+/// with neither ([`fma_vectors`]).
+#[inline(always)]
+pub(crate) fn widest_fma<K: WideKernel>(kernel: K) -> Option<K::Output> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (which implies FMA), the features the function was
+            // compiled for.
+            return Some(unsafe { avx512(kernel) });
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA, the features the function was compiled for.
+            return Some(unsafe { avx2_fma(kernel) });
+        }
+    }
+    let _ = kernel;
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_fma<K: WideKernel>(kernel: K) -> K::Output {
+    kernel.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn avx512<K: WideKernel>(kernel: K) -> K::Output {
     kernel.run()
 }
