@@ -273,6 +273,20 @@ mod tests {
                 return; // A CPU without fused multiply-add vectors: the caller's gemm runs.
             };
             assert_eq!(got.len(), out * k);
+            // The portable tiles (what an AVX2 CPU runs), over all rows as one task.
+            let mut portable = vec![MaybeUninit::new(f32::NAN); out * k];
+            if r > 0 && out * k > 0 {
+                let rows = Rows {
+                    dst: &mut portable,
+                    w: &w,
+                    b: &b,
+                    a: &a,
+                    k,
+                    r,
+                    s,
+                };
+                assert!(widest_fma(rows).is_some());
+            }
             for i in 0..out {
                 for j in 0..k {
                     let mut want = 0f64;
