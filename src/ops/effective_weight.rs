@@ -308,6 +308,20 @@ mod tests {
             let built = cpu_effective_weight(&w, &a, &b, s, None).unwrap().unwrap();
             let want = (f64_of(&w) + f64_of(&b).matmul(&f64_of(&a_scaled)).unwrap()).unwrap();
             let largest = max_diff(&want, &want.zeros_like().unwrap());
+            // The gemm build that CPUs without fused multiply-add vectors run.
+            let by_gemm = BuildEffective {
+                b: f32_rows(&b).unwrap(),
+                a: f32_rows(&a).unwrap(),
+                shape: (out, k, r),
+                scale: s as f32,
+                to_bf16: false,
+            }
+            .by_gemm(&f32_rows(&w).unwrap());
+            let by_gemm = Tensor::from_vec(by_gemm, (out, k), &dev).unwrap();
+            assert!(
+                max_diff(&f64_of(&by_gemm), &want) <= 1e-6 * largest,
+                "gemm build {out}x{k} r{r}"
+            );
             assert!(
                 max_diff(&f64_of(&built), &want) <= 1e-6 * largest,
                 "f32 {out}x{k} r{r}"
