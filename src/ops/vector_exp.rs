@@ -4,13 +4,15 @@
 //! The C library's `expf` is one call per element: in the 60m profile it was 2.5 % of a step,
 //! and it kept the loops around it scalar. Here the range reduction and polynomial are plain
 //! branch-free arithmetic on each element, compiled three times (AVX-512, AVX2, and the
-//! target's baseline) and picked at run time, so every x86-64 CPU runs its widest vectors and
+//! target's baseline) and picked at run time ([`widest`]), so every x86-64 CPU runs its widest vectors and
 //! other targets run the same arithmetic. There are no fused multiply-adds, so all three give
 //! the same bits on every CPU.
 //!
 //! Accuracy: within 2 ulp of the exact `e^x` over the normal range (tested against f64 on a
 //! dense sweep). Results below `f32::MIN_POSITIVE` are flushed to zero instead of becoming
 //! subnormal; above `ln(f32::MAX)` they are infinite, and NaN stays NaN.
+
+use super::widest::{widest, WideKernel};
 
 /// Largest input whose exponential is finite in f32.
 const HI: f32 = 88.722_83;
@@ -63,32 +65,21 @@ fn exp_in_place_body(xs: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_in_place_avx512(xs: &mut [f32]) {
-    exp_in_place_body(xs)
-}
+/// [`exp_in_place_body`] as a kernel for [`widest`].
+struct ExpInPlace<'a>(&'a mut [f32]);
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn exp_in_place_avx2(xs: &mut [f32]) {
-    exp_in_place_body(xs)
-}
-
-/// Replaces each element `x` of `xs` by `e^x` (see the module documentation for accuracy).
-pub(crate) fn exp_in_place(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, the only feature the function was compiled for.
-            return unsafe { exp_in_place_avx512(xs) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { exp_in_place_avx2(xs) };
-        }
+impl WideKernel for ExpInPlace<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        exp_in_place_body(self.0)
     }
-    exp_in_place_body(xs)
+}
+
+/// Replaces each element `x` of `xs` by `e^x` (see the module documentation for accuracy), in
+/// the widest vectors the CPU has.
+pub(crate) fn exp_in_place(xs: &mut [f32]) {
+    widest(ExpInPlace(xs))
 }
 
 #[cfg(test)]
@@ -155,21 +146,26 @@ mod tests {
 
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
+        struct Exp(Vec<f32>);
+        impl WideKernel for Exp {
+            type Output = Vec<f32>;
+            #[inline(always)]
+            fn run(mut self) -> Vec<f32> {
+                exp_in_place_body(&mut self.0);
+                self.0
+            }
+        }
         let xs: Vec<f32> = (0..100_003)
             .map(|i| (i as f32 * 0.618_034).sin() * 90.0)
             .collect();
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let mut base = xs.clone();
         exp_in_place_body(&mut base);
         let mut picked = xs.clone();
         exp_in_place(&mut picked);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&base), bits(&picked));
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            let mut avx2 = xs.clone();
-            // SAFETY: checked just above.
-            unsafe { exp_in_place_avx2(&mut avx2) };
-            assert_eq!(bits(&base), bits(&avx2));
+        assert_eq!(bits(picked), bits(base.clone()));
+        for (path, got) in super::super::widest::every_path(|| Exp(xs.clone())) {
+            assert_eq!(bits(got), bits(base.clone()), "{path}");
         }
     }
 }

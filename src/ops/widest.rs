@@ -92,6 +92,30 @@ unsafe fn avx2<K: WideKernel>(kernel: K) -> K::Output {
     kernel.run()
 }
 
+/// `kernel()` run on every path this CPU has, each output with the path's name: the baseline,
+/// then AVX2, AVX2 with FMA and AVX-512F where the CPU has them. For tests that compare paths.
+#[cfg(test)]
+pub(crate) fn every_path<K: WideKernel>(kernel: impl Fn() -> K) -> Vec<(&'static str, K::Output)> {
+    let mut out = vec![("baseline", kernel().run())];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            out.push(("AVX2", unsafe { avx2(kernel()) }));
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            out.push(("AVX2 with FMA", unsafe { avx2_fma(kernel()) }));
+        }
+        if has!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (which implies FMA).
+            out.push(("AVX-512F", unsafe { avx512(kernel()) }));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,16 +151,8 @@ mod tests {
         };
         let base = bits(Kernel(&xs).run());
         assert_eq!(bits(widest(Kernel(&xs))), base);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                assert_eq!(bits(unsafe { avx512(Kernel(&xs)) }), base, "AVX-512F");
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
-                assert_eq!(bits(unsafe { avx2(Kernel(&xs)) }), base, "AVX2");
-            }
+        for (path, got) in every_path(|| Kernel(&xs)) {
+            assert_eq!(bits(got), base, "{path}");
         }
     }
 }
